@@ -1,0 +1,238 @@
+"""`fob evaluate`: the paper's protocols, FoB against prompt baselines with the same segmenter.
+
+    fob evaluate --protocol fob --dataset chaos synapse --model Resources/fob_lite.safetensors \\
+        --segmenter grabcut --json out/results.json --markdown docs/RESULTS.md
+    fob evaluate --protocol skin --dataset isic ph2 --segmenter grabcut --json out/skin.json
+    fob evaluate --protocol propagation ...   # FoBSegmentLib/evaluate/propagation.py, when installed
+
+Prints an organ x method Dice table (%) per dataset, writes every number (per fold, per query scan,
+prompt quality) to --json, and optionally a Markdown report. `--model` may contain `{fold}` to use
+one model per fold (e.g. `runs/fold{fold}.safetensors`). The datasets resolve to `../shared/data/...`
+(FOB_DATA overrides) unless --data names the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from FoBSegmentLib.atomic import write_text_atomic
+
+DATASETS = {"chaos": "chaos_mr_t2spir", "synapse": "synapse_ct", "isic": "isic", "ph2": "ph2"}
+VOLUME_DATASETS = ("chaos", "synapse")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate FoB and prompt baselines with the paper's protocol",
+        description="Evaluate FoB and the prompt baselines (i) confidence points, (ii) mask-sampled points, "
+        "(iii) coarse map, plus FoB without SPR and oracle prompts, with one segmenter.",
+        conflict_handler="resolve",
+    )
+    p.add_argument("--protocol", choices=("auto", "fob", "skin", "propagation"), default="auto",
+                   help="fob: 5-fold abdominal protocol; skin: 2-D support i / query i+1; auto: by dataset")
+    p.add_argument("--dataset", nargs="+", default=["chaos"], choices=sorted(DATASETS), metavar="NAME",
+                   help="chaos, synapse, isic, ph2 (several allowed)")
+    p.add_argument("--data", metavar="DIR", help="data folder (only with a single --dataset)")
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="generator checkpoint (default: the shipped Resources model); may contain {fold}")
+    p.add_argument("--segmenter", default="grabcut", help="segmenter name (get_segmenter), e.g. grabcut, sam")
+    p.add_argument("--checkpoint", metavar="FILE", help="segmenter weights (e.g. SAM)")
+    p.add_argument("--methods", nargs="+", metavar="M", default=None,
+                   help="subset of: fob fob-nospr confidence mask-sampled coarse oracle (default all)")
+    p.add_argument("--folds", nargs="+", type=int, metavar="K", help="only these folds (0-4)")
+    p.add_argument("--organs", nargs="+", type=int, metavar="LABEL", help="only these labels (1-4)")
+    p.add_argument("--device", default="cpu", help="device of the generator (cpu, cuda, auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--json", metavar="OUT", help="write all results as JSON")
+    p.add_argument("--markdown", metavar="OUT",
+                   help="write the tables into OUT between the fob-protocol markers (e.g. docs/RESULTS.md)")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="no evaluation: merge earlier --json reports (e.g. one per dataset, run in parallel) "
+                   "and print / write their tables")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a line for the report's header (e.g. what the model was trained on); repeatable")
+    p.add_argument("--quiet", action="store_true")
+    try:
+        prop = importlib.import_module("FoBSegmentLib.evaluate.propagation")
+    except ModuleNotFoundError as exc:
+        if exc.name != "FoBSegmentLib.evaluate.propagation":
+            raise
+        prop = None
+    if prop is not None and hasattr(prop, "add_arguments"):
+        prop.add_arguments(p)  # its own options; conflict_handler='resolve' lets it redefine shared ones
+    p.set_defaults(func=run)
+
+
+def _segmenter(args: argparse.Namespace):
+    try:
+        from FoBSegmentLib.segmenters import get_segmenter
+    except ImportError:
+        raise ValueError("no segmenters are installed (FoBSegmentLib.segmenters.get_segmenter missing)") from None
+    return get_segmenter(args.segmenter, checkpoint=args.checkpoint, device=args.device)
+
+
+def _training_items(model_path: Path | None) -> list[str] | None:
+    """Training items recorded by `fob train` next to a model (`<stem>.train.json`), if present."""
+    if model_path is None:
+        return None
+    from FoBSegmentLib.train.loop import output_files
+
+    summary = output_files(model_path)["summary"]
+    if not summary.is_file():
+        return None
+    try:
+        return list(json.loads(summary.read_text()).get("training_items", []))
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """Combine reports written by earlier runs (`--json`) into one; print and write their tables."""
+    from FoBSegmentLib.evaluate import protocol as P
+
+    merged: dict | None = None
+    commands = []
+    for name in args.from_json:
+        try:
+            rep = json.loads(Path(name).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--from-json: {name} not found") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--from-json: {name} is not JSON ({exc.msg})") from None
+        if not isinstance(rep, dict) or not isinstance(rep.get("datasets"), dict):
+            raise ValueError(f"--from-json: {name} is not a `fob evaluate --json` report")
+        if merged is None:
+            merged = {**rep, "datasets": {}}
+        elif (rep.get("model"), rep.get("segmenter")) != (merged.get("model"), merged.get("segmenter")):
+            raise ValueError(f"--from-json: {name} used another model or segmenter than {args.from_json[0]}")
+        commands.append(rep.get("command") or "fob evaluate")
+        merged["datasets"].update(rep["datasets"])
+    merged["command"] = " ; ".join(dict.fromkeys(commands))
+    merged["notes"] = list(dict.fromkeys(list(merged.get("notes", [])) + list(args.note)))
+    for result in merged["datasets"].values():
+        print(P.format_table(result, result.get("title", "") + " - Dice %") + "\n")
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(merged, indent=1) + "\n")
+    if args.markdown:
+        from FoBSegmentLib.evaluate.report import markdown_report, write_section
+
+        write_section(Path(args.markdown), markdown_report(merged))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.protocol == "propagation":
+        try:
+            prop = importlib.import_module("FoBSegmentLib.evaluate.propagation")
+        except ModuleNotFoundError as exc:
+            if exc.name != "FoBSegmentLib.evaluate.propagation":
+                raise
+            raise ValueError("--protocol propagation is not installed (FoBSegmentLib/evaluate/propagation.py)") from None
+        return int(prop.run(args) or 0)
+
+    if args.from_json:
+        return _merge(args)
+
+    import torch
+
+    from FoBSegmentLib.evaluate import protocol as P
+    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.paths import shared_data_dir
+
+    if args.data and len(args.dataset) != 1:
+        raise ValueError("--data can only be used with a single --dataset")
+    methods = list(args.methods) if args.methods else list(P.ALL_METHODS)
+    for m in methods:
+        if m not in P.ALL_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(P.ALL_METHODS)}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    for ds in args.dataset:
+        proto = args.protocol if args.protocol != "auto" else ("fob" if ds in VOLUME_DATASETS else "skin")
+        if proto == "fob" and ds not in VOLUME_DATASETS:
+            raise ValueError(f"--protocol fob needs a volume dataset (chaos, synapse), not {ds}; use --protocol skin")
+        if proto == "skin" and ds in VOLUME_DATASETS:
+            raise ValueError(f"--protocol skin needs a 2-D dataset (isic, ph2), not {ds}")
+    organs = P.ORGANS
+    if args.organs:
+        bad = [o for o in args.organs if o not in P.ORGANS]
+        if bad:
+            raise ValueError(f"--organs: unknown label(s) {bad}; use 1 liver, 2 right kidney, 3 left kidney, 4 spleen")
+        organs = {o: P.ORGANS[o] for o in args.organs}
+    needs_model = any(m != "oracle" for m in methods)
+    segmenter = _segmenter(args) if any(m != "coarse" for m in methods) else None
+    model_arg = args.model
+    models: dict[str, object] = {}
+
+    def load_model(fold: int | None):
+        path = None if model_arg is None else Path(model_arg.replace("{fold}", str(fold)))
+        key = str(path)
+        if key not in models:
+            gen = FoBPromptGenerator.load(path, device=args.device if args.device != "auto" else "cpu")
+            models[key] = gen
+        return models[key], path
+
+    report = {
+        "command": "fob evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
+        "segmenter": args.segmenter,
+        "model": model_arg or "Resources/fob_lite.safetensors (default)",
+        "methods": {m: P.METHOD_LABELS[m] for m in methods},
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "date": time.strftime("%Y-%m-%d"),
+        "notes": list(args.note),
+        "datasets": {},
+    }
+    for ds in args.dataset:
+        folder = Path(args.data) if args.data else shared_data_dir() / DATASETS[ds]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data folder for {ds} not found: {folder}")
+        if ds in VOLUME_DATASETS:
+            volumes = P.load_eval_volumes(folder)
+            all_folds = P.make_folds(len(volumes))
+            folds = all_folds if not args.folds else [f for f in all_folds if f.index in args.folds]
+            if args.folds and len(folds) != len(set(args.folds)):
+                raise ValueError(f"--folds must be in 0..{len(all_folds) - 1}")
+            seen: dict[int, dict] = {}
+
+            def predictor_for_fold(fold, volumes=volumes, seen=seen):
+                if not needs_model:
+                    return None
+                gen, path = load_model(fold.index)
+                items = _training_items(path)
+                if items is not None:
+                    queries = [volumes[i].name for i in fold.queries]
+                    seen[fold.index] = {"queries_in_training": sorted(set(queries) & set(items))}
+                return P.generator_predictor(gen)
+
+            result = P.evaluate_volumes(
+                volumes, predictor_for_fold, segmenter, methods, organs, folds, progress=not args.quiet
+            )
+            result["held_out"] = seen or None
+            title = f"{ds} ({folder.name}), FoB protocol, {len(volumes)} volumes, segmenter {args.segmenter}"
+        else:
+            images = P.load_skin_images(folder)
+            predictor = P.generator_predictor(load_model(None)[0]) if needs_model else None
+            result = P.evaluate_skin(images, predictor, segmenter, methods, progress=not args.quiet)
+            title = f"{ds} ({folder.name}), 2-D protocol, {len(images)} images, segmenter {args.segmenter}"
+        result["title"] = title
+        report["datasets"][ds] = result
+        print(P.format_table(result, title + " - Dice %"))
+        print(f"({result['seconds']:.0f} s)\n")
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.markdown:
+        from FoBSegmentLib.evaluate.report import markdown_report, write_section
+
+        write_section(Path(args.markdown), markdown_report(report))
+        print(f"wrote {args.markdown}")
+    return 0

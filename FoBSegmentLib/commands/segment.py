@@ -1,0 +1,144 @@
+"""`fob segment`: propagate one (or a few) annotated slices across a volume, or to another patient.
+
+    fob segment IMAGE -o OUT [--support-image S_IMAGE] --support-mask S_MASK [--support-label N]
+                [--slices auto|A:B] [--segmenter auto|grabcut|random-walker|sam-vit-h|...]
+                [--sam-checkpoint PATH] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
+                [--device auto|cpu|cuda|mps] [--prompts-out P.mrk.json] [--prompts-in P.mrk.json]
+                [--prompts-from auto|fob|neighbour|hybrid] [--label-value N] [--largest-component]
+                [--axis 0|1|2] [--quiet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from FoBSegmentLib.io.intensity import parse_window
+from FoBSegmentLib.pipeline import PROMPT_SOURCES, SegmentRequest, parse_slices, segment_files
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_segment_arguments(p: argparse.ArgumentParser) -> None:
+    """The options shared by `fob segment` (and reused by `fob demo` where they make sense)."""
+    p.add_argument("--segmenter", default="auto",
+                   help="auto (SAM if a checkpoint is available locally, else the best weight-free one), "
+                        "grabcut, random-walker, sam-vit-b, sam-vit-l, sam-vit-h, medsam (default auto)")
+    p.add_argument("--sam-checkpoint", metavar="PATH", help="local SAM/MedSAM checkpoint file (works offline)")
+    p.add_argument("--model", metavar="PATH", help="FoB generator weights (.safetensors); default: the shipped model")
+    p.add_argument("--prompts-from", default="auto", choices=("auto", *PROMPT_SOURCES),
+                   help="where the prompts of each slice come from: fob (the model), neighbour (the adjacent "
+                        "segmented slice, no learning), hybrid (FoB decides the organ's extent, neighbour "
+                        "chaining the shape); auto = hybrid when a FoB model is available, else neighbour")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--largest-component", action="store_true", help="keep only the largest 3D connected component")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no notes")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="segment an organ in a volume from one annotated slice (or another patient's annotation)",
+        description="Propagate the annotated slice(s) of SUPPORT_MASK across IMAGE and write a label map "
+        "with exactly IMAGE's geometry. Without --support-image the support is IMAGE itself: every slice "
+        "where the support label is present is an annotated slice and is kept as annotated.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG/JPG")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output label map (.nii.gz, .nrrd, .seg.nrrd, .mha; .png for 2D images)")
+    p.add_argument("--support-image", metavar="S_IMAGE", help="another patient's image (default: IMAGE itself)")
+    p.add_argument("--support-mask", required=True, metavar="S_MASK", help="label map of the support")
+    p.add_argument("--support-label", type=_int, metavar="N",
+                   help="label value of the organ in S_MASK (needed when it holds several labels)")
+    p.add_argument("--label-value", type=_int, metavar="N",
+                   help="value written for the organ (default 1; 255 for .png outputs)")
+    p.add_argument("--slices", default="auto", metavar="auto|A:B",
+                   help="slices to segment: auto (where the organ is found) or A:B, inclusive (default auto)")
+    p.add_argument("--modality", default="auto", choices=("auto", "ct", "mr", "rgb"),
+                   help="intensity preset (default auto: guessed from the data, and reported)")
+    p.add_argument("--window", metavar="L,W", help="CT window level,width in HU (default 40,400, abdomen)")
+    p.add_argument("--axis", type=_int, choices=(0, 1, 2), metavar="0|1|2",
+                   help="array axis of [k, j, i] to slice along (default: the image's axial axis)")
+    p.add_argument("--prompts-out", metavar="P.mrk.json", help="also write the prompts used, as Slicer markups")
+    p.add_argument("--prompts-in", metavar="P.mrk.json",
+                   help="segment with the prompts of this markups file instead of predicting them")
+    add_segment_arguments(p)
+    p.set_defaults(func=run)
+
+
+class TqdmProgress:
+    """A progress callback drawing a tqdm bar on stderr (created lazily: total known at first call)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, done: int, total: int, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="slice", file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.set_postfix_str(text, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def request_from_args(args: argparse.Namespace) -> SegmentRequest:
+    window = parse_window(args.window) if getattr(args, "window", None) else None
+    return SegmentRequest(
+        image=args.image,
+        output=args.output,
+        support_mask=args.support_mask,
+        support_image=args.support_image,
+        support_label=args.support_label,
+        label_value=args.label_value,
+        slices=parse_slices(args.slices),
+        segmenter=args.segmenter,
+        sam_checkpoint=args.sam_checkpoint,
+        model=args.model,
+        modality=args.modality,
+        window=window,
+        device=args.device,
+        prompts_out=args.prompts_out,
+        prompts_in=args.prompts_in,
+        prompts_from=args.prompts_from,
+        axis=args.axis,
+        largest_component=args.largest_component,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    req = request_from_args(args)
+    quiet = bool(args.quiet)
+    progress = TqdmProgress(enabled=not quiet and sys.stderr.isatty())
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"fob: {message}", file=sys.stderr)
+
+    try:
+        outcome = segment_files(req, progress=progress, log=log)
+    finally:
+        progress.close()
+    res = outcome.result
+    seg = res.segmented
+    extent = f"slices {seg[0]}..{seg[1]}" if seg else "no slice"
+    print(f"wrote {outcome.output} (organ on {extent}, {int(res.mask.sum())} voxels, {res.seconds:.1f} s)")
+    if outcome.prompts_out is not None:
+        print(f"wrote {outcome.prompts_out} (prompts of {len(res.prompts)} slices)")
+    if res.flagged and not quiet:
+        print(f"fob: slices to review: {', '.join(map(str, res.flagged))}", file=sys.stderr)
+    return 0

@@ -1,0 +1,131 @@
+"""Evaluation metrics: Dice (2-D and accumulated 3-D) and prompt quality independent of the segmenter.
+
+Masks are (H, W) or (Z, H, W) arrays in the (row, col) frame; prompt points are (x, y) = (column, row)
+pixels of the slice they belong to (PromptSet's frame).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+# Width (px) of the band outside the organ where background prompts are useful. FoB places its ring
+# (k_out - 1) / 2 = 10 px (Chebyshev) outside the mask, i.e. up to ~14 px Euclidean; 20 px accepts that
+# ring with some slack but rejects confidence-picked points far out in the background.
+DEFAULT_BAND_PX = 20.0
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """2TP / (2TP + FP + FN) of two boolean arrays of the same shape; 1.0 when both are empty."""
+    p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+    if p.shape != g.shape:
+        raise ValueError(f"dice: shapes differ, {p.shape} vs {g.shape}")
+    denom = int(p.sum()) + int(g.sum())
+    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, g).sum()) / denom
+
+
+@dataclass
+class DiceCounter:
+    """Accumulates TP / FP / FN over slices, for the 3-D Dice of one query volume (method doc 11.1)."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+        if p.shape != g.shape:
+            raise ValueError(f"prediction shape {p.shape} differs from ground truth {g.shape}")
+        self.tp += int(np.logical_and(p, g).sum())
+        self.fp += int(np.logical_and(p, ~g).sum())
+        self.fn += int(np.logical_and(~p, g).sum())
+
+    @property
+    def dice(self) -> float:
+        denom = 2 * self.tp + self.fp + self.fn
+        return 1.0 if denom == 0 else 2.0 * self.tp / denom
+
+
+def _point_pixels(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest pixel (row, col) of (x, y) points, clipped into the image."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    cols = np.clip(np.rint(pts[:, 0]).astype(int), 0, shape[1] - 1)
+    rows = np.clip(np.rint(pts[:, 1]).astype(int), 0, shape[0] - 1)
+    return rows, cols
+
+
+@dataclass
+class PromptQuality:
+    """Prompt quality of one slice, or the mean over slices (None where a slice had no such prompts).
+
+    bg_outside: share of background prompts outside the organ.
+    bg_in_band: share of background prompts outside the organ AND within `band_px` of its boundary.
+    bg_distance: mean Euclidean distance (px) of background prompts to the organ boundary (unsigned).
+    fg_inside: share of foreground prompts inside the organ.
+    """
+
+    bg_outside: float | None = None
+    bg_in_band: float | None = None
+    bg_distance: float | None = None
+    fg_inside: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "bg_outside": self.bg_outside,
+            "bg_in_band": self.bg_in_band,
+            "bg_distance_px": self.bg_distance,
+            "fg_inside": self.fg_inside,
+        }
+
+
+def boundary_distance_maps(gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance outside, distance inside) of an (H, W) mask, in px, Euclidean.
+
+    outside[r, c]: distance from a background pixel to the nearest organ pixel (0 inside);
+    inside[r, c]: distance from an organ pixel to the nearest background pixel (0 outside).
+    """
+    g = np.asarray(gt, bool)
+    if not g.any():
+        raise ValueError("prompt quality needs a non-empty organ mask")
+    outside = ndi.distance_transform_edt(~g)
+    inside = ndi.distance_transform_edt(g) if not g.all() else np.full(g.shape, np.inf)
+    return outside, inside
+
+
+def prompt_quality(
+    background: np.ndarray, foreground: np.ndarray, gt: np.ndarray, band_px: float = DEFAULT_BAND_PX
+) -> PromptQuality:
+    """Quality of one slice's prompts against its (H, W) organ mask.
+
+    background, foreground: (N, 2) (x, y) points. Distances to the boundary: a background point
+    outside the organ is `outside` px from it; one inside is `inside` px from it (both unsigned).
+    """
+    g = np.asarray(gt, bool)
+    outside, inside = boundary_distance_maps(g)
+    q = PromptQuality()
+    bg = np.asarray(background, dtype=np.float64).reshape(-1, 2)
+    if len(bg):
+        r, c = _point_pixels(bg, g.shape)
+        out = ~g[r, c]
+        dist = np.where(out, outside[r, c], inside[r, c])
+        q.bg_outside = float(out.mean())
+        q.bg_in_band = float((out & (outside[r, c] <= band_px)).mean())
+        q.bg_distance = float(dist.mean())
+    fg = np.asarray(foreground, dtype=np.float64).reshape(-1, 2)
+    if len(fg):
+        r, c = _point_pixels(fg, g.shape)
+        q.fg_inside = float(g[r, c].mean())
+    return q
+
+
+def mean_quality(items: list[PromptQuality]) -> PromptQuality:
+    """Mean of each field over the slices where it is defined."""
+
+    def avg(name: str) -> float | None:
+        vals = [getattr(i, name) for i in items if getattr(i, name) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return PromptQuality(avg("bg_outside"), avg("bg_in_band"), avg("bg_distance"), avg("fg_inside"))
