@@ -39,13 +39,14 @@ ENGINE_PACKAGES = {
     "scipy": "scipy>=1.10,<2",
     "skimage": "scikit-image>=0.21,<1",
     "cv2": "opencv-python-headless>=4.8",
+    "maxflow": "PyMaxflow>=1.3,<2",
     "safetensors": "safetensors>=0.4,<1",
     "tqdm": "tqdm>=4.60,<5",
 }
 SAM_PACKAGES = {"segment_anything": "segment-anything>=1.0,<2"}
 TORCH_REQUIREMENT = ">=2.1"
 AXIS_ITEMS = (-1, 0, 1, 2)  # sliceAxisComboBox rows
-WEIGHT_FREE_SEGMENTERS = ("grabcut", "random-walker", "auto")  # auto falls back to grabcut without weights
+WEIGHT_FREE_SEGMENTERS = ("graphcut", "grabcut", "random-walker", "auto")  # auto: graphcut without weights
 
 
 def _ensure_engine_on_path() -> None:

@@ -29,11 +29,15 @@ class PromptSet:
     background: (N_p, 2) float, (x, y) = (column, row) pixels; for FoB, a ring in cyclic (clockwise) order.
     foreground: (N_f, 2) float, same frame.
     fg_probability: optional (H, W) float in [0, 1], FoB's coarse foreground map of the slice.
+    prior_mask: optional (H, W) bool, where the object is expected (in propagation: the accepted
+        mask of the neighbouring slice); segmenters with `uses_prior_mask` use it as a shape prior,
+        the others ignore it.
     """
 
     background: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     foreground: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     fg_probability: np.ndarray | None = None
+    prior_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.background = _as_points(self.background, "background")
@@ -43,6 +47,11 @@ class PromptSet:
             if prob.ndim != 2:
                 raise ValueError(f"PromptSet.fg_probability must be (H, W), got shape {prob.shape}")
             self.fg_probability = prob
+        if self.prior_mask is not None:
+            prior = np.asarray(self.prior_mask)
+            if prior.ndim != 2 or not (prior.dtype == bool or np.issubdtype(prior.dtype, np.integer)):
+                raise ValueError(f"PromptSet.prior_mask must be an (H, W) bool mask, got {prior.dtype} {prior.shape}")
+            self.prior_mask = prior.astype(bool)
 
     def check_inside(self, height: int, width: int) -> None:
         """Raise ValueError when any point lies outside an (H, W) image (pixel centres -0.5 .. W-0.5)."""

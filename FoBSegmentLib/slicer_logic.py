@@ -78,7 +78,7 @@ class FoBParameters:
     sliceStart / sliceStop: inclusive slice range for prediction and propagation, -1 = automatic.
     model: FoB model file, "" = the shipped default (if any); promptSource: auto | fob | neighbour.
     checkpoint: a local segmenter checkpoint chosen by the user, "" = the registry's cached download.
-    segmenter: a `FoBSegmentLib.segmenters` name (grabcut, random-walker, sam-vit-b, ..., auto).
+    segmenter: a `FoBSegmentLib.segmenters` name (graphcut, grabcut, random-walker, sam-vit-b, ..., auto).
     """
 
     segmentID: str = ""
@@ -469,7 +469,11 @@ class FoBSegmentLogic:
                 get_segmenter = None
             if get_segmenter is not None:
                 self._segmenters[key] = get_segmenter(name, checkpoint=checkpoint or None, device=device)
-            elif name in ("grabcut", "auto"):
+            elif name in ("graphcut", "auto"):
+                from FoBSegmentLib.segmenters.graphcut import GraphCutSegmenter
+
+                self._segmenters[key] = GraphCutSegmenter()
+            elif name == "grabcut":
                 from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 
                 self._segmenters[key] = GrabCutSegmenter()

@@ -35,6 +35,26 @@ def test_heatmap_loss_values_and_masking():
     assert float(none.detach()) == 0.0 and none.requires_grad
 
 
+def test_softmax_heatmap_loss_is_smallest_at_the_target():
+    pts = torch.tensor([[[100.0, 120.0], [30.0, 40.0]]])
+    target = gaussian_heatmaps(pts / 4, None, (64, 64), 2.0)  # points (25, 30) and (7.5, 10)
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    dist = target.flatten(2) / target.flatten(2).sum(-1, keepdim=True)
+    entropy = float(-(dist * dist.clamp_min(1e-30).log()).sum(-1).mean())
+    best = target.clamp_min(1e-30).log()  # logits whose softmax is the normalised target
+    phi = best.clone()
+    assert float(heatmap_loss(best, phi, target, valid, "softmax")) == pytest.approx(entropy, rel=1e-4)
+    flat = torch.zeros_like(target, requires_grad=True)
+    loss = heatmap_loss(flat, torch.zeros(1, 2, 64, 64), target, valid, "softmax")
+    assert loss.item() == pytest.approx(math.log(64 * 64), rel=1e-4) and loss.item() > entropy
+    loss.backward()
+    # The gradient pulls logits up at the target point and down elsewhere.
+    g = flat.grad[0, 0]
+    assert float(g[30, 25]) < 0 < float(g[5, 60])
+    masked = heatmap_loss(flat.detach(), torch.zeros(1, 2, 64, 64), target, torch.tensor([[True, False]]), "softmax")
+    assert float(masked) == pytest.approx(math.log(64 * 64), rel=1e-4)
+
+
 def test_point_loss():
     ref = torch.tensor([[[10.0, 10.0], [0.0, 0.0], [5.0, 5.0]]], requires_grad=True)
     gt = torch.tensor([[[13.0, 14.0], [0.0, 0.0], [100.0, 100.0]]])
@@ -112,3 +132,12 @@ def test_inner_band_is_the_rac_positive():
     out = support_prototypes(feats, m, pts, torch.ones(1, 2, dtype=torch.bool), 4.0, 9)
     np.testing.assert_allclose(out["inner_prototype"][0].numpy(), [1.0, 0.0], atol=1e-4)
     assert out["bg_prototypes"].shape == (1, 2, 2) and float(out["bg_prototypes"].abs().max()) < 1e-4
+
+
+def test_heat_loss_option_is_checked():
+    from FoBSegmentLib.model.config import FoBConfig
+
+    assert FoBConfig().heat_loss == "mse"  # the paper's loss stays the default
+    assert FoBConfig(heat_loss="softmax").heat_loss == "softmax"
+    with pytest.raises(ValueError, match="heat_loss"):
+        FoBConfig(heat_loss="l1")

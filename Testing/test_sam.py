@@ -253,8 +253,8 @@ def test_auto_prefers_a_given_checkpoint_and_otherwise_falls_back(tiny, tmp_path
     monkeypatch.setenv("FOB_CACHE", str(tmp_path / "empty_cache"))
     with caplog.at_level("INFO", logger="FoBSegmentLib.segmenters"):
         fallback = get_segmenter("auto")
-    assert fallback.name == "grabcut"
-    assert "grabcut" in fallback.auto_choice and "grabcut" in caplog.text
+    assert fallback.name == "graphcut"
+    assert "graphcut" in fallback.auto_choice and "graphcut" in caplog.text
     with pytest.raises(FileNotFoundError, match="fob models download sam-vit-h"):
         get_segmenter("sam-vit-h")
     with pytest.raises(ValueError, match="unknown segmenter"):
@@ -277,5 +277,5 @@ def test_auto_uses_a_cached_checkpoint_and_survives_a_bad_one(tiny, tmp_path, mo
     monkeypatch.setenv("FOB_MODELS_JSON", str(registry))
     with caplog.at_level("INFO", logger="FoBSegmentLib.segmenters"):
         seg = get_segmenter("auto", cache_dir=cache)
-    assert seg.name == "grabcut" and "tiny.pth unusable" in seg.auto_choice
+    assert seg.name == "graphcut" and "tiny.pth unusable" in seg.auto_choice
     assert "needs a SAM vit_b" in caplog.text

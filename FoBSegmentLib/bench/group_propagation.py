@@ -139,6 +139,8 @@ def cases(settings: Settings) -> list[CaseResult]:
     reps = settings.reps(1, 2)
     try:
         if not cuda:
+            rows.append(_case(settings, "lite", "graphcut", reps, "propagation-lite-graphcut",
+                              "propagation: FoB lite + graphcut (weight-free default), whole liver range"))
             rows.append(_case(settings, "lite", "grabcut", reps, "propagation-lite-grabcut",
                               "propagation: FoB lite + grabcut (weight-free), whole liver range"))
             if settings.quick:

@@ -43,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DIR", help="data folder (only with a single --dataset)")
     p.add_argument("--model", metavar="PATH", default=None,
                    help="generator checkpoint (default: the shipped Resources model); may contain {fold}")
-    p.add_argument("--segmenter", default="grabcut", help="segmenter name (get_segmenter), e.g. grabcut, sam")
+    p.add_argument("--segmenter", default=None,
+                   help="segmenter name (get_segmenter), e.g. grabcut, sam; default grabcut (fob/skin: FoB prompts "
+                        "alone, where graphcut would run GrabCut anyway), graphcut for the propagation protocol")
     p.add_argument("--checkpoint", metavar="FILE", help="segmenter weights (e.g. SAM)")
     p.add_argument("--methods", nargs="+", metavar="M", default=None,
                    help="subset of: fob fob-nospr confidence mask-sampled coarse oracle (default all)")
@@ -130,6 +132,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.segmenter is None:
+        args.segmenter = "graphcut" if args.protocol == "propagation" else "grabcut"
     if args.protocol == "propagation":
         try:
             prop = importlib.import_module("FoBSegmentLib.evaluate.propagation")

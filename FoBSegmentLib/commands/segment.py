@@ -1,7 +1,7 @@
 """`fob segment`: propagate one (or a few) annotated slices across a volume, or to another patient.
 
     fob segment IMAGE -o OUT [--support-image S_IMAGE] --support-mask S_MASK [--support-label N]
-                [--slices auto|A:B] [--segmenter auto|grabcut|random-walker|sam-vit-h|...]
+                [--slices auto|A:B] [--segmenter auto|graphcut|grabcut|random-walker|sam-vit-h|...]
                 [--sam-checkpoint PATH] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
                 [--device auto|cpu|cuda|mps] [--prompts-out P.mrk.json] [--prompts-in P.mrk.json]
                 [--prompts-from auto|fob|neighbour|hybrid] [--label-value N] [--largest-component]
@@ -28,7 +28,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared by `fob segment` (and reused by `fob demo` where they make sense)."""
     p.add_argument("--segmenter", default="auto",
                    help="auto (SAM if a checkpoint is available locally, else the best weight-free one), "
-                        "grabcut, random-walker, sam-vit-b, sam-vit-l, sam-vit-h, medsam (default auto)")
+                        "graphcut, grabcut, random-walker, sam-vit-b, sam-vit-l, sam-vit-h, medsam (default auto)")
     p.add_argument("--sam-checkpoint", metavar="PATH", help="local SAM/MedSAM checkpoint file (works offline)")
     p.add_argument("--model", metavar="PATH", help="FoB generator weights (.safetensors); default: the shipped model")
     p.add_argument("--prompts-from", default="auto", choices=("auto", *PROMPT_SOURCES),

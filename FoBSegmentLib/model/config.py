@@ -29,6 +29,10 @@ class FoBConfig:
     erode_inner: square erosion kernel for the RAC positive band M - erode(M, erode_inner).
     lambda_heat, lambda_coor: loss weights (L_coor in pixel units); fg_loss_bg_weight: NLL weight of
     background pixels in L_fore (foreground weight 1).
+    heat_loss: 'mse' (the paper's L_heat) or 'softmax' (cross-entropy between each channel's spatial
+    softmax and its normalised Gaussian target; use with lambda_heat about 1). MSE on a 4 px Gaussian
+    in a 256 x 256 map is near its all-zero value from the start and the lite model barely leaves it
+    on a CPU budget (Resources/MODEL_CARD.md).
     image_size: working size S; feature_dim: d, None = encoder default (lite 64, resnet101 512).
     heads: attention heads (BCM transformer and SPR context attention).
     """
@@ -49,6 +53,7 @@ class FoBConfig:
     lambda_heat: float = 1e3
     lambda_coor: float = 1e-4
     fg_loss_bg_weight: float = 0.1
+    heat_loss: str = "mse"
     image_size: int = 256
     feature_dim: int | None = None
     heads: int = 1
@@ -88,6 +93,8 @@ class FoBConfig:
             raise ValueError(
                 f"FoBConfig.feature_dim ({self.feature_dim}) must be divisible by heads ({self.heads})"
             )
+        if self.heat_loss not in ("mse", "softmax"):
+            raise ValueError(f"FoBConfig.heat_loss must be 'mse' or 'softmax', got {self.heat_loss!r}")
         for name in ("sigma", "tau", "lambda_heat", "lambda_coor", "fg_loss_bg_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

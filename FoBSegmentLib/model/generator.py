@@ -411,7 +411,7 @@ class FoBPromptGenerator(nn.Module):
         valid = gt_valid & outputs["support_valid"]
         target = gaussian_heatmaps(gt, valid, (size, size), c.sigma)
         losses = {
-            "heat": heatmap_loss(heat, outputs["phi"], target, valid),
+            "heat": heatmap_loss(heat, outputs["phi"], target, valid, c.heat_loss),
             "coor": point_loss(outputs["refined_points"], gt, valid),
             "fore": foreground_loss(
                 outputs["fg_prob"], qm, outputs["support_mask_valid"], c.fg_loss_bg_weight

@@ -18,16 +18,26 @@ def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def heatmap_loss(
-    heatmaps: torch.Tensor, phi: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+    heatmaps: torch.Tensor, phi: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, kind: str = "mse"
 ) -> torch.Tensor:
-    """0.5 mean((H_hat - H_gt)^2) + 0.5 mean((up(Phi) - H_gt)^2) over valid channels.
+    """0.5 mean((H_hat - H_gt)^2) + 0.5 mean((up(Phi) - H_gt)^2) over valid channels (kind 'mse'),
+    or the same two terms as cross-entropies between each channel's spatial softmax and H_gt
+    normalised to sum 1 (kind 'softmax').
 
     heatmaps, target: (B, N, S, S); phi: (B, N, h, w), upsampled bilinearly (align_corners=True, as
     the authors); valid: (B, N) bool. Channel i of both terms targets ground-truth point i.
     """
     size = target.shape[-2:]
     up = F.interpolate(phi, size=size, mode="bilinear", align_corners=True)
-    per = 0.5 * ((heatmaps - target) ** 2).mean(dim=(-2, -1)) + 0.5 * ((up - target) ** 2).mean(dim=(-2, -1))
+    if kind == "softmax":
+        dist = target.flatten(2) / target.flatten(2).sum(-1, keepdim=True).clamp_min(1e-12)
+
+        def ce(logits: torch.Tensor) -> torch.Tensor:
+            return -(dist * F.log_softmax(logits.flatten(2), dim=-1)).sum(-1)
+
+        per = 0.5 * ce(heatmaps) + 0.5 * ce(up)
+    else:
+        per = 0.5 * ((heatmaps - target) ** 2).mean(dim=(-2, -1)) + 0.5 * ((up - target) ** 2).mean(dim=(-2, -1))
     v = valid.to(per.dtype)
     if v.sum() == 0:
         return _zero_like_graph(heatmaps, phi)

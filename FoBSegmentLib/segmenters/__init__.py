@@ -1,13 +1,14 @@
 """Prompt consumers: turn a slice plus a FoB PromptSet into a mask.
 
-    seg = get_segmenter("grabcut")                     # or sam-vit-h/l/b, sam, medsam, random-walker, auto
+    seg = get_segmenter("graphcut")                    # or sam-vit-h/l/b, sam, medsam, grabcut, random-walker, auto
     result = seg.segment(image, prompts)               # image (H, W) or (H, W, 3) float; prompts (x, y)
     result.mask  # (H, W) bool      result.score  # float      result.logits  # (H, W) float32 or None
 
 `auto` picks SAM when a checkpoint is available locally (the one passed, else one already in the
-weights cache: ViT-H, then ViT-L, then ViT-B), otherwise GrabCut, the better of the two weight-free
-segmenters on the project's real CT/MR/dermoscopy slices (Testing/test_segmenters_quality.py). It
-logs its choice and stores it in `seg.auto_choice`.
+weights cache: ViT-H, then ViT-L, then ViT-B), otherwise `graphcut`: GrabCut (the best weight-free
+segmenter for a slice with prompts only, Testing/test_segmenters_quality.py) that switches to a
+shape-prior graph cut along a propagation chain (segmenters/graphcut.py, docs/RESULTS.md). It logs
+its choice and stores it in `seg.auto_choice`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from FoBSegmentLib.segmenters.base import SegmentationResult, Segmenter
 log = logging.getLogger("FoBSegmentLib.segmenters")
 
 SAM_NAMES = ("sam-vit-h", "sam-vit-l", "sam-vit-b")
-WEIGHT_FREE = ("grabcut", "random-walker")
+WEIGHT_FREE = ("graphcut", "grabcut", "random-walker")
 SEGMENTER_NAMES = (*SAM_NAMES, "sam", "medsam", *WEIGHT_FREE, "auto")
-BEST_WEIGHT_FREE = "grabcut"
+BEST_WEIGHT_FREE = "graphcut"
 
 __all__ = ["SEGMENTER_NAMES", "SegmentationResult", "Segmenter", "get_segmenter"]
 
@@ -49,7 +50,7 @@ def get_segmenter(
     """Build a segmenter by name.
 
     name: sam-vit-h | sam-vit-l | sam-vit-b | sam (any SAM architecture, checkpoint required) |
-        medsam | grabcut | random-walker | auto.
+        medsam | graphcut | grabcut | random-walker | auto.
     checkpoint: a local checkpoint file; for SAM names without one, the file already in the weights
         cache (`fob models download NAME`) is used, and nothing is downloaded implicitly.
     device: auto | cpu | cuda | cuda:N | mps (SAM-family only).
@@ -65,6 +66,10 @@ def get_segmenter(
     if name in WEIGHT_FREE:
         if checkpoint is not None:
             log.info("%s uses no weights; ignoring checkpoint %s", name, checkpoint)
+        if name == "graphcut":
+            from FoBSegmentLib.segmenters.graphcut import GraphCutSegmenter
+
+            return GraphCutSegmenter(**options)  # type: ignore[arg-type]
         if name == "grabcut":
             from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 

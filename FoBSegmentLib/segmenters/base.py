@@ -72,6 +72,9 @@ def check_prompts(prompts: PromptSet, height: int, width: int) -> None:
             raise ValueError(f"fg_probability has shape {prob.shape}, the image is {(height, width)}")
         if not np.all(np.isfinite(prob)):
             raise ValueError("fg_probability contains NaN or infinite values")
+    prior = prompts.prior_mask
+    if prior is not None and prior.shape != (height, width):
+        raise ValueError(f"prior_mask has shape {prior.shape}, the image is {(height, width)}")
 
 
 def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
