@@ -10,7 +10,9 @@ For every CHAOS MR patient and every Synapse CT case in `../shared/data` and eac
   that slice (same reading, intensity preset, support extraction, `PropagationConfig` defaults and
   `pipeline.propagate`; `Testing/test_propagation_protocol.py` checks the result equals
   `fob segment`'s output file): `fob` (FoB prompts), `hybrid` (FoB decides the extent, neighbour
-  chaining the shape) and `neighbour` (plain mask propagation, no learning: the baseline);
+  chaining the shape), `neighbour` (the same chain without a model) and `plain` (the issue's plain
+  mask propagation baseline: prompts from the adjacent result, the segmenter without its shape
+  prior, stops only when the mask vanishes or jumps, `PLAIN_CONFIG`);
 * the model-free baselines of `evaluate/interpolation.py`: Fill between slices from 3 and from 5
   reference slices (ITK MorphologicalContourInterpolator, as Slicer), and the annotated mask copied
   over the organ's range (the range read from the reference: an optimistic baseline by definition);
