@@ -104,11 +104,6 @@ class AppearanceModel:
         return np.log(self.organ[i, j]) - np.log(self.surroundings[i, j])
 
 
-def _signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Pixels to the mask's edge: > 0 outside, < 0 inside."""
-    return ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
-
-
 def _keep_supported(mask: np.ndarray, seeds: np.ndarray, prior: np.ndarray) -> np.ndarray:
     """Keep the connected components that hold a seed; without seeds, the one overlapping the prior most."""
     lab, n = ndimage.label(mask)
@@ -194,14 +189,17 @@ class GraphCutSegmenter:
             return self.fallback.segment(image, prompts)
         seeds_fg = disk_mask(prompts.foreground, self.seed_radius, height, width)
         seeds_bg = disk_mask(prompts.background, self.seed_radius, height, width)
-        allowed = ndimage.distance_transform_edt(~prior) <= self.max_grow
+        outside = ndimage.distance_transform_edt(~prior)  # px to the prior, 0 inside it
+        allowed = outside <= self.max_grow
         seeds_fg &= allowed
         rows, cols = np.nonzero(allowed)
         r0, r1 = max(0, rows.min() - 2), min(height, rows.max() + 3)
         c0, c1 = max(0, cols.min() - 2), min(width, cols.max() + 3)
         crop = img[r0:r1, c0:c1]
         ratio = self.reference.log_ratio(crop)
-        dist = _signed_distance(prior[r0:r1, c0:c1])
+        # Signed distance to the prior's edge (> 0 outside); the crop holds the prior and a
+        # max_grow ring around it, so the inside distance can be taken on the crop.
+        dist = outside[r0:r1, c0:c1] - ndimage.distance_transform_edt(prior[r0:r1, c0:c1])
         cost_fg = np.maximum(-ratio, 0.0) + self.grow_weight * np.maximum(dist - self.grow_tolerance, 0.0)
         cost_bg = np.maximum(ratio, 0.0) + self.shrink_weight * np.maximum(-dist - self.grow_tolerance, 0.0)
         cost_fg[~allowed[r0:r1, c0:c1]] = _HARD
