@@ -58,6 +58,47 @@ def test_evaluate_synapse_fold_writes_json_and_markdown(data_dir, small_model, t
     assert main(["evaluate", "--from-json", str(tmp_path / "bad.json")]) == 2
 
 
+def test_setting2_models_per_fold_and_organ_are_checked_for_the_excluded_organ(data_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """`--model` with {fold} and {organ}: each test organ gets its own model, and the report says,
+    from the models' training summaries, whether the organ was excluded and the queries held out."""
+    import shutil
+
+    monkeypatch.setenv("FOB_DATA", str(data_dir))
+    monkeypatch.setenv("FOB_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    # A real (2-step) Setting II run without the right kidney, on fold 0's training volumes.
+    assert main(["train", "--data", str(data_dir / "synapse_ct"), "--setting", "2", "--exclude-organs", "2",
+                 "--steps", "2", "--threads", "1", "--quiet", "--fold", "0",
+                 "--model-config", '{"image_size": 64}', "--out", str(runs / "fold0_organ2.safetensors")]) == 0
+    summary = json.loads((runs / "fold0_organ2.train.json").read_text())
+    assert summary["training_items"] == ["synapse_ct/7", "synapse_ct/11", "synapse_ct/15"]
+    for suffix in (".safetensors", ".train.json"):  # the left kidney's "model" saw left-kidney labels
+        shutil.copy(runs / f"fold0_organ2{suffix}", runs / f"fold0_organ3{suffix}")
+    out, md = tmp_path / "res.json", tmp_path / "RESULTS.md"
+    argv = ["evaluate", "--dataset", "synapse", "--folds", "0", "--organs", "2", "--methods", "fob",
+            "--model", str(runs / "fold{fold}_organ{organ}.safetensors"), "--json", str(out), "--quiet",
+            "--threads", "1", "--markdown", str(md), "--section", "heldout-setting2"]
+    assert main(argv) == 0
+    held = json.loads(out.read_text())["datasets"]["synapse"]["held_out"]
+    assert held == {"0": {"queries_in_training": [], "settings": {"right kidney": 2},
+                          "test_organ_excluded": {"right kidney": True}}}
+    text = md.read_text()
+    assert "<!-- heldout-setting2:start -->" in text and "Setting II, one model per fold and test organ; held out" in text
+    assert main(argv[:6] + ["3"] + argv[7:]) == 0
+    held = json.loads(out.read_text())["datasets"]["synapse"]["held_out"]["0"]
+    assert held["test_organ_excluded"] == {"left kidney": False}
+    assert "test organ NOT excluded in 1 of 1 models" in md.read_text()
+    assert md.read_text().count("<!-- heldout-setting2:start -->") == 1
+    capsys.readouterr()
+    assert main(argv[:6] + ["4"] + argv[7:]) == 2  # no spleen model: said before anything is evaluated
+    assert "1 per-fold model(s) missing" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--section", "Bad Name"]) == 2
+    assert "section name" in capsys.readouterr().err
+    assert main(["evaluate", "--dataset", "isic", "--model", str(runs / "fold{fold}_organ{organ}.safetensors")]) == 2
+    assert "{organ}" in capsys.readouterr().err
+
+
 def test_evaluate_rejects_bad_input(small_model, tmp_path, capsys):
     assert main(["evaluate", "--dataset", "isic", "--protocol", "fob", "--model", str(small_model)]) == 2
     assert "volume dataset" in capsys.readouterr().err

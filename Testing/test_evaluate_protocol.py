@@ -10,6 +10,7 @@ from FoBSegmentLib.evaluate import baselines, metrics
 from FoBSegmentLib.evaluate import protocol as P
 from FoBSegmentLib.model.ring import ring_points
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.train.episodes import find_volume_pairs
 
 # ----------------------------------------------------------------------------- folds and slices
 
@@ -211,7 +212,7 @@ def test_perfect_prompts_give_the_segmenters_dice():
     organs = {1: "liver", 2: "right kidney"}
     for erode in (0, 1):
         seg = ThresholdInRing(erode)
-        res = P.evaluate_volumes(vols, lambda f: None, seg, ["oracle"], organs, progress=False)
+        res = P.evaluate_volumes(vols, lambda f, o: None, seg, ["oracle"], organs, progress=False)
         for organ, name in organs.items():
             assert res["dice"]["oracle"][name] == pytest.approx(_expected_dice(vols, organ, erode), abs=1e-12)
         n_slices = sum(int((v.gt == o).reshape(v.gt.shape[0], -1).any(1).sum()) for v in vols for o in organs)
@@ -224,8 +225,10 @@ def test_perfect_prompts_give_the_segmenters_dice():
 def test_protocol_bookkeeping_with_a_recording_predictor():
     vols = _synthetic_volumes()
     calls = []
+    asked = []
 
-    def predictor_for_fold(fold):
+    def predictor_for(fold, organ):
+        asked.append((fold.index, organ))
         def predict(s_img, s_mask, queries):
             sv, sz = divmod(round(s_img[0, 0] * 1000), 100)
             out = []
@@ -244,9 +247,10 @@ def test_protocol_bookkeeping_with_a_recording_predictor():
         return predict
 
     res = P.evaluate_volumes(
-        vols, predictor_for_fold, ThresholdInRing(), ["fob", "fob-nospr", "coarse"], {1: "liver"}, progress=False
+        vols, predictor_for, ThresholdInRing(), ["fob", "fob-nospr", "coarse"], {1: "liver"}, progress=False
     )
     folds = P.make_folds(len(vols))
+    assert asked == [(f.index, 1) for f in folds]  # one generator per fold and test organ
     for fold_i, sv, sz, qv, qz in calls:
         fold = folds[fold_i]
         assert sv == fold.support and qv in fold.queries and qv != sv and qv not in fold.train
@@ -264,9 +268,9 @@ def test_protocol_bookkeeping_with_a_recording_predictor():
 def test_unknown_method_and_missing_generator_are_clear_errors():
     vols = _synthetic_volumes()
     with pytest.raises(ValueError, match="unknown method"):
-        P.evaluate_volumes(vols, lambda f: None, ThresholdInRing(), ["magic"], progress=False)
+        P.evaluate_volumes(vols, lambda f, o: None, ThresholdInRing(), ["magic"], progress=False)
     with pytest.raises(ValueError, match="no prompt generator"):
-        P.evaluate_volumes(vols, lambda f: None, ThresholdInRing(), ["fob"], {1: "liver"}, progress=False)
+        P.evaluate_volumes(vols, lambda f, o: None, ThresholdInRing(), ["fob"], {1: "liver"}, progress=False)
 
 
 def test_real_generator_runs_every_method_on_the_synthetic_case():
@@ -275,7 +279,7 @@ def test_real_generator_runs_every_method_on_the_synthetic_case():
     vols = _synthetic_volumes(z=12)
     gen = FoBPromptGenerator.from_config(image_size=64)
     res = P.evaluate_volumes(
-        vols, lambda f: P.generator_predictor(gen), ThresholdInRing(), list(P.ALL_METHODS),
+        vols, lambda f, o: P.generator_predictor(gen), ThresholdInRing(), list(P.ALL_METHODS),
         {2: "right kidney"}, folds=P.make_folds(5)[:2], progress=False,
     )
     for m in P.ALL_METHODS:
@@ -320,7 +324,7 @@ def test_protocol_dice_equals_the_real_segmenters_own_dice_with_oracle_prompts()
 
     vols = _synthetic_volumes()
     seg = GrabCutSegmenter()
-    res = P.evaluate_volumes(vols, lambda f: None, seg, ["oracle"], {2: "right kidney"}, progress=False)
+    res = P.evaluate_volumes(vols, lambda f, o: None, seg, ["oracle"], {2: "right kidney"}, progress=False)
     per_volume = []
     for v in vols:  # folds of 2 over 5 volumes: each volume is the query of exactly one fold
         counter = metrics.DiceCounter()
@@ -332,3 +336,15 @@ def test_protocol_dice_equals_the_real_segmenters_own_dice_with_oracle_prompts()
         per_volume.append(counter.dice)
     assert res["dice"]["oracle"]["right kidney"] == pytest.approx(np.mean(per_volume), abs=1e-12)
     assert res["dice"]["oracle"]["right kidney"] > 0.8  # small bright discs (radius 5-7 px) on a dark background
+
+
+def test_fold_training_ids_never_hold_a_fold_member(data_dir):
+    ids = [sid for sid, _i, _l in find_volume_pairs(data_dir / "chaos_mr_t2spir")]
+    for fold in P.make_folds(len(ids)):
+        train = P.fold_training_ids(data_dir / "chaos_mr_t2spir", fold.index)
+        assert len(train) == len(ids) - len(fold.members)
+        assert not set(train) & {ids[i] for i in fold.members}  # neither the support nor a query
+    with pytest.raises(ValueError, match="0..4"):
+        P.fold_training_ids(data_dir / "chaos_mr_t2spir", 5)
+    with pytest.raises(ValueError, match="volume folders"):
+        P.fold_training_ids(data_dir / "isic", 0)

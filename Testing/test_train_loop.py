@@ -115,6 +115,13 @@ def test_train_rejects_bad_input(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt"), "--quiet"]) == 2
     assert "neither" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--steps", "0"]) == 2
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt"), "--fold", "0"]) == 2
+    assert "volume folders" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt"), "--fold", "0",
+                 "--include-ids", '{"empty": ["1"]}']) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_setting1_training_on_dermoscopy_images(data_dir, tmp_path, monkeypatch):

@@ -7,7 +7,9 @@
 
 Prints an organ x method Dice table (%) per dataset, writes every number (per fold, per query scan,
 prompt quality) to --json, and optionally a Markdown report. `--model` may contain `{fold}` to use
-one model per fold (e.g. `runs/fold{fold}.safetensors`). The datasets resolve to `../shared/data/...`
+one model per fold (e.g. `runs/fold{fold}.safetensors`, held-out Setting I) and `{organ}` (the
+label, 1-4) to use one per fold and test organ (Setting II: `runs/fold{fold}_organ{organ}.safetensors`,
+each trained with `--setting 2 --exclude-organs <organ>`). The datasets resolve to `../shared/data/...`
 (FOB_DATA overrides) unless --data names the folder.
 """
 
@@ -42,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="chaos, synapse, isic, ph2 (several allowed)")
     p.add_argument("--data", metavar="DIR", help="data folder (only with a single --dataset)")
     p.add_argument("--model", metavar="PATH", default=None,
-                   help="generator checkpoint (default: the shipped Resources model); may contain {fold}")
+                   help="generator checkpoint (default: the shipped Resources model); may contain {fold} "
+                   "and {organ} (one model per fold / per fold and test organ)")
     p.add_argument("--segmenter", default=None,
                    help="segmenter name (get_segmenter), e.g. grabcut, sam; default grabcut (fob/skin: FoB prompts "
                         "alone, where graphcut would run GrabCut anyway), graphcut for the propagation protocol")
@@ -59,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="no evaluation: merge earlier --json reports (e.g. one per dataset, run in parallel) "
                    "and print / write their tables")
+    p.add_argument("--section", default="fob-protocol", metavar="NAME",
+                   help="the --markdown section to write, between <!-- NAME:start/end --> (default fob-protocol: "
+                   "the shipped model; e.g. heldout-setting1, heldout-setting2 for per-fold models)")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="a line for the report's header (e.g. what the model was trained on); repeatable")
     p.add_argument("--quiet", action="store_true")
@@ -81,8 +87,8 @@ def _segmenter(args: argparse.Namespace):
     return get_segmenter(args.segmenter, checkpoint=args.checkpoint, device=args.device)
 
 
-def _training_items(model_path: Path | None) -> list[str] | None:
-    """Training items recorded by `fob train` next to a model (`<stem>.train.json`), if present."""
+def _training_summary(model_path: Path | None) -> dict | None:
+    """The summary `fob train` writes next to a model (`<stem>.train.json`), if present and readable."""
     if model_path is None:
         return None
     from FoBSegmentLib.train.loop import output_files
@@ -91,9 +97,23 @@ def _training_items(model_path: Path | None) -> list[str] | None:
     if not summary.is_file():
         return None
     try:
-        return list(json.loads(summary.read_text()).get("training_items", []))
+        data = json.loads(summary.read_text())
     except (json.JSONDecodeError, OSError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def _held_out_record(entry: dict, summary: dict, queries: list[str], organ: int, organ_name: str) -> None:
+    """Add what one model's training summary says about one (fold, organ) of the protocol to `entry`:
+    the fold's query scans it trained on, its setting, and for Setting II whether the test organ was
+    excluded (the protocol needs it excluded)."""
+    seen = set(entry.get("queries_in_training", [])) | (set(queries) & set(summary.get("training_items", [])))
+    entry["queries_in_training"] = sorted(seen)
+    cfg = summary.get("train_config") or {}
+    setting = cfg.get("setting")
+    entry.setdefault("settings", {})[organ_name] = setting
+    if setting == 2:
+        entry.setdefault("test_organ_excluded", {})[organ_name] = organ in (cfg.get("exclude_organs") or [])
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -126,7 +146,7 @@ def _merge(args: argparse.Namespace) -> int:
     if args.markdown:
         from FoBSegmentLib.evaluate.report import markdown_report, write_section
 
-        write_section(Path(args.markdown), markdown_report(merged))
+        write_section(Path(args.markdown), markdown_report(merged, args.section))
         print(f"wrote {args.markdown}")
     return 0
 
@@ -143,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--protocol propagation is not installed (FoBSegmentLib/evaluate/propagation.py)") from None
         return int(prop.run(args) or 0)
 
+    from FoBSegmentLib.evaluate.report import markers
+
+    markers(args.section)  # a bad name fails now, not after the evaluation
     if args.from_json:
         return _merge(args)
 
@@ -166,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--protocol fob needs a volume dataset (chaos, synapse), not {ds}; use --protocol skin")
         if proto == "skin" and ds in VOLUME_DATASETS:
             raise ValueError(f"--protocol skin needs a 2-D dataset (isic, ph2), not {ds}")
+        if proto == "skin" and args.model and ("{fold}" in args.model or "{organ}" in args.model):
+            raise ValueError(f"--model with {{fold}} or {{organ}} needs the abdominal protocol (chaos, synapse), not {ds}")
     organs = P.ORGANS
     if args.organs:
         bad = [o for o in args.organs if o not in P.ORGANS]
@@ -177,8 +202,13 @@ def run(args: argparse.Namespace) -> int:
     model_arg = args.model
     models: dict[str, object] = {}
 
-    def load_model(fold: int | None):
-        path = None if model_arg is None else Path(model_arg.replace("{fold}", str(fold)))
+    def model_path(fold: int | None, organ: int | None = None) -> Path | None:
+        if model_arg is None:
+            return None
+        return Path(model_arg.replace("{fold}", str(fold)).replace("{organ}", str(organ)))
+
+    def load_model(fold: int | None, organ: int | None = None):
+        path = model_path(fold, organ)
         key = str(path)
         if key not in models:
             gen = FoBPromptGenerator.load(path, device=args.device if args.device != "auto" else "cpu")
@@ -205,20 +235,24 @@ def run(args: argparse.Namespace) -> int:
             folds = all_folds if not args.folds else [f for f in all_folds if f.index in args.folds]
             if args.folds and len(folds) != len(set(args.folds)):
                 raise ValueError(f"--folds must be in 0..{len(all_folds) - 1}")
+            if needs_model and model_arg is not None and ("{fold}" in model_arg or "{organ}" in model_arg):
+                missing = [p for f in folds for o in organs if not (p := model_path(f.index, o)).is_file()]
+                if missing:  # found now, not after the folds before it were evaluated
+                    raise FileNotFoundError(f"--model: {len(missing)} per-fold model(s) missing, e.g. {missing[0]}")
             seen: dict[int, dict] = {}
 
-            def predictor_for_fold(fold, volumes=volumes, seen=seen):
+            def predictor_for(fold, organ, volumes=volumes, seen=seen):
                 if not needs_model:
                     return None
-                gen, path = load_model(fold.index)
-                items = _training_items(path)
-                if items is not None:
+                gen, path = load_model(fold.index, organ)
+                summary = _training_summary(path)
+                if summary is not None:
                     queries = [volumes[i].name for i in fold.queries]
-                    seen[fold.index] = {"queries_in_training": sorted(set(queries) & set(items))}
+                    _held_out_record(seen.setdefault(fold.index, {}), summary, queries, organ, P.ORGANS[organ])
                 return P.generator_predictor(gen)
 
             result = P.evaluate_volumes(
-                volumes, predictor_for_fold, segmenter, methods, organs, folds, progress=not args.quiet
+                volumes, predictor_for, segmenter, methods, organs, folds, progress=not args.quiet
             )
             result["held_out"] = seen or None
             title = f"{ds} ({folder.name}), FoB protocol, {len(volumes)} volumes, segmenter {args.segmenter}"
@@ -237,6 +271,6 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         from FoBSegmentLib.evaluate.report import markdown_report, write_section
 
-        write_section(Path(args.markdown), markdown_report(report))
+        write_section(Path(args.markdown), markdown_report(report, args.section))
         print(f"wrote {args.markdown}")
     return 0

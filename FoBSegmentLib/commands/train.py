@@ -3,6 +3,10 @@
     fob train --data ../shared/data/chaos_mr_t2spir ../shared/data/synapse_ct --setting 1 \\
         --steps 36000 --out runs/fob_lite.safetensors --encoder lite --seed 2025
     fob train ... --resume          # continue the run whose files sit next to --out
+    fob train --data ../shared/data/chaos_mr_t2spir --fold 0 --out runs/fold0.safetensors
+        # held out: only the volumes that fold 0 of `fob evaluate` never uses as support or query
+    fob train ... --fold 0 --setting 2 --exclude-organs 1 --out runs/fold0_organ1.safetensors
+        # Setting II for the liver; evaluate with --model 'runs/fold{fold}_organ{organ}.safetensors'
 
 See FoBSegmentLib/train/loop.py for the files written next to --out.
 """
@@ -48,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="disable the episode augmentation")
     p.add_argument("--include-ids", metavar="JSON",
                    help='train on a subset, e.g. \'{"chaos_mr_t2spir": ["1", "2"]}\' (per-fold models)')
+    p.add_argument("--fold", type=int, metavar="K",
+                   help="train only on the volumes that fold K (0-4) of `fob evaluate` does not test on (held-out "
+                   "per-fold models; each volume folder uses its own folds)")
     p.add_argument("--model-config", metavar="JSON", default="{}",
                    help="extra FoBConfig fields as JSON, e.g. '{\"n_bg\": 10}'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -78,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
     include = _json_arg(args.include_ids, "--include-ids")
     if include is not None and not isinstance(include, dict):
         raise ValueError("--include-ids must be a JSON object {folder name: [ids]}")
+    if args.fold is not None:
+        from FoBSegmentLib.evaluate.protocol import fold_training_ids
+
+        if include is not None:
+            raise ValueError("give either --fold or --include-ids, not both")
+        include = {Path(d).name: fold_training_ids(d, args.fold) for d in args.data}
     cfg = TrainConfig(
         data=[str(Path(d)) for d in args.data], out=str(args.out), setting=args.setting, steps=args.steps,
         seed=args.seed, device=args.device, lr=args.lr, lr_step=args.lr_step, lr_gamma=args.lr_gamma,

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -592,17 +591,10 @@ def markdown_section(report: dict) -> str:
 
 def write_markdown_section(path: Path, section: str) -> None:
     """Replace the text between the propagation markers of `path` (append the section when the file
-    has none; create the file with only the section). Atomic: temporary file then os.replace."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END), re.S)
-    if pattern.search(text):
-        new = pattern.sub(lambda _m: section, text, count=1)
-    elif text:
-        new = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        new = section + "\n"
-    write_text_atomic(path, new)
+    has none; create the file with only the section). Atomic."""
+    from FoBSegmentLib.evaluate.report import write_section
+
+    write_section(path, section, header="")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,6 +83,20 @@ def make_folds(n_volumes: int, n_folds: int = 5, support_position: int = 2) -> l
     return folds
 
 
+def fold_training_ids(folder: str | Path, fold: int, n_folds: int = 5) -> list[str]:
+    """Ids of the volumes in `folder` that fold `fold` of the protocol may train on: every volume that
+    is neither its support nor one of its queries (the same sorted order as `load_eval_volumes`)."""
+    from FoBSegmentLib.train.episodes import find_volume_pairs
+
+    ids = [sid for sid, _img, _lab in find_volume_pairs(folder)]
+    if not ids:
+        raise ValueError(f"--fold needs volume folders (image_<id> files); {folder} has none")
+    folds = make_folds(len(ids), n_folds)
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"--fold must be in 0..{len(folds) - 1}, got {fold}")
+    return [ids[i] for i in folds[fold].train]
+
+
 def support_slices(gt: np.ndarray, organ: int) -> list[int]:
     """The 3 support slice indices of a (Z, Y, X) label volume for one organ (positions 1/6, 1/2, 5/6)."""
     zs = np.nonzero((gt == organ).reshape(gt.shape[0], -1).any(1))[0]
@@ -200,7 +214,7 @@ def _segment_slice(method, pred, image, gt_slice, segmenter, n_fg, n_bg) -> tupl
 
 def evaluate_volumes(
     volumes: Sequence[EvalVolume],
-    predictor_for_fold: Callable[[Fold], Predictor | None],
+    predictor_for: Callable[[Fold, int], Predictor | None],
     segmenter,
     methods: Sequence[str] = ALL_METHODS,
     organs: dict[int, str] | None = None,
@@ -211,8 +225,10 @@ def evaluate_volumes(
 ) -> dict:
     """Run the abdominal protocol (11.1). Returns a JSON-ready dict (see `summarise`).
 
-    predictor_for_fold(fold) gives the prompt generator of that fold (the same one for every fold
-    when a single model is evaluated); it may return None when only 'oracle' is evaluated.
+    predictor_for(fold, organ_label) gives the prompt generator for that fold and test organ: the same
+    one everywhere when a single model is evaluated, one per fold for held-out Setting I models, one per
+    fold and organ for Setting II models (trained with that organ excluded). It may return None when
+    only 'oracle' is evaluated.
     """
     from tqdm import tqdm
 
@@ -226,9 +242,9 @@ def evaluate_volumes(
     bar = tqdm(total=len(jobs), desc="evaluate", unit="scan", disable=not progress)
     t0 = time.time()
     for fold in folds:
-        predictor = predictor_for_fold(fold)
         sup = volumes[fold.support]
         for organ, organ_name in organs.items():
+            predictor = predictor_for(fold, organ)
             s_idx = support_slices(sup.gt, organ)
             for qi in fold.queries:
                 if qi == fold.support:
