@@ -200,23 +200,6 @@ def _image_from_array(array: np.ndarray, image) -> None:
     image.GetPointData().SetScalars(vtk_arr)
 
 
-def add_volume_from_array(scene, array: np.ndarray, geometry: Geometry, name: str = "Volume", transform_node=None):
-    """A new scalar volume node holding a [k, j, i] array with `geometry` (its IJKToRAS), optionally
-    under a transform node."""
-    arr = np.asarray(array)
-    if arr.shape[:3] != geometry.array_shape:
-        raise ValueError(f"array shape {arr.shape} does not match the geometry's {geometry.array_shape}")
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    _image_from_array(arr, image)
-    volume.SetAndObserveImageData(image)
-    volume.SetIJKToRASMatrix(_vtk_matrix(geometry.ijk_to_ras_matrix()))
-    volume.CreateDefaultDisplayNodes()
-    if transform_node is not None:
-        volume.SetAndObserveTransformNodeID(transform_node.GetID())
-    return volume
-
-
 def _relative(target_node, source_node) -> np.ndarray:
     """4x4 from source_node's local frame to target_node's local frame (via world)."""
     src = parent_to_world(source_node)

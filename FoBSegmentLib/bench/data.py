@@ -31,10 +31,6 @@ class BenchVolume:
     organ_slices: np.ndarray  # indices k holding the liver, ascending
     support_index: int  # the annotated slice: the middle of the liver range
 
-    @property
-    def n_organ_slices(self) -> int:
-        return int(len(self.organ_slices))
-
     def organ_mask(self, k: int) -> np.ndarray:
         return self.label[k] == LIVER
 

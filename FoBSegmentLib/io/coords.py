@@ -65,10 +65,6 @@ class Geometry:
         """(N, 3) continuous (i, j, k) -> (N, 3) RAS mm."""
         return _apply(self.ijk_to_ras_matrix(), ijk)
 
-    def ras_to_ijk(self, ras: np.ndarray) -> np.ndarray:
-        """(N, 3) RAS mm -> (N, 3) continuous (i, j, k)."""
-        return _apply(np.linalg.inv(self.ijk_to_ras_matrix()), ras)
-
     def same_grid(self, other: Geometry, tol: float = 1e-3) -> bool:
         """True when both describe the same voxel grid (size equal, spacing/origin/direction within tol)."""
         return (
@@ -169,14 +165,6 @@ def ras_to_lps(points: np.ndarray) -> np.ndarray:
     return np.atleast_2d(np.asarray(points, dtype=np.float64)) @ RAS_TO_LPS.T
 
 
-def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a 4x4 homogeneous (affine) matrix to (N, 3) points; frames are the caller's."""
-    m = np.asarray(matrix, dtype=np.float64)
-    if m.shape != (4, 4):
-        raise ValueError(f"expected a 4x4 matrix, got shape {m.shape}")
-    return _apply(m, points)
-
-
 def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, size: tuple[int, int, int]) -> Geometry:
     """Geometry (LPS) from Slicer's 4x4 IJKToRAS matrix and the voxel counts (ni, nj, nk).
 
@@ -256,12 +244,6 @@ def check_inside_volume(ijk: np.ndarray, geometry: Geometry, what: str = "point"
             f"{what} {n} at IJK ({i:.2f}, {j:.2f}, {k:.2f}) lies outside the volume of size "
             f"{tuple(int(s) for s in geometry.size)}"
         )
-
-
-def slice_count(geometry: Geometry, axis: int) -> int:
-    """Number of slices along array axis `axis` of the [k, j, i] array."""
-    slice_axes(axis)  # validates the axis
-    return int(geometry.array_shape[axis])
 
 
 def slice_shape(geometry: Geometry, axis: int) -> tuple[int, int]:

@@ -59,12 +59,6 @@ def erode_square(mask: np.ndarray, kernel: int) -> np.ndarray:
     return out.astype(bool)
 
 
-def ring_band(mask: np.ndarray, k_out: int = 21, k_in: int = 15) -> np.ndarray:
-    """(H, W) bool band dilate(mask, k_out) AND NOT dilate(mask, k_in)."""
-    m = _check_mask(mask)
-    return dilate_square(m, k_out) & ~dilate_square(m, k_in)
-
-
 def _outer_contour(region: np.ndarray) -> np.ndarray | None:
     """(n, 2) float (x, y) outer contour of the largest 8-connected component, clockwise on screen."""
     contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -170,13 +164,3 @@ def ring_points(
     else:
         return invalid
     return out, np.ones(n_points, bool)
-
-
-def ring_adjacency(n_points: int) -> np.ndarray:
-    """(N, N) 0/1 ring graph: i and (i +- 1) mod N are linked, no self-loops."""
-    a = np.zeros((n_points, n_points), np.float32)
-    idx = np.arange(n_points)
-    a[idx, (idx + 1) % n_points] = 1.0
-    a[idx, (idx - 1) % n_points] = 1.0
-    np.fill_diagonal(a, 0.0)
-    return a
