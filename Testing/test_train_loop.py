@@ -136,3 +136,17 @@ def test_setting1_training_on_dermoscopy_images(data_dir, tmp_path, monkeypatch)
     assert [r["step"] for r in read_loss_log(output_files(out)["log"])] == [1, 2, 3]
     # Setting II needs diagnosis labels that this data does not carry: a clear error.
     assert _train(folder, tmp_path / "s2.safetensors", 3, "--setting", "2", "--exclude-organs", "1") == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (mixed-precision training path)")
+def test_training_on_cuda_uses_mixed_precision_and_resumes(one_volume, tmp_path, monkeypatch):
+    folder, cache = one_volume
+    monkeypatch.setenv("FOB_CACHE", str(cache))
+    out = tmp_path / "cuda" / "model.safetensors"
+    assert _train(folder, out, 4, "--device", "cuda", "--checkpoint-every", "2") == 0
+    assert _train(folder, out, 6, "--device", "cuda", "--resume") == 0
+    log = read_loss_log(output_files(out)["log"])
+    assert [r["step"] for r in log] == list(range(1, 7)) and all(np.isfinite(r["total"]) for r in log)
+    summary = json.loads(output_files(out)["summary"].read_text())
+    assert summary["device"].startswith("cuda")
+    assert FoBPromptGenerator.load(out).config.image_size == 128  # saved on the CPU, loads anywhere
