@@ -116,6 +116,11 @@ def _held_out_record(entry: dict, summary: dict, queries: list[str], organ: int,
         entry.setdefault("test_organ_excluded", {})[organ_name] = organ in (cfg.get("exclude_organs") or [])
 
 
+def _per_fold(model: str | None) -> bool:
+    """True when --model names one model per fold (and organ) through {fold} / {organ}."""
+    return model is not None and ("{fold}" in model or "{organ}" in model)
+
+
 def _merge(args: argparse.Namespace) -> int:
     """Combine reports written by earlier runs (`--json`) into one; print and write their tables."""
     from FoBSegmentLib.evaluate import protocol as P
@@ -189,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--protocol fob needs a volume dataset (chaos, synapse), not {ds}; use --protocol skin")
         if proto == "skin" and ds in VOLUME_DATASETS:
             raise ValueError(f"--protocol skin needs a 2-D dataset (isic, ph2), not {ds}")
-        if proto == "skin" and args.model and ("{fold}" in args.model or "{organ}" in args.model):
+        if proto == "skin" and _per_fold(args.model):
             raise ValueError(f"--model with {{fold}} or {{organ}} needs the abdominal protocol (chaos, synapse), not {ds}")
     organs = P.ORGANS
     if args.organs:
@@ -235,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             folds = all_folds if not args.folds else [f for f in all_folds if f.index in args.folds]
             if args.folds and len(folds) != len(set(args.folds)):
                 raise ValueError(f"--folds must be in 0..{len(all_folds) - 1}")
-            if needs_model and model_arg is not None and ("{fold}" in model_arg or "{organ}" in model_arg):
+            if needs_model and _per_fold(model_arg):
                 missing = [p for f in folds for o in organs if not (p := model_path(f.index, o)).is_file()]
                 if missing:  # found now, not after the folds before it were evaluated
                     raise FileNotFoundError(f"--model: {len(missing)} per-fold model(s) missing, e.g. {missing[0]}")

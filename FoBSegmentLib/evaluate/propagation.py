@@ -60,6 +60,7 @@ from FoBSegmentLib.evaluate.interpolation import (
     organ_slice_range,
 )
 from FoBSegmentLib.evaluate.metrics import dice
+from FoBSegmentLib.evaluate.report import markers, write_section
 from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.paths import shared_data_dir
 
@@ -89,8 +90,7 @@ PLAIN_CONFIG = {"shape_prior": False, "retry_foreground": 0, "retry_ring": None,
                 "median_band": None, "back_check": None, "regrow": None, "fg_area_per_point": 0.0}
 MODEL_METHODS = ("fob", "hybrid")
 DEFAULT_METHODS = ("fob", "hybrid", "neighbour", "plain", "fill3", "fill5", "copy")
-SECTION_START = "<!-- propagation:start -->"
-SECTION_END = "<!-- propagation:end -->"
+SECTION_START, SECTION_END = markers("propagation")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,8 +592,6 @@ def markdown_section(report: dict) -> str:
 def write_markdown_section(path: Path, section: str) -> None:
     """Replace the text between the propagation markers of `path` (append the section when the file
     has none; create the file with only the section). Atomic."""
-    from FoBSegmentLib.evaluate.report import write_section
-
     write_section(path, section, header="")
 
 
