@@ -39,3 +39,11 @@ def write_text_atomic(path: str | os.PathLike, text: str, make_parents: bool = T
     """Write `text` (UTF-8) to `path` atomically."""
     with atomic_output(path, make_parents=make_parents) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """ValueError / FileNotFoundError when `path` cannot be written (placeholder until the helper's version)."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder of {what} {target} does not exist")

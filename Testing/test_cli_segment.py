@@ -222,7 +222,7 @@ def test_bad_empty_support_mask(chaos, capsys) -> None:
 def test_bad_support_label_not_present(chaos, capsys) -> None:
     (chaos["dir"] / "out").mkdir()
     expect_error([chaos["image"], "-o", chaos["out"], "--support-mask", chaos["support"], "--support-label", "4"],
-                 capsys, chaos["dir"], "support label 4 is not present")
+                 capsys, chaos["dir"], "--support-label 4 is not present")
 
 
 def test_bad_geometry_mismatch(chaos, capsys, data_dir: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from conftest import dice
 
 from FoBSegmentLib.evaluate import propagation as PR
-from FoBSegmentLib.pipeline import PropagationConfig, config_for_modality, prompts_from_mask
+from FoBSegmentLib.propagation import PropagationConfig, config_for_modality, prompts_from_mask
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters import get_segmenter
 from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import dice
 
-from FoBSegmentLib import pipeline as P
+from FoBSegmentLib import propagation as P
 from FoBSegmentLib.io import intensity, volumes
 from FoBSegmentLib.io.coords import axial_axis
+from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 
 
@@ -185,7 +186,7 @@ def test_same_volume_neighbour_propagation(data_dir: Path, folder, pid, organ, n
     assert res.mask.dtype == np.uint8 and res.mask.shape == ref.shape
     assert np.array_equal(res.mask[middle].astype(bool), ref[middle])  # the annotation is kept
     assert res.slices[middle].source == "annotation"
-    assert all(isinstance(res.prompts[z], P.PromptSet) for z in res.prompts)
+    assert all(isinstance(res.prompts[z], PromptSet) for z in res.prompts)
     assert d >= floor
 
 

@@ -14,9 +14,10 @@ import SimpleITK as sitk
 from conftest import dice
 
 from FoBSegmentLib import FoBPromptGenerator, cli
-from FoBSegmentLib import pipeline as P
+from FoBSegmentLib import propagation as P
 from FoBSegmentLib.io import intensity, volumes
 from FoBSegmentLib.paths import resources_dir
+from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters import get_segmenter
 
 
@@ -45,7 +46,7 @@ def test_fob_prompts_plumbing_explicit_range(chaos2, random_generator) -> None:
                       generator=random_generator, config=P.PropagationConfig(slices=(6, 12)))
     assert sorted(res.prompts) == [6, 7, 8, 10, 11, 12]  # the annotated slice 9 is kept, not predicted
     for z, ps in res.prompts.items():
-        assert isinstance(ps, P.PromptSet) and len(ps.background) >= 3
+        assert isinstance(ps, PromptSet) and len(ps.background) >= 3
         assert ps.fg_probability is not None and ps.fg_probability.shape == (256, 256)
         ps.check_inside(256, 256)
         assert res.slices[z].source == "fob" and res.slices[z].support_index == 9

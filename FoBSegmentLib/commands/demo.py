@@ -18,7 +18,8 @@ import numpy as np
 
 from FoBSegmentLib.commands.segment import TqdmProgress
 from FoBSegmentLib.paths import shared_data_dir
-from FoBSegmentLib.pipeline import PROMPT_SOURCES, SegmentRequest, segment_files
+from FoBSegmentLib.files import SegmentRequest, segment_files
+from FoBSegmentLib.propagation import PROMPT_SOURCES
 
 ORGANS = {"liver": 1, "right-kidney": 2, "left-kidney": 3, "spleen": 4}
 # Patient 39: its liver Dice with neighbour prompts + GrabCut (0.735) is close to the mean over the

@@ -14,7 +14,9 @@ import argparse
 import sys
 
 from FoBSegmentLib.io.intensity import parse_window
-from FoBSegmentLib.pipeline import PROMPT_SOURCES, SegmentRequest, parse_slices, segment_files
+from FoBSegmentLib.errors import SettingError
+from FoBSegmentLib.files import SegmentRequest, segment_files
+from FoBSegmentLib.propagation import PROMPT_SOURCES, parse_slices
 
 
 def _int(text: str) -> int:
@@ -121,7 +123,10 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
 
 
 def run(args: argparse.Namespace) -> int:
-    req = request_from_args(args)
+    try:
+        req = request_from_args(args)
+    except SettingError as exc:
+        raise ValueError(exc.as_flag()) from None
     quiet = bool(args.quiet)
     progress = TqdmProgress(enabled=not quiet and sys.stderr.isatty())
 
@@ -131,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         outcome = segment_files(req, progress=progress, log=log)
+    except SettingError as exc:
+        raise ValueError(exc.as_flag()) from None
     finally:
         progress.close()
     res = outcome.result

@@ -48,8 +48,28 @@ _DESC_RE = re.compile(r"(\w+)=([^\s]+)")
 
 
 def point_description(kind: str, slice_index: int, axis: int, xy: tuple[float, float]) -> str:
-    """Machine-readable control point description: ``kind=... slice=... axis=... x=... y=...``."""
-    return f"kind={kind} slice={int(slice_index)} axis={int(axis)} x={xy[0]:.3f} y={xy[1]:.3f}"
+    """Machine-readable control point description: ``kind=... slice=... axis=... x=... y=...``.
+
+    x and y are written exactly (shortest repr of the float64): a point that was not moved is read
+    back with its exact pixel coordinates, which the propagation record's fingerprints rely on."""
+    return f"kind={kind} slice={int(slice_index)} axis={int(axis)} x={float(xy[0])!r} y={float(xy[1])!r}"
+
+
+# A point within this distance (pixels) of its description's (x, y), on its description's slice,
+# was not moved: its exact described coordinates are used (LPS mm round trips lose the last bits).
+SNAP_PX = 1e-3
+
+
+def described_xy(description: str, axis: int, index: int, xy: np.ndarray) -> np.ndarray:
+    """The exact (x, y) of a point's description when the point was not moved, else `xy`."""
+    d = parse_point_description(description)
+    try:
+        if int(d["axis"]) != axis or int(d["slice"]) != index:
+            return xy
+        exact = np.array([float(d["x"]), float(d["y"])])
+    except (KeyError, ValueError):
+        return xy
+    return exact if np.all(np.abs(exact - xy) <= SNAP_PX) else xy
 
 
 def parse_point_description(text: str) -> dict[str, str]:
@@ -72,8 +92,12 @@ def _display(kind: str) -> dict:
     }
 
 
-def prompts_to_markups_dict(prompts_by_slice: dict[int, PromptSet], geometry: Geometry, axis: int) -> dict:
-    """The markups JSON document (a dict) for prompts on slices along `axis`; see the module docstring."""
+def prompts_to_markups_dict(
+    prompts_by_slice: dict[int, PromptSet], geometry: Geometry, axis: int, record: dict | None = None
+) -> dict:
+    """The markups JSON document (a dict) for prompts on slices along `axis`; see the module docstring.
+    record: the propagation record (`propagation.document`), stored under its own top-level key,
+    which Slicer's markups reader ignores."""
     slice_axes(axis)
     n_slices = geometry.array_shape[axis]
     lists: dict[str, list[dict]] = {kind: [] for kind in KINDS}
@@ -122,16 +146,28 @@ def prompts_to_markups_dict(prompts_by_slice: dict[int, PromptSet], geometry: Ge
                 "display": _display(kind),
             }
         )
-    return {"@schema": SCHEMA_URL, "markups": markups}
+    doc: dict = {"@schema": SCHEMA_URL, "markups": markups}
+    if record is not None:
+        from FoBSegmentLib.propagation.document import RECORD_KEY
+
+        doc[RECORD_KEY] = record
+    return doc
 
 
-def write_prompt_markups(path: str | os.PathLike, prompts_by_slice: dict[int, PromptSet], geometry: Geometry, axis: int) -> None:
-    """Write prompts of several slices to one Slicer `.mrk.json` file (LPS), atomically.
+def write_prompt_markups(
+    path: str | os.PathLike,
+    prompts_by_slice: dict[int, PromptSet],
+    geometry: Geometry,
+    axis: int,
+    record: dict | None = None,
+) -> None:
+    """Write prompts of several slices to one Slicer `.mrk.json` file (LPS), atomically, with the
+    propagation record when given (then `fob segment --prompts-in` rebuilds the mask from it).
 
     prompts_by_slice: slice index along `axis` -> PromptSet in that slice's (x, y) pixels.
     Raises ValueError (and writes nothing) for a slice or point outside the volume.
     """
-    doc = prompts_to_markups_dict(prompts_by_slice, geometry, axis)
+    doc = prompts_to_markups_dict(prompts_by_slice, geometry, axis, record)
     write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
@@ -172,12 +208,21 @@ def _position(point: dict, where: str) -> list[float]:
     return vals
 
 
-def markups_dict_to_prompts(doc: object, geometry: Geometry, axis: int) -> dict[int, PromptSet]:
+def markups_dict_to_prompts(doc: object, geometry: Geometry, axis: int, name: str | None = None) -> dict[int, PromptSet]:
     """Inverse of `prompts_to_markups_dict`; accepts LPS or RAS files and points edited in Slicer.
 
     Points whose ``positionStatus`` is not "defined" are skipped (Slicer's placeholders). Raises ValueError
-    for a malformed document or a point outside the volume.
+    for a malformed document or a point outside the volume (prefixed with `name`, the file's name, if given).
     """
+    try:
+        return _markups_dict_to_prompts(doc, geometry, axis)
+    except ValueError as exc:
+        if name is None:
+            raise
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _markups_dict_to_prompts(doc: object, geometry: Geometry, axis: int) -> dict[int, PromptSet]:
     slice_axes(axis)
     if not isinstance(doc, dict) or not isinstance(doc.get("markups"), list):
         raise ValueError("not a Slicer markups file: no 'markups' list at the top level")
@@ -216,7 +261,8 @@ def markups_dict_to_prompts(doc: object, geometry: Geometry, axis: int) -> dict[
             xy, pos_along = ijk_to_slice_xy(ijk, axis)
             index = int(np.floor(pos_along[0] + 0.5))
             index = min(max(index, 0), geometry.array_shape[axis] - 1)
-            collected.setdefault(index, {k: [] for k in KINDS})[kind].append(xy[0])
+            xy0 = described_xy(str(point.get("description", "")), axis, index, xy[0])
+            collected.setdefault(index, {k: [] for k in KINDS})[kind].append(xy0)
     return {
         index: PromptSet(
             background=np.asarray(v["background"]).reshape(-1, 2),
@@ -232,6 +278,12 @@ def read_prompt_markups(path: str | os.PathLike, geometry: Geometry, axis: int) 
     Each point goes to its nearest voxel slice along `axis`. Raises FileNotFoundError for a missing file and
     ValueError for malformed JSON, a file that is not a point-list markups file, or a point outside the volume.
     """
+    return markups_dict_to_prompts(load_markups_document(path), geometry, axis, name=Path(path).name)
+
+
+def load_markups_document(path: str | os.PathLike) -> dict:
+    """The parsed JSON of a `.mrk.json` file. FileNotFoundError for a missing file, ValueError naming
+    the file for anything that is not a JSON object."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"markups file not found: {p}")
@@ -239,7 +291,19 @@ def read_prompt_markups(path: str | os.PathLike, geometry: Geometry, axis: int) 
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p.name}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{p.name}: not a Slicer markups file: no 'markups' list at the top level")
+    return doc
+
+
+def propagation_record(doc: dict, name: str = "the prompts file") -> dict | None:
+    """The propagation record a prompts document carries (`propagation.document`), None without one.
+    ValueError naming the file for a record this version cannot replay."""
+    from FoBSegmentLib.propagation.document import RECORD_KEY, check_record
+
+    if RECORD_KEY not in doc:
+        return None
     try:
-        return markups_dict_to_prompts(doc, geometry, axis)
+        return check_record(doc[RECORD_KEY])
     except ValueError as exc:
-        raise ValueError(f"{p.name}: {exc}") from None
+        raise ValueError(f"{name}: {exc}") from None

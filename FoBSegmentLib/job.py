@@ -1,0 +1,322 @@
+"""The one job builder: settings + images -> a propagation job. `fob segment` (files.py), the Slicer
+Logic, `fob evaluate` and `fob bench` all build their jobs here, so they run the same job.
+
+A job is made in three steps, each usable on its own:
+    prepare_image(volume, settings)       normalised intensities, modality and slicing axis
+    load_components(settings)             the FoB generator (on its device) and the segmenter
+    build_job(query, support_mask, ...)   supports, prompt source, configuration -> Job
+and `Job.run` propagates (or replays a prompts file).
+
+Frames: volumes are [k, j, i] arrays (RGB 2D images [1, H, W, 3] once prepared); the slicing axis is
+an array axis of [k, j, i]; support masks are bool on their own image's [k, j, i] grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from FoBSegmentLib.errors import SettingError
+from FoBSegmentLib.io.coords import slice_axes
+from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation import (
+    PROMPT_SOURCES,
+    PropagationConfig,
+    PropagationResult,
+    SupportSlice,
+    check_slice_range,
+    chunk_supports,
+    config_for_modality,
+    propagate,
+    support_slices_from_volume,
+)
+from FoBSegmentLib.propagation.document import config_from_record
+
+Log = Callable[[str], None]
+MODALITIES = ("auto", "ct", "mr", "rgb")
+
+
+@dataclass
+class JobSettings:
+    """What a person chooses; every front end fills this and nothing else decides.
+
+    prompts_from: auto | fob | neighbour | hybrid (auto: hybrid with a FoB model, else neighbour).
+    model: FoB weights file, None = the shipped default. device: auto | cpu | cuda[:N] | mps, for the
+        model and the segmenter. segmenter / sam_checkpoint: `segmenters.get_segmenter` arguments.
+    modality: auto | ct | mr | rgb, the intensity preset and the propagation's modality preset.
+    window: CT (level, width) in HU, None = the abdominal default. axis: array axis of [k, j, i] to
+        slice along, None = the rule of `default_slice_axis`. slices: "auto" or (first, last).
+    config: the propagation's base configuration (None = defaults); the modality preset is applied to
+        the fields left at their defaults unless `modality_presets` is False.
+    """
+
+    prompts_from: str = "auto"
+    model: str | None = None
+    device: str = "auto"
+    segmenter: str = "auto"
+    sam_checkpoint: str | None = None
+    modality: str = "auto"
+    window: tuple[float, float] | None = None
+    axis: int | None = None
+    slices: str | tuple[int, int] = "auto"
+    largest_component: bool = False
+    config: PropagationConfig | None = None
+    modality_presets: bool = True
+
+    def check(self) -> None:
+        """SettingError naming the first bad field."""
+        if self.prompts_from not in ("auto", *PROMPT_SOURCES):
+            raise SettingError("prompts_from", f"must be auto, {', '.join(PROMPT_SOURCES)}; got {self.prompts_from!r}")
+        if self.modality not in MODALITIES:
+            raise SettingError("modality", f"must be one of {', '.join(MODALITIES)}; got {self.modality!r}")
+        if self.axis is not None and self.axis not in (0, 1, 2):
+            raise SettingError("axis", f"must be 0, 1 or 2; got {self.axis!r}")
+
+
+@dataclass
+class PreparedImage:
+    """An image ready for propagation: `volume` (io.volumes.Volume), `normalised` [k, j, i] float32
+    in [0, 1] ([1, H, W, 3] for colour), its `modality` and the slicing `axis`."""
+
+    volume: Any
+    normalised: np.ndarray
+    modality: str
+    axis: int
+
+
+def default_slice_axis(geometry: Any) -> tuple[int, str]:
+    """The array axis of [k, j, i] to slice along by default, and why.
+
+    A clearly anisotropic volume (one spacing > 1.5x both others) is sliced along its thick axis,
+    the acquisition axis, whatever its orientation (oblique cardiac short-axis stacks); otherwise
+    along the axial axis from the direction matrix (`io.coords.axial_axis`).
+    """
+    from FoBSegmentLib.io.coords import axial_axis
+
+    sp = np.asarray(geometry.spacing, dtype=np.float64)
+    thick = int(np.argmax(sp))
+    others = np.delete(sp, thick)
+    if sp[thick] > 1.5 * others.max():
+        axis = 2 - thick
+        kind = "axial" if axis == axial_axis(geometry) else "not the axial one"
+        return axis, f"the acquisition axis, {sp[thick]:.2f} mm slices, {kind}"
+    return axial_axis(geometry), "the axial axis of the direction matrix"
+
+
+def prepare_image(volume: Any, settings: JobSettings, what: str = "image", log: Log | None = None) -> PreparedImage:
+    """Normalise a volume's intensities (`io.intensity`) and choose its slicing axis.
+
+    volume: an `io.volumes.Volume` (from a file, or built from a Slicer node). Raises SettingError
+    for a modality, window or axis that does not fit the image.
+    """
+    from FoBSegmentLib.io import intensity
+
+    say = log or (lambda _m: None)
+    name = Path(str(volume.path)).name
+    if settings.modality == "auto":
+        guess = intensity.guess_modality(volume.array, volume.modality_hint, volume.is_rgb)
+        say(f"{what}: modality {guess.modality.upper()} ({guess.reason})")
+        modality = guess.modality
+    else:
+        modality = settings.modality
+        if modality == "rgb" and not volume.is_rgb:
+            raise SettingError("modality", f"rgb but {name} is not a colour image")
+        if volume.is_rgb and modality != "rgb":
+            raise SettingError("modality", f"{name} is a colour image; use rgb or auto")
+    if settings.window is not None and modality != "ct":
+        raise SettingError("window", f"applies to CT only, but {what} is treated as {modality.upper()}")
+    window = settings.window if modality == "ct" else None
+    grid = volume.grid_array
+    norm = intensity.normalize(grid if not volume.is_rgb else volume.array, modality, window).reshape(grid.shape)
+    chosen = settings.axis
+    if volume.is_2d:
+        if chosen not in (None, 0):
+            raise SettingError("axis", "a 2D image has one slice; the axis must be 0")
+        chosen = 0
+    elif chosen is None:
+        chosen, why = default_slice_axis(volume.geometry)
+        say(f"slicing along array axis {chosen} of [k, j, i] ({why}); --axis overrides")
+    slice_axes(chosen)
+    return PreparedImage(volume, np.asarray(norm, np.float32), modality, int(chosen))
+
+
+def load_generator(model: str | None, required: bool, device: str = "cpu") -> tuple[Any, str]:
+    """The FoB generator (`model` or the shipped default) on `device` ("auto" resolves to
+    cuda/mps/cpu) and a line saying which; (None, why) when no default is shipped and `required` is False."""
+    try:
+        from FoBSegmentLib.model.generator import FoBPromptGenerator
+    except ImportError as exc:
+        if required or model:
+            raise ValueError(f"the FoB model code is not available ({exc})") from None
+        return None, "no FoB model code in this installation"
+    from FoBSegmentLib.segmenters.base import resolve_device
+
+    dev = resolve_device(device)
+    try:
+        gen = FoBPromptGenerator.load(model, device=dev) if model else FoBPromptGenerator.load(device=dev)
+    except FileNotFoundError as exc:
+        if required or model:
+            raise
+        return None, f"no default FoB model shipped ({' '.join(str(exc).split())})"
+    return gen, f"FoB model {Path(model).name if model else 'default (Resources)'} on {dev}"
+
+
+@dataclass
+class Components:
+    """What a job computes with: the FoB generator (None without a model), the segmenter, the
+    resolved prompt source, and lines saying which."""
+
+    generator: Any
+    segmenter: Any
+    prompts_from: str
+    notes: list[str] = field(default_factory=list)
+
+
+def load_components(settings: JobSettings, replaying: bool = False, generator: Any = None,
+                    segmenter: Any = None) -> Components:
+    """Load (or take the given, already loaded) generator and segmenter for `settings`.
+
+    auto: hybrid (FoB finds the organ's extent, neighbour chaining its shape) when a FoB model is
+    available, else neighbour; an explicit --model with auto means hybrid too. replaying: a prompts
+    file is replayed, no model is needed.
+    """
+    settings.check()
+    notes: list[str] = []
+    source = settings.prompts_from
+    if replaying:
+        notes.append("prompts: read from the prompts file, nothing predicted")
+    elif generator is not None:
+        notes.append("prompts: FoB generator given by the caller")
+    elif source in ("fob", "hybrid") or settings.model:
+        generator, why = load_generator(settings.model, required=True, device=settings.device)
+        notes.append(f"prompts: {why}")
+    elif source == "auto":
+        generator, why = load_generator(None, required=False, device=settings.device)
+        if generator is None:
+            notes.append(f"prompts: neighbour chaining (no learning), because {why}")
+        else:
+            notes.append(f"prompts: hybrid (FoB finds the organ's extent, neighbour chaining its shape), {why}")
+    else:
+        notes.append("prompts: neighbour chaining from the annotated slice (no learning)")
+    if source == "auto":
+        source = "hybrid" if generator is not None else "neighbour"
+    if segmenter is None:
+        from FoBSegmentLib.segmenters import get_segmenter
+
+        segmenter = get_segmenter(settings.segmenter, checkpoint=settings.sam_checkpoint, device=settings.device)
+    notes.append(getattr(segmenter, "auto_choice", None) or f"segmenter: {getattr(segmenter, 'name', settings.segmenter)}")
+    return Components(generator, segmenter, source, notes)
+
+
+@dataclass
+class Job:
+    """One propagation, ready to run (no file, no MRML: safe on a worker thread).
+
+    image: the prepared query [k, j, i] float32; supports: the annotated slices (resampled later to
+    the query's slice size when they come from another patient); prompts_in / record: a prompts
+    file to replay instead of predicting (see `propagation.document`).
+    """
+
+    query: PreparedImage
+    supports: list[SupportSlice]
+    same_volume: bool
+    components: Components
+    config: PropagationConfig
+    notes: list[str] = field(default_factory=list)
+    prompts_in: dict[int, PromptSet] | None = None
+    record: dict | None = None
+
+    @property
+    def axis(self) -> int:
+        return self.query.axis
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.query.normalised
+
+    @property
+    def prompts_from(self) -> str:
+        return self.components.prompts_from
+
+    def with_prompts(self, prompts: dict[int, PromptSet], record: dict | None) -> Job:
+        """A copy that replays `prompts` (and their propagation record, if any) instead of predicting.
+        The record's configuration wins over the settings (it is what made the prompts)."""
+        job = dataclasses.replace(self, prompts_in=dict(prompts), record=record, notes=list(self.notes))
+        if record is not None:
+            if int(record.get("axis", self.axis)) != self.axis:
+                raise SettingError("axis", f"the prompts file was made slicing along axis {record.get('axis')}, "
+                                           f"this job slices along {self.axis}")
+            job.config = config_from_record(record)
+        return job
+
+    def run(self, progress: Any = None, cancel: Any = None, on_slice: Any = None) -> PropagationResult:
+        """Propagate (see `propagation.propagate` for the callbacks)."""
+        return propagate(
+            self.query.normalised,
+            self.supports,
+            self.components.segmenter,
+            axis=self.axis,
+            same_volume=self.same_volume,
+            prompts_from=self.components.prompts_from,
+            generator=self.components.generator,
+            config=self.config,
+            prompts_in=self.prompts_in,
+            record=self.record,
+            progress=progress,
+            cancel=cancel,
+            on_slice=on_slice,
+        )
+
+
+def job_config(settings: JobSettings, modality: str, n_slices: int) -> PropagationConfig:
+    """The propagation configuration of `settings` for a query of `modality` with `n_slices` slices."""
+    cfg = dataclasses.replace(settings.config) if settings.config is not None else PropagationConfig()
+    if settings.modality_presets:
+        cfg = config_for_modality(cfg, modality)
+    cfg.slices = settings.slices if settings.slices == "auto" else (int(settings.slices[0]), int(settings.slices[1]))
+    check_slice_range(cfg.slices, n_slices)
+    cfg.largest_component = bool(settings.largest_component or cfg.largest_component)
+    return cfg
+
+
+def build_job(
+    query: PreparedImage,
+    support_mask: np.ndarray,
+    settings: JobSettings,
+    support: PreparedImage | None = None,
+    components: Components | None = None,
+    log: Log | None = None,
+    support_name: str = "the support mask",
+) -> Job:
+    """The job for annotated slices `support_mask` ([k, j, i] bool on the support's grid; the support
+    is the query itself when `support` is None) under `settings`.
+
+    components: an already loaded generator/segmenter (evaluations and the Slicer Logic reuse them
+    across jobs); loaded from the settings when None. Raises ValueError / SettingError.
+    """
+    say = log or (lambda _m: None)
+    same_volume = support is None or support is query
+    sup_img = query if same_volume else support
+    mask = np.asarray(support_mask, bool)
+    if mask.shape != sup_img.normalised.shape[:3]:
+        raise ValueError(f"{support_name} has shape {mask.shape}, its image {sup_img.normalised.shape[:3]}")
+    supports = support_slices_from_volume(sup_img.normalised, mask, sup_img.axis)
+    if not supports:
+        raise ValueError(f"{support_name} is empty: outline the organ on at least one slice")
+    where = "this image" if same_volume else Path(str(sup_img.volume.path)).name
+    notes = [f"support: {support_name} on {len(supports)} slice(s) of {where}"]
+    if not same_volume:
+        if query.volume.is_rgb != sup_img.volume.is_rgb:
+            raise ValueError("the image and the support image must both be colour (RGB) or both grey")
+        supports = chunk_supports(supports)
+    cfg = job_config(settings, query.modality, query.normalised.shape[query.axis])
+    comps = components if components is not None else load_components(settings)
+    notes += comps.notes
+    for line in notes:
+        say(line)
+    return Job(query, supports, same_volume, comps, cfg, notes)

@@ -1,0 +1,133 @@
+"""The tunables of a propagation and their per-modality presets.
+
+The values were chosen with the propagation protocol (`fob evaluate --protocol propagation`);
+docs/RESULTS.md ("Tuning notes") keeps the measurements behind each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from FoBSegmentLib.errors import SettingError
+
+PROMPT_SOURCES = ("fob", "neighbour", "hybrid")
+
+
+@dataclass
+class PropagationConfig:
+    """Tunables of the propagation.
+
+    slices: "auto" or an inclusive (first, last) range of slice indices along the axis.
+    margin: slices added on each side of the auto range found from FoB's coarse probability.
+    prob_threshold / min_prob_area: a slice counts as organ for "auto" when at least
+        `min_prob_area` pixels of FoB's coarse probability reach `prob_threshold`.
+    n_background / ring_k_out / ring_k_in: neighbour prompts, BPPC ring (`prompts.ring.ring_points`).
+    n_foreground: neighbour foreground points, spread over the deep interior of the previous mask.
+    fg_area_per_point / max_foreground: big masks get more foreground points: one per
+        `fg_area_per_point` pixels of the previous mask, at least `n_foreground`, at most
+        `max_foreground` (0 = off): GrabCut otherwise hands parts of a heterogeneous liver to the
+        background slice after slice.
+    retry_foreground: when a chained slice's area collapses (drop by more than `area_jump`), it is
+        segmented again with this many foreground points and the larger mask is kept.
+    retry_ring: when a chained slice's area jumps up by more than `area_jump` (a leak), it is
+        segmented again with this tighter ring (k_out, k_in) and the smaller mask is kept.
+    min_area: a neighbour-chained mask smaller than this (pixels) ends the chain.
+    area_jump: ratio between the areas of adjacent slices above which the slice is flagged; a
+        growth by more than `area_jump` also ends the chain (a leak into a neighbour organ).
+    intensity_match: minimum fraction of the new mask whose intensities fall inside the annotated
+        organ's 2-98 % intensity range; below it the chain ends.
+    median_band: percentiles of the annotated organ's intensities; the chain also ends when the
+        new mask's median intensity leaves that band (None disables).
+    shape_prior: neighbour prompts carry the previous slice's mask as `PromptSet.prior_mask`, and a
+        segmenter with `fit_reference` (graphcut) learns the organ's appearance once, from the
+        annotated slice showing most of the organ.
+    back_check: after segmenting slice z from slice z-1, slice z-1 is segmented again from the new
+        mask; a Dice below `back_check` with its accepted mask means the chain jumped onto another
+        structure and it stops before z. None = off. Only for segmenters with `uses_prior_mask`:
+        GrabCut's answers vary too much between neighbouring slices for the check.
+    regrow: (drop, grow): once a chain's area has fallen below `drop` x its peak, growth to more
+        than `grow` x the smallest area since the peak ends it (a kidney chain entering the spleen).
+    Between two annotated slices no chain ends: a slice where one of the rules above fires is kept
+    and flagged "review: ...".
+    largest_component: keep only the largest 3D connected component.
+    fill_holes: fill enclosed holes in each 2D slice of the result.
+    """
+
+    slices: str | tuple[int, int] = "auto"
+    margin: int = 1
+    prob_threshold: float = 0.5
+    min_prob_area: int = 20
+    n_background: int = 16
+    ring_k_out: int = 15
+    ring_k_in: int = 9
+    n_foreground: int = 4
+    fg_area_per_point: float = 0.0
+    max_foreground: int = 40
+    retry_foreground: int = 12
+    retry_ring: tuple[int, int] | None = (7, 3)
+    min_area: int = 15
+    area_jump: float = 2.0
+    intensity_match: float = 0.5
+    median_band: tuple[float, float] | None = (5.0, 95.0)
+    shape_prior: bool = True
+    back_check: float | None = None
+    regrow: tuple[float, float] | None = (0.9, 1.3)
+    largest_component: bool = False
+    fill_holes: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples become lists)."""
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PropagationConfig:
+        """Inverse of `to_json`; unknown keys are ignored (a record written by a newer version)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        return cls(**values)
+
+
+# Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
+MODALITY_CONFIG: dict[str, dict[str, Any]] = {
+    "mr": {"fg_area_per_point": 350.0, "back_check": 0.8},
+    "ct": {"back_check": 0.7},
+}
+
+
+def config_for_modality(config: PropagationConfig | None, modality: str) -> PropagationConfig:
+    """A copy of `config` (default: `PropagationConfig()`) with `MODALITY_CONFIG[modality]` applied
+    to the fields still at their class default (a field the caller set is kept)."""
+    cfg = dataclasses.replace(config) if config is not None else PropagationConfig()
+    base = PropagationConfig()
+    for name, value in MODALITY_CONFIG.get(str(modality).lower(), {}).items():
+        if getattr(cfg, name) == getattr(base, name):
+            setattr(cfg, name, value)
+    return cfg
+
+
+def parse_slices(text: str | None) -> str | tuple[int, int]:
+    """'auto' (or None) -> 'auto'; 'A:B' -> (A, B), an inclusive range of slice indices."""
+    if text is None or str(text).strip().lower() == "auto":
+        return "auto"
+    parts = str(text).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        a, b = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise SettingError("slices", f"must be 'auto' or 'A:B' (first:last slice, inclusive), got {text!r}") from None
+    if a > b:
+        raise SettingError("slices", f"{text}: the first slice {a} is after the last slice {b}")
+    return a, b
+
+
+def check_slice_range(rng: str | tuple[int, int], n_slices: int) -> None:
+    """SettingError when an explicit (A, B) range leaves 0..n_slices-1."""
+    if rng == "auto":
+        return
+    a, b = rng
+    if a < 0 or b >= n_slices:
+        raise SettingError("slices", f"{a}:{b} is out of bounds: the volume has slices 0..{n_slices - 1} along this axis")

@@ -1,0 +1,110 @@
+"""The FoB pass: the generator predicts each query slice's background ring, foreground points and
+coarse foreground probability from a support slice; the probability also says where the organ is.
+
+Frames: slices are (H, W) along the run's axis; prompts are (x, y) = (column, row) pixels; the
+coarse probability is (H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation.runner import Runner
+from FoBSegmentLib.propagation.stopping import organ_range_from_probability
+from FoBSegmentLib.propagation.supports import assign_supports
+from FoBSegmentLib.propagation.types import SupportSlice
+
+
+def quantize_probability(prob: np.ndarray) -> np.ndarray:
+    """(H, W) float in [0, 1] -> uint8 in 0..255, the precision a propagation record stores."""
+    return np.round(np.clip(np.asarray(prob, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def dequantize_probability(q: np.ndarray) -> np.ndarray:
+    """uint8 0..255 -> (H, W) float32 in [0, 1]. The segmenter only ever sees dequantised maps, so a
+    replay from the record gets bit-identical inputs."""
+    return np.asarray(q, np.uint8).astype(np.float32) / np.float32(255.0)
+
+
+def predict_slices(
+    run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, candidates: list[int], batch: int = 8
+) -> tuple[dict[int, PromptSet], dict[int, int]]:
+    """FoB predictions for the candidate slices and, per slice, the count of confident pixels
+    (0 below `min_prob_area`)."""
+    cfg = run.config
+    assign = assign_supports(candidates, supports, same_volume)
+    preds: dict[int, PromptSet] = {}
+    areas: dict[int, int] = {}
+    groups: dict[int, list[int]] = {}
+    for z in candidates:
+        groups.setdefault(id(assign[z]), []).append(z)
+    for zs in groups.values():
+        sup = assign[zs[0]]
+        # Small batches: the support is re-encoded per batch, but cancel is honoured quickly.
+        for start in range(0, len(zs), batch):
+            run.check_cancel()
+            part = zs[start : start + batch]
+            if hasattr(generator, "predict_batch"):
+                out = generator.predict_batch(sup.image, sup.mask, [run.slice(z) for z in part])
+            else:
+                out = [generator.predict(sup.image, sup.mask, run.slice(z)) for z in part]
+            for z, ps in zip(part, out):
+                if ps.fg_probability is not None:
+                    ps.fg_probability = dequantize_probability(quantize_probability(ps.fg_probability))
+                preds[z] = ps
+                prob = ps.fg_probability
+                count = int((prob >= cfg.prob_threshold).sum()) if prob is not None else 0
+                areas[z] = count if count >= cfg.min_prob_area else 0
+                run.reports[z].fg_max = float(prob.max()) if prob is not None else None
+                run.reports[z].support_index = sup.index
+    return preds, areas
+
+
+def organ_range(run: Runner, areas: dict[int, int], anchor: list[int] | None) -> tuple[int, int]:
+    found = organ_range_from_probability(areas, run.n, anchor, run.config.margin)
+    if found is None:
+        raise ValueError("FoB's coarse probability finds the organ on no slice; give --slices A:B")
+    run.notes.append(f"FoB's coarse probability puts the organ on slices {found[0]}..{found[1]} "
+                     f"(margin {run.config.margin})")
+    return found
+
+
+def hybrid_range(
+    run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, rng: tuple[int, int]
+) -> tuple[int, int]:
+    """The organ's slice range from FoB's coarse probability (an explicit --slices range wins)."""
+    if run.config.slices != "auto":
+        return rng
+    _, areas = predict_slices(run, supports, generator, same_volume, list(range(rng[0], rng[1] + 1)))
+    return organ_range(run, areas, [s.index for s in supports] if same_volume else None)
+
+
+def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, rng: tuple[int, int]) -> None:
+    """Every unannotated slice of the range segmented with FoB's own prompts."""
+    cfg = run.config
+    lo, hi = rng
+    annotated = {s.index for s in supports} if same_volume else set()
+    cand = [z for z in range(lo, hi + 1) if z not in annotated]
+    # Two passes over the candidates when the range is automatic: predict, then segment.
+    run.total = max(1, len(cand) * (2 if cfg.slices == "auto" else 1))
+    preds, areas = predict_slices(run, supports, generator, same_volume, cand)
+    run.done = len(cand) if cfg.slices == "auto" else 0
+    if cfg.slices == "auto":
+        lo, hi = organ_range(run, areas, sorted(annotated) or None)
+    for z in cand:
+        if not lo <= z <= hi:
+            continue
+        run.check_cancel()
+        ps = preds[z]
+        m, score = run.segment(z, ps)
+        rep = run.reports[z]
+        rep.source, rep.score = "fob", score
+        run.accept(z, m, rep, ps)
+        run.tick(f"slice {z}")
+    for z in range(max(lo, 1), hi + 1):
+        a, b = run.reports[z - 1].area, run.reports[z].area
+        if a > 0 and b > 0 and max(a, b) > cfg.area_jump * min(a, b):
+            run.reports[z].flags.append(f"area-jump x{max(a, b) / min(a, b):.1f} from slice {z - 1}")

@@ -1,0 +1,270 @@
+"""The neighbour chain: prompts for slice z come from the accepted mask of the adjacent slice (a
+BPPC ring outside it, points deep inside it, the mask itself as shape prior), chained outwards from
+each annotated slice until an image-only stopping rule fires.
+
+Frames: masks are (H, W) bool slices along the run's axis; prompts are (x, y) = (column, row) pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation.config import PropagationConfig
+from FoBSegmentLib.propagation.runner import Runner
+from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
+from FoBSegmentLib.propagation.supports import locate_mask
+from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
+
+
+def interior_points(mask: np.ndarray, count: int, deep_px: float = 12.0) -> np.ndarray:
+    """Up to `count` (x, y) points deep inside an (H, W) bool mask: the innermost pixel first, then
+    farthest-point sampling among pixels at least min(half the maximal depth, `deep_px`) and at
+    least 0.3 x the maximal depth from the edge, so they stay inside a neighbouring slice of the
+    same organ; big organs get them spread wider, which keeps GrabCut from shrinking them slice
+    after slice. Returns (n, 2) float (x, y); (0, 2) when empty."""
+    m = np.asarray(mask, bool)
+    if not m.any() or count < 1:
+        return np.zeros((0, 2))
+    dist = ndimage.distance_transform_edt(m)
+    dmax = float(dist.max())
+    rows, cols = np.nonzero(dist >= max(1.0, 0.3 * dmax, min(0.5 * dmax, deep_px)))
+    if len(rows) == 0:
+        rows, cols = np.nonzero(dist == dmax)
+    cand = np.stack([cols, rows], axis=1).astype(np.float64)
+    depth = dist[rows, cols]
+    picks = [int(np.argmax(depth))]
+    d2 = np.sum((cand - cand[picks[0]]) ** 2, axis=1)
+    while len(picks) < min(count, len(cand)):
+        nxt = int(np.argmax(d2))
+        if d2[nxt] < 4.0:  # closer than 2 px: more points add nothing
+            break
+        picks.append(nxt)
+        d2 = np.minimum(d2, np.sum((cand - cand[nxt]) ** 2, axis=1))
+    return cand[picks]
+
+
+def prompts_from_mask(
+    mask: np.ndarray,
+    config: PropagationConfig,
+    n_foreground: int | None = None,
+    ring: tuple[int, int] | None = None,
+) -> PromptSet | None:
+    """Neighbour prompts: BPPC ring outside `mask` ((H, W) bool) plus `n_foreground` (default
+    config.n_foreground) interior points, and `mask` itself as the prior when `config.shape_prior`;
+    ring = (k_out, k_in) overrides the config's ring kernels.
+    None when the mask leaves no ring (empty, or it fills the slice)."""
+    from FoBSegmentLib.model.ring import ring_points
+
+    k_out, k_in = ring if ring is not None else (config.ring_k_out, config.ring_k_in)
+    pts, valid = ring_points(np.asarray(mask, bool), config.n_background, k_out, k_in)
+    if valid.sum() < 3:
+        return None
+    nf = config.n_foreground if n_foreground is None else n_foreground
+    if config.fg_area_per_point > 0:
+        by_area = int(round(np.count_nonzero(mask) / config.fg_area_per_point))
+        nf = max(nf, min(config.max_foreground, by_area))
+    prior = np.asarray(mask, bool) if config.shape_prior else None
+    return PromptSet(background=pts[valid], foreground=interior_points(mask, nf), prior_mask=prior)
+
+
+@dataclass
+class Appearance:
+    """What the chain's intensity rules learnt from the annotated slice showing most of the organ:
+    its 2-98 % intensity range and its median band (both None when unknown)."""
+
+    irange: tuple[np.ndarray, np.ndarray] | None
+    iband: tuple[np.ndarray, np.ndarray] | None
+    model_index: int
+
+
+def learn_appearance(run: Runner, supports: list[SupportSlice]) -> Appearance:
+    """Learn the organ's look from the support showing most of it (a few annotated slices often
+    include the organ's tips, whose handful of pixels give a poor model); a segmenter with
+    `fit_reference` (graphcut) learns from the same slice. Deterministic: a replay re-learns the same."""
+    cfg = run.config
+    model = max(supports, key=lambda s: int(s.mask.sum()))
+    fit_reference = getattr(run.segmenter, "fit_reference", None)
+    if cfg.shape_prior and fit_reference is not None:
+        fit_reference(model.image, model.mask)
+    return Appearance(
+        intensity_range(model.image, model.mask),
+        intensity_range(model.image, model.mask, cfg.median_band) if cfg.median_band else None,
+        int(model.index),
+    )
+
+
+def chain_stop(z0: int, step: int, seed_slices: list[int], rng: tuple[int, int]) -> tuple[int, int | None] | None:
+    """Where a chain from z0 in direction `step` ends: (last slice, next annotated slice or None).
+    Between two annotated slices each fills up to the midpoint, the lower one taking the midpoint
+    itself; None when there is nothing to fill."""
+    others = [s for s in seed_slices if (s - z0) * step > 0]
+    if not others:
+        return (rng[1] if step > 0 else rng[0]), None
+    nxt = min(others, key=lambda s: abs(s - z0))
+    stop = (z0 + nxt) // 2 if step > 0 else (z0 + nxt) // 2 + 1
+    if step > 0 and stop < z0 + 1:
+        return None
+    return stop, nxt
+
+
+def _segment_from(run: Runner, z: int, prev: np.ndarray) -> tuple[np.ndarray, float, PromptSet, bool] | None:
+    """Slice z segmented with prompts from `prev`, retried once on a collapse or a leak."""
+    cfg = run.config
+    ps = prompts_from_mask(prev, cfg)
+    if ps is None:
+        return None
+    m, score = run.segment(z, ps)
+    retried = False
+    if cfg.retry_foreground > cfg.n_foreground and m.sum() * cfg.area_jump < prev.sum():
+        # A collapse is usually the segmenter losing the organ (GrabCut's colour model latching
+        # onto a neighbour), rarely the organ ending: retry with more anchors.
+        ps2 = prompts_from_mask(prev, cfg, cfg.retry_foreground)
+        if ps2 is not None:
+            m2, score2 = run.segment(z, ps2)
+            if m2.sum() > m.sum():
+                m, score, ps, retried = m2, score2, ps2, True
+    elif cfg.retry_ring and m.sum() > cfg.area_jump * prev.sum():
+        # A leak: GrabCut spilled over the whole ring polygon; a tighter ring bounds it.
+        ps2 = prompts_from_mask(prev, cfg, ring=cfg.retry_ring)
+        if ps2 is not None:
+            m2, score2 = run.segment(z, ps2)
+            if 0 < m2.sum() < m.sum():
+                m, score, ps, retried = m2, score2, ps2, True
+    return m, score, ps, retried
+
+
+def _end_reason(run: Runner, z: int, step: int, m: np.ndarray, prev: np.ndarray, peak: int, trough: int,
+                look: Appearance, rep: SliceReport) -> str | None:
+    cfg = run.config
+    area, prev_area = int(m.sum()), int(prev.sum())
+    if area < cfg.min_area:
+        return "chain-end: mask vanished"
+    if area > cfg.area_jump * prev_area:
+        return f"chain-end: area jump x{area / max(prev_area, 1):.1f} (leak)"
+    if cfg.regrow and trough < cfg.regrow[0] * peak and area > cfg.regrow[1] * trough:
+        return f"chain-end: the area grows again (x{area / max(trough, 1):.2f}) after shrinking"
+    match = intensity_match(run.slice(z), m, look.irange)
+    if match < cfg.intensity_match:
+        return f"chain-end: intensity mismatch ({100 * match:.0f}% inside the organ's range)"
+    if not median_inside(run.slice(z), m, look.iband):
+        return "chain-end: median intensity left the organ's band"
+    if area * cfg.area_jump < prev_area:
+        rep.flags.append(f"area-drop x{prev_area / max(area, 1):.1f}")
+    if cfg.back_check is not None and getattr(run.segmenter, "uses_prior_mask", False):
+        agree = _back_agreement(run, z - step, m, prev)
+        if agree < cfg.back_check:
+            return f"chain-end: back-check (slice {z - step} re-segmented from this mask agrees {agree:.2f})"
+    return None
+
+
+def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: int | None,
+          support_index: int, look: Appearance) -> None:
+    """Chain from slice z0 (accepted mask `mask0`) one slice at a time in direction `step` up to
+    `stop` inclusive; nxt: the annotated slice the chain runs towards (no chain ends before it)."""
+    cfg = run.config
+    prev = mask0
+    peak = trough = int(prev.sum())
+    z = z0 + step
+    while (step > 0 and z <= stop) or (step < 0 and z >= stop):
+        if run.reports[z].source == "annotation":
+            break
+        run.check_cancel()
+        got = _segment_from(run, z, prev)
+        if got is None:
+            run.reports[z].flags.append("chain-end: no ring around the previous mask")
+            break
+        m, score, ps, retried = got
+        rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
+                          prior="parent" if ps.prior_mask is not None else "none", score=score)
+        if retried:
+            rep.flags.append("retried with other prompts")
+        end = _end_reason(run, z, step, m, prev, peak, trough, look, rep)
+        area = int(m.sum())
+        if end is not None and nxt is not None and area >= cfg.min_area:
+            # Between two annotated slices the organ does not end: keep the slice, ask for a look.
+            rep.flags.append(f"review: {end.split(': ', 1)[1]} (kept: the organ reaches annotated slice {nxt})")
+            end = None
+        if end is not None:
+            rep.flags.append(end)
+            rep.source = "skipped"
+            run.reports[z] = rep
+            run.tick(f"slice {z}: chain ends")
+            run.notes.append(f"chain from slice {z0} stops before slice {z}: {end.split(': ', 1)[1]}")
+            break
+        run.accept(z, m, rep, ps)
+        run.tick(f"slice {z}")
+        prev = m
+        if area > peak:
+            peak = trough = area
+        else:
+            trough = min(trough, area)
+        z += step
+
+
+def _back_agreement(run: Runner, z_prev: int, mask: np.ndarray, prev: np.ndarray) -> float:
+    """Dice between `prev` (the accepted mask of slice z_prev) and z_prev segmented again with the
+    neighbour prompts of `mask` (the candidate of the next slice): low when the chain jumped."""
+    ps = prompts_from_mask(mask, run.config)
+    if ps is None:
+        return 0.0
+    back, _ = run.segment(z_prev, ps)
+    total = back.sum() + prev.sum()
+    return float(2.0 * np.logical_and(back, prev).sum() / total) if total else 1.0
+
+
+def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> tuple[int, np.ndarray, SupportSlice]:
+    """Another patient's support: the chain starts at the same relative height as the middle
+    support slice, from the support mask slid (and scaled) to where the query looks like the organ."""
+    mid = supports[len(supports) // 2]
+    n_sup = mid.volume_slices or max(s.index for s in supports) + 1
+    rel = mid.index / max(1, n_sup - 1)
+    z0 = min(max(int(round(rel * (run.n - 1))), rng[0]), rng[1])
+    # A single 2D image (dermoscopy) may put the lesion anywhere; a volume slice keeps anatomy
+    # roughly in place and patients differ a little in size.
+    if run.n == 1:
+        max_shift, scales = None, (1.0,)
+    else:
+        max_shift, scales = int(0.15 * max(run.hw)), (0.85, 1.0, 1.15)
+    moved, (dx, dy), scale = locate_mask(run.slice(z0), mid.image, mid.mask, max_shift, scales)
+    run.notes.append(
+        f"no model: the chain starts at query slice {z0} (same relative height as support slice {mid.index}) "
+        f"with prompts from the support mask moved by ({dx}, {dy}) px and scaled x{scale:g} to the best "
+        "appearance match"
+    )
+    return z0, moved, mid
+
+
+def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, rng: tuple[int, int]) -> None:
+    """Chain outwards in both directions from each annotated slice (same volume), or from a located
+    seed slice (another patient), inside the inclusive slice range `rng`."""
+    look = learn_appearance(run, supports)
+    if same_volume:
+        seeds = [(s.index, s.mask, s) for s in supports]
+    else:
+        z0, moved, mid = _cross_patient_seed(run, supports, rng)
+        run.check_cancel()
+        ps = prompts_from_mask(moved, run.config)
+        if ps is None:
+            raise ValueError("the support mask leaves no room for a background ring in the query slice")
+        m, score = run.segment(z0, ps)
+        rep = SliceReport(z0, "neighbour", support_index=mid.index, score=score,
+                          prior="stored" if ps.prior_mask is not None else "none")
+        if m.sum() < run.config.min_area:
+            rep.flags.append("chain-end: mask vanished at the seed slice")
+            run.reports[z0] = rep
+            run.tick(f"slice {z0}: empty")
+            run.notes.append(f"the seed slice {z0} gave no mask; nothing segmented")
+            return
+        run.accept(z0, m, rep, ps)
+        run.tick(f"slice {z0}")
+        seeds = [(z0, m, mid)]
+    seed_slices = sorted(z for z, *_ in seeds)
+    for z0, mask0, sup in seeds:
+        for step in (-1, 1):
+            bounds = chain_stop(z0, step, seed_slices, rng)
+            if bounds is not None:
+                chain(run, z0, mask0, step, bounds[0], bounds[1], sup.index, look)

@@ -1,0 +1,153 @@
+"""The one entry point of a propagation: annotated slices in, the organ on every slice out.
+
+Prompt sources (`prompts_from`):
+    "fob"        FoB's generator predicts background ring + foreground points for every query slice
+                 from a support slice (the nearest annotated slice of the same volume, or for another
+                 patient's support the method's chunked protocol).
+    "neighbour"  no learning: prompts for slice z come from the accepted mask of the adjacent, already
+                 segmented slice, chained outwards from each annotated slice (`propagation.neighbour`).
+    "hybrid"     FoB's coarse foreground probability decides where the organ ends (`slices="auto"`),
+                 neighbour chaining supplies the geometry inside that range.
+A prompts file with a propagation record replays it (`propagation.document`); one without a record
+is segmented slice by slice from its points alone. The query's reference mask is never read.
+
+Frames: `image` is [k, j, i] float in [0, 1] ([k, j, i, 3] for colour); slices (H, W) along `axis`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation.config import PROMPT_SOURCES, PropagationConfig, check_slice_range
+from FoBSegmentLib.propagation.document import build_record, replay
+from FoBSegmentLib.propagation.fob import hybrid_range, run_fob
+from FoBSegmentLib.propagation.neighbour import run_neighbour
+from FoBSegmentLib.propagation.runner import Runner
+from FoBSegmentLib.propagation.supports import resize_support
+from FoBSegmentLib.propagation.types import (
+    CancelCheck,
+    ProgressCallback,
+    PropagationResult,
+    SliceCallback,
+    SliceReport,
+    SupportSlice,
+)
+
+
+def _check_supports(supports: list[SupportSlice], hw: tuple[int, int], same_volume: bool) -> list[SupportSlice]:
+    if not supports:
+        raise ValueError("the support mask is empty: no slice holds the support label")
+    sup = sorted(supports, key=lambda s: s.index)
+    if not same_volume:
+        sup = [resize_support(s, hw) for s in sup]
+    for s in sup:
+        if s.mask.shape != hw:
+            raise ValueError(
+                f"support slice {s.index} is {s.mask.shape[1]}x{s.mask.shape[0]} px but the query slices are "
+                f"{hw[1]}x{hw[0]}; resample the support onto a grid with the same in-plane size"
+            )
+        if not s.mask.any():
+            raise ValueError(f"support slice {s.index} has an empty mask")
+    return sup
+
+
+def _points_only(run: Runner, prompts_in: dict[int, PromptSet], annotated: set[int]) -> None:
+    """A prompts file without a record: each slice from its points alone."""
+    for z in sorted(prompts_in):
+        if not 0 <= z < run.n:
+            raise ValueError(f"the prompts file has points on slice {z}, outside 0..{run.n - 1}")
+        run.check_cancel()
+        if z in annotated:
+            run.tick(f"slice {z}: annotated, prompts ignored")
+            continue
+        ps = prompts_in[z]
+        mask, score = run.segment(z, ps)
+        run.accept(z, mask, SliceReport(z, "prompts-in", score=score), ps)
+        run.tick(f"slice {z}")
+    run.notes.append(f"segmented the {len(prompts_in)} slice(s) that carry prompts in the prompts file "
+                     "(no propagation record: each from its points alone)")
+
+
+def propagate(
+    image: np.ndarray,
+    supports: list[SupportSlice],
+    segmenter: Any,
+    *,
+    axis: int,
+    same_volume: bool,
+    prompts_from: str = "neighbour",
+    generator: Any = None,
+    config: PropagationConfig | None = None,
+    prompts_in: dict[int, PromptSet] | None = None,
+    record: dict | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    on_slice: SliceCallback | None = None,
+) -> PropagationResult:
+    """Segment the organ of `supports` in every slice of `image` along `axis`.
+
+    image: normalised query volume, [k, j, i] float in [0, 1] ([k, j, i, 3] for colour).
+    supports: annotated slices (from this volume when `same_volume`, else from another patient,
+        resampled to the query's slice size).
+    segmenter: has `.segment(image (H, W[, 3]), PromptSet) -> result(.mask, .score)`.
+    prompts_from: "fob" | "neighbour" | "hybrid"; fob/hybrid need `generator`
+        (`FoBPromptGenerator`-like with `.predict(support_image, support_mask, query_image)`).
+    prompts_in: slice -> PromptSet given by a person (a prompts file, points edited in Slicer).
+        With `record` (the propagation record of the file) the propagation is replayed: unedited
+        slices come out identical, edited ones and what was chained from them are redone
+        (`propagation.document`). Without a record each slice is segmented from its points alone.
+        Nothing is predicted either way. `config` should then be the record's.
+    progress(done, total, text) is called after each slice; cancel() is checked before each slice
+        and raises PropagationCancelled when it returns True.
+    on_slice(z, mask) is called each time slice z's 2D mask ((H, W) bool, a copy) is accepted, so a
+        caller can show results slice by slice; a slice accepted again is reported again (the last
+        call wins). Annotated slices and stepping stones outside an explicit range are not
+        reported. The masks precede the 3D cleanup: the result's `mask` is the final word. It runs
+        on the calling (worker) thread: it must be quick and must not touch MRML or Qt.
+    Returns the result with its `record`. Raises ValueError for unusable supports or an explicit
+    slice range out of bounds.
+    """
+    cfg = config or PropagationConfig()
+    if prompts_from not in PROMPT_SOURCES:
+        raise ValueError(f"unknown prompt source {prompts_from!r}; use one of {', '.join(PROMPT_SOURCES)}")
+    n = image.shape[axis]
+    check_slice_range(cfg.slices, n)
+    probe = Runner(image, axis, segmenter, cfg, None, None, total=1)
+    sup = _check_supports(supports, probe.hw, same_volume)
+    if prompts_from in ("fob", "hybrid") and generator is None and prompts_in is None:
+        raise ValueError(f"prompt source {prompts_from!r} needs a FoB model (none loaded)")
+    annotations = sup if same_volume else []
+    lo, hi = (0, n - 1) if cfg.slices == "auto" else cfg.slices
+    total = len(prompts_in) + len(annotations) if prompts_in is not None else hi - lo + 1
+    run = Runner(image, axis, segmenter, cfg, progress, cancel, total=total, on_slice=on_slice)
+    if cfg.slices != "auto":
+        run.report_range = (lo, hi)
+    rng = (lo, hi)
+    source = prompts_from
+    run.copy_annotations(annotations)
+    if prompts_in is not None and record is not None:
+        source, rng = replay(run, record, prompts_in, sup, same_volume)
+    elif prompts_in is not None:
+        _points_only(run, prompts_in, {s.index for s in annotations})
+        source = "prompts-in"
+    elif prompts_from == "fob":
+        run_fob(run, sup, generator, same_volume, rng)
+    else:
+        if prompts_from == "hybrid":
+            rng = hybrid_range(run, sup, generator, same_volume, rng)
+        run_neighbour(run, sup, same_volume, rng)
+        if cfg.slices != "auto":
+            # A chain from an annotated slice outside --slices passes through the slices between;
+            # they served as stepping stones only (their points stay in the record).
+            for z in range(n):
+                if not lo <= z <= hi and run.reports[z].source == "neighbour":
+                    run.drop(z, "outside the requested slice range")
+    result = run.finish(source, annotations)
+    result.record = build_record(result, cfg, sup, same_volume, rng, image.shape[:3])
+    for z, rep in result.slices.items():
+        if rep.source == "skipped":
+            result.prompts.pop(z, None)  # stepping stones: their points live in the record only
+    return result

@@ -1,0 +1,161 @@
+"""The state of one propagation: the mask being built, the prompts each slice received, progress,
+cancel, and the final 3D clean-up.
+
+Frames: `image` is [k, j, i] (RGB [k, j, i, 3]); slices are (H, W) along `axis`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from FoBSegmentLib.io.coords import put_slice, slice_axes, take_slice
+from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation.config import PropagationConfig
+from FoBSegmentLib.propagation.types import (
+    CancelCheck,
+    ProgressCallback,
+    PropagationCancelled,
+    PropagationResult,
+    SliceCallback,
+    SliceReport,
+    SupportSlice,
+)
+
+
+def cleanup_3d(mask: np.ndarray, axis: int, largest_component: bool, fill_holes: bool) -> np.ndarray:
+    """[k, j, i] bool -> bool: 2D hole filling in every slice along `axis`, then (optionally) the
+    largest 26-connected 3D component."""
+    out = np.asarray(mask, bool).copy()
+    if fill_holes:
+        for z in range(out.shape[axis]):
+            sl = take_slice(out, axis, z)
+            if sl.any():
+                put_slice(out, axis, z, ndimage.binary_fill_holes(sl))
+    if largest_component and out.any():
+        labels, n = ndimage.label(out, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            out = labels == int(np.argmax(sizes))
+    return out
+
+
+class Runner:
+    """One propagation in progress. Slices are accepted one by one (`accept`); `finish` cleans up
+    and returns the `PropagationResult`."""
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        axis: int,
+        segmenter: Any,
+        config: PropagationConfig,
+        progress: ProgressCallback | None,
+        cancel: CancelCheck | None,
+        total: int,
+        on_slice: SliceCallback | None = None,
+    ) -> None:
+        self.t0 = time.perf_counter()
+        self.image = image
+        self.axis = axis
+        self.segmenter = segmenter
+        self.config = config
+        self.progress = progress
+        self.cancel = cancel
+        self.n = image.shape[axis]
+        rows, cols = slice_axes(axis)
+        self.hw = (image.shape[rows], image.shape[cols])
+        self.mask = np.zeros(image.shape[:3], bool)
+        self.prompts: dict[int, PromptSet] = {}
+        self.reports: dict[int, SliceReport] = {z: SliceReport(z, "skipped") for z in range(self.n)}
+        self.order: list[int] = []
+        self.notes: list[str] = []
+        self.done = 0
+        self.total = max(1, total)
+        self.on_slice = on_slice
+        # (lo, hi): only slices inside are reported to on_slice (an explicit range's stepping stones
+        # are dropped from the result at the end); None = all.
+        self.report_range: tuple[int, int] | None = None
+
+    def slice(self, z: int) -> np.ndarray:
+        return np.asarray(take_slice(self.image, self.axis, z), dtype=np.float32)
+
+    def accepted(self, z: int) -> np.ndarray:
+        """The accepted (H, W) bool mask of slice z (all False when not segmented)."""
+        return np.asarray(take_slice(self.mask, self.axis, z), bool)
+
+    def tick(self, text: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total, text)
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise PropagationCancelled("cancelled")
+
+    def segment(self, z: int, prompts: PromptSet) -> tuple[np.ndarray, float]:
+        # OpenCV's GrabCut initialises its colour models from a global RNG; re-seeding makes a
+        # slice's mask a function of (image, prompts) alone, so a replayed slice comes out identical.
+        cv2.setRNGSeed(0)
+        try:
+            res = self.segmenter.segment(self.slice(z), prompts)
+        except ValueError as exc:
+            raise ValueError(f"slice {z}: {exc}") from None
+        return np.asarray(res.mask, bool), float(res.score)
+
+    def accept(self, z: int, mask: np.ndarray, report: SliceReport, prompts: PromptSet | None) -> None:
+        put_slice(self.mask, self.axis, z, mask)
+        report.area = int(mask.sum())
+        if report.fg_max is None:
+            report.fg_max = self.reports[z].fg_max  # measured by FoB earlier (hybrid range search)
+        self.reports[z] = report
+        if report.source != "annotation":
+            if z in self.order:
+                self.order.remove(z)
+            self.order.append(int(z))
+        if prompts is not None:
+            self.prompts[z] = prompts
+        if (
+            self.on_slice is not None
+            and report.source != "annotation"
+            and (self.report_range is None or self.report_range[0] <= z <= self.report_range[1])
+        ):
+            self.on_slice(int(z), np.array(mask, dtype=bool, copy=True))
+
+    def drop(self, z: int, flag: str | None = None) -> None:
+        """Forget slice z's result (it becomes "skipped"); its prompts stay if it was segmented."""
+        put_slice(self.mask, self.axis, z, np.zeros(self.hw, bool))
+        rep = self.reports[z]
+        rep.source = "skipped"
+        if flag:
+            rep.flags.append(flag)
+
+    def copy_annotations(self, supports: list[SupportSlice]) -> None:
+        for s in supports:
+            self.accept(s.index, s.mask, SliceReport(s.index, "annotation", support_index=s.index), None)
+
+    def finish(self, prompts_from: str, annotations: list[SupportSlice]) -> PropagationResult:
+        """3D clean-up (the annotated slices stay exactly as drawn) and the result."""
+        cfg = self.config
+        final = cleanup_3d(self.mask, self.axis, cfg.largest_component, cfg.fill_holes)
+        for s in annotations:
+            put_slice(final, self.axis, s.index, s.mask)
+        for z, rep in self.reports.items():
+            rep.area = int(take_slice(final, self.axis, z).sum())
+        if self.progress is not None:
+            self.progress(self.total, self.total, "done")  # chains that stop early leave slices unvisited
+        return PropagationResult(
+            mask=final.astype(np.uint8),
+            prompts=self.prompts,
+            slices=self.reports,
+            axis=self.axis,
+            prompts_from=prompts_from,
+            notes=self.notes,
+            seconds=time.perf_counter() - self.t0,
+            order=[z for z in self.order if self.reports[z].source != "skipped" or z in self.prompts],
+        )

@@ -1,0 +1,97 @@
+"""The data a propagation takes and gives back.
+
+Frames: volumes are [k, j, i] arrays (RGB 2D images [1, H, W, 3]); a slice is the (H, W) = (rows,
+cols) image taken along one array axis (`io.coords.take_slice`); prompts are (x, y) = (column, row)
+pixels of their slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from FoBSegmentLib.prompts import PromptSet
+
+ProgressCallback = Callable[[int, int, str], None]
+CancelCheck = Callable[[], bool]
+# on_slice(z, mask): slice index along the axis and its accepted (H, W) bool mask, on the caller's thread.
+SliceCallback = Callable[[int, np.ndarray], None]
+
+
+class PropagationCancelled(Exception):
+    """Raised between slices when the cancel callback returns True; nothing has been written."""
+
+
+@dataclass
+class SupportSlice:
+    """One annotated slice: index along the slicing axis of its own volume, its image (H, W) or
+    (H, W, 3) float in [0, 1], and its mask (H, W) bool."""
+
+    index: int
+    image: np.ndarray
+    mask: np.ndarray
+    volume_slices: int | None = None
+
+
+@dataclass
+class SliceReport:
+    """What happened on one slice.
+
+    source: "annotation" (copied from the support mask), "fob", "neighbour", "prompts-in" (the
+        person's prompts of a prompts file without a propagation record), "edited" (a slice whose
+        prompts a person changed, replayed from a propagation record), or "skipped" (outside the
+        organ range / after the chain stopped).
+    area: foreground pixels in the final 2D mask.
+    support_index: the support slice that fed this slice (index in the support volume), if any.
+    parent: the slice whose accepted mask gave this slice its prompts and shape prior (neighbour
+        chaining), None when the prompts did not come from another slice.
+    prior: where the shape prior came from: "parent", "none", or "stored" (a mask kept in the
+        propagation record, e.g. another patient's support moved onto the seed slice).
+    score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
+    flags: review hints, e.g. "area-jump x2.3", "intensity-mismatch", "chain-end: mask vanished".
+    """
+
+    index: int
+    source: str
+    area: int = 0
+    support_index: int | None = None
+    parent: int | None = None
+    prior: str = "none"
+    score: float | None = None
+    fg_max: float | None = None
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PropagationResult:
+    """mask: [k, j, i] uint8 (1 = organ), same shape as the query volume (RGB: [1, H, W]).
+    prompts: slice index -> PromptSet the segmenter received on that slice (annotated slices and
+        stepping stones outside an explicit range have none here; the record keeps the latter).
+    slices: slice index -> SliceReport for every slice along `axis`.
+    order: the segmented slices in the order they were accepted (parents before children).
+    record: the propagation record (`propagation.document`), what a prompts file needs to rebuild
+        this result.
+    notes: human-readable lines (which prompt source, where the chain stopped, ...).
+    """
+
+    mask: np.ndarray
+    prompts: dict[int, PromptSet]
+    slices: dict[int, SliceReport]
+    axis: int
+    prompts_from: str
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    order: list[int] = field(default_factory=list)
+    record: dict | None = None
+
+    @property
+    def flagged(self) -> list[int]:
+        """Slices a person should look at (any flag other than the normal chain ends)."""
+        return [z for z, r in sorted(self.slices.items()) if any(not f.startswith("chain-end") for f in r.flags)]
+
+    @property
+    def segmented(self) -> tuple[int, int] | None:
+        zs = [z for z, r in self.slices.items() if r.area > 0]
+        return (min(zs), max(zs)) if zs else None

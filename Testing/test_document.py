@@ -1,0 +1,171 @@
+"""A propagation is a document: the prompts file (Slicer markups + the propagation record) gives back
+the mask voxel for voxel, and an edited slice re-propagates only the slices chained from it.
+
+Real CHAOS MR data; `fob segment` is run in-process (cli.main)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FoBSegmentLib import cli
+from FoBSegmentLib.io import volumes
+from FoBSegmentLib.propagation.document import RECORD_KEY
+
+CHAOS = "chaos_mr_t2spir"
+
+
+def fob(args: list, capsys) -> str:
+    rc = cli.main(["segment", *[str(a) for a in args]])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return err
+
+
+def read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture(scope="module")
+def liver(tmp_path_factory, data_dir: Path) -> dict:
+    """CHAOS MR 2, liver annotated on the middle slice of its range only."""
+    tmp = tmp_path_factory.mktemp("liver")
+    lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz")
+    ref = lab.array == 1
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    middle = int(zs[len(zs) // 2])
+    sup = np.zeros(ref.shape, np.uint8)
+    sup[middle][ref[middle]] = 1
+    support = volumes.write_label(tmp / "support.nii.gz", sup, lab.geometry)
+    return {"image": data_dir / CHAOS / "image_2.nii.gz", "support": support, "middle": middle, "dir": tmp}
+
+
+def round_trip(liver: dict, tmp: Path, capsys, extra: list) -> tuple[np.ndarray, np.ndarray, dict]:
+    a, b, p = tmp / "a.nii.gz", tmp / "b.nii.gz", tmp / "p.mrk.json"
+    fob([liver["image"], "-o", a, "--support-mask", liver["support"], "--prompts-out", p, "--quiet", *extra], capsys)
+    doc = json.loads(p.read_text())
+    fob([liver["image"], "-o", b, "--support-mask", liver["support"], "--prompts-in", p, "--quiet",
+         *[x for x in extra if x not in ("fob", "neighbour", "hybrid", "--prompts-from")]], capsys)
+    return read(a), read(b), doc
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # the defaults: hybrid prompts, graphcut
+    ["--segmenter", "grabcut", "--prompts-from", "fob"],
+    ["--segmenter", "grabcut", "--prompts-from", "neighbour"],
+    ["--segmenter", "random-walker", "--prompts-from", "fob"],
+    ["--segmenter", "graphcut", "--prompts-from", "neighbour", "--slices", "8:14"],
+], ids=["default", "grabcut-fob", "grabcut-neighbour", "random-walker-fob", "graphcut-range"])
+def test_unedited_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsys, extra: list) -> None:
+    a, b, doc = round_trip(liver, tmp_path, capsys, extra)
+    assert a.any()
+    assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ"
+    # The file is still a Slicer markups file: two point lists, the record beside them.
+    assert [m["name"] for m in doc["markups"]] == ["FoB background", "FoB foreground"]
+    rec = doc[RECORD_KEY]
+    assert rec["version"] == 1 and rec["annotated"] == [liver["middle"]]
+    sources = {e["source"] for e in rec["slices"]}
+    assert sources <= {"fob", "neighbour"}
+
+
+def test_cross_patient_prompts_file_reproduces_the_mask(tmp_path: Path, data_dir: Path, capsys) -> None:
+    lab = volumes.read_label(data_dir / CHAOS / "label_3.nii.gz")
+    ref = lab.array == 1
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    sup = np.zeros(ref.shape, np.uint8)
+    sup[zs[len(zs) // 2]][ref[zs[len(zs) // 2]]] = 1
+    support = volumes.write_label(tmp_path / "support3.nii.gz", sup, lab.geometry)
+    common = [data_dir / CHAOS / "image_2.nii.gz", "--support-image", data_dir / CHAOS / "image_3.nii.gz",
+              "--support-mask", support, "--prompts-from", "neighbour", "--quiet"]
+    p = tmp_path / "p.mrk.json"
+    fob([*common[:1], "-o", tmp_path / "a.nii.gz", *common[1:], "--prompts-out", p], capsys)
+    rec = json.loads(p.read_text())[RECORD_KEY]
+    assert any(e["prior"] == "stored" for e in rec["slices"])  # the moved support mask travels
+    fob([*common[:1], "-o", tmp_path / "b.nii.gz", *common[1:], "--prompts-in", p], capsys)
+    a, b = read(tmp_path / "a.nii.gz"), read(tmp_path / "b.nii.gz")
+    assert a.any() and np.array_equal(a, b)
+
+
+def _move_slice_points(doc: dict, z: int, shift_mm: float) -> int:
+    """Move every point of slice z by shift_mm along L (first LPS axis); returns how many moved.
+    The description stays: the position no longer matches it, so the point counts as edited."""
+    moved = 0
+    for m in doc["markups"]:
+        for p in m["controlPoints"]:
+            if f" slice={z} " in p["description"]:
+                p["position"][0] += shift_mm
+                moved += 1
+    return moved
+
+
+def test_editing_one_slice_redoes_only_the_slices_chained_from_it(liver: dict, tmp_path: Path, capsys) -> None:
+    a_path, p = tmp_path / "a.nii.gz", tmp_path / "p.mrk.json"
+    err = fob([liver["image"], "-o", a_path, "--support-mask", liver["support"], "--prompts-out", p], capsys)
+    doc = json.loads(p.read_text())
+    rec = doc[RECORD_KEY]
+    middle = liver["middle"]
+    chained_up = sorted(e["index"] for e in rec["slices"] if e["index"] > middle)
+    assert len(chained_up) >= 4, err
+    edited = chained_up[1]  # the second slice above the annotation: its parent is chained too
+    assert _move_slice_points(doc, edited, 30.0) > 0
+    p.write_text(json.dumps(doc))
+    b_path = tmp_path / "b.nii.gz"
+    err = fob([liver["image"], "-o", b_path, "--support-mask", liver["support"], "--prompts-in", p], capsys)
+    a, b = read(a_path), read(b_path)
+    differs = sorted(int(z) for z in np.flatnonzero((a != b).any(axis=(1, 2))))
+    assert edited in differs, "the edited slice must change"
+    # Only the edited slice and the slices chained from it (above it) may change; the annotation,
+    # the chain below it and the edited slice's ancestors stay voxel for voxel.
+    assert all(z >= edited for z in differs), differs
+    assert np.array_equal(a[: edited], b[: edited])
+    assert "1 edited slice(s)" in err
+
+
+def test_removing_a_slices_points_clears_it_and_its_descendants(liver: dict, tmp_path: Path, capsys) -> None:
+    a_path, p = tmp_path / "a.nii.gz", tmp_path / "p.mrk.json"
+    fob([liver["image"], "-o", a_path, "--support-mask", liver["support"], "--prompts-out", p, "--quiet"], capsys)
+    doc = json.loads(p.read_text())
+    middle = liver["middle"]
+    below = sorted((e["index"] for e in doc[RECORD_KEY]["slices"] if e["index"] < middle), reverse=True)
+    cut = below[2]
+    for m in doc["markups"]:
+        m["controlPoints"] = [q for q in m["controlPoints"] if f" slice={cut} " not in q["description"]]
+    p.write_text(json.dumps(doc))
+    fob([liver["image"], "-o", tmp_path / "b.nii.gz", "--support-mask", liver["support"], "--prompts-in", p,
+         "--quiet"], capsys)
+    a, b = read(a_path), read(tmp_path / "b.nii.gz")
+    assert not b[: cut + 1].any()  # the slice and everything chained below it
+    assert np.array_equal(a[cut + 1 :], b[cut + 1 :])
+
+
+def test_a_file_without_record_segments_each_slice_from_its_points(liver: dict, tmp_path: Path, capsys) -> None:
+    p = tmp_path / "p.mrk.json"
+    fob([liver["image"], "-o", tmp_path / "a.nii.gz", "--support-mask", liver["support"], "--prompts-out", p,
+         "--quiet"], capsys)
+    doc = json.loads(p.read_text())
+    del doc[RECORD_KEY]
+    p.write_text(json.dumps(doc))
+    err = fob([liver["image"], "-o", tmp_path / "b.nii.gz", "--support-mask", liver["support"], "--prompts-in", p],
+              capsys)
+    assert "no propagation record" in err
+    assert read(tmp_path / "b.nii.gz").any()
+
+
+def test_a_damaged_record_is_a_one_line_error(liver: dict, tmp_path: Path, capsys) -> None:
+    p = tmp_path / "p.mrk.json"
+    fob([liver["image"], "-o", tmp_path / "a.nii.gz", "--support-mask", liver["support"], "--prompts-out", p,
+         "--quiet"], capsys)
+    doc = json.loads(p.read_text())
+    doc[RECORD_KEY]["version"] = 99
+    p.write_text(json.dumps(doc))
+    out = tmp_path / "b.nii.gz"
+    rc = cli.main(["segment", str(liver["image"]), "-o", str(out), "--support-mask", str(liver["support"]),
+                   "--prompts-in", str(p)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert [line for line in err.splitlines() if line.startswith("fob: error:")] == [
+        "fob: error: p.mrk.json: propagation record: version 99 is not 1"]
