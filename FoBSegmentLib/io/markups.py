@@ -239,6 +239,9 @@ def read_prompt_markups(path: str | os.PathLike, geometry: Geometry, axis: int) 
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p.name}: not valid JSON ({exc})") from None
+    except RecursionError:
+        # json's decoder recurses once per nesting level; a markups file is a few levels deep.
+        raise ValueError(f"{p.name}: not a Slicer markups file (JSON nested too deeply to read)") from None
     try:
         return markups_dict_to_prompts(doc, geometry, axis)
     except ValueError as exc:
