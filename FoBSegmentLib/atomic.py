@@ -102,7 +102,11 @@ def atomic_output(path: str | os.PathLike, make_parents: bool = False) -> Iterat
     try:
         yield tmp
         # mkstemp makes the file 0600 (private while being written); the result is an ordinary output.
-        os.chmod(tmp, output_mode())
+        # Best effort: some mounts (CIFS, some FUSE) refuse chmod, and the data matters more than its mode.
+        try:
+            os.chmod(tmp, output_mode())
+        except OSError:
+            pass
         try:
             os.replace(tmp, target)
         except OSError as exc:
