@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `fob` with `argv` (default sys.argv[1:]); returns the exit code.
+
+    Ctrl-C anywhere in here, the start-up imports of the command modules (torch: seconds) included,
+    ends with `fob: cancelled` and exit code 130, never a traceback.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("fob: cancelled", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -48,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("fob: cancelled", file=sys.stderr)
-        return 130
     except (FoBError, ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as exc:
         if os.environ.get("FOB_DEBUG"):
             raise

@@ -154,7 +154,7 @@ def load_generator(model: str | None, required: bool, device: str = "cpu") -> tu
         if required or model:
             raise ValueError(f"the FoB model code is not available ({exc})") from None
         return None, "no FoB model code in this installation"
-    from FoBSegmentLib.segmenters.base import resolve_device
+    from FoBSegmentLib.device import resolve_device
 
     dev = resolve_device(device)
     try:

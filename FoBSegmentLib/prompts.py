@@ -54,7 +54,10 @@ class PromptSet:
             self.prior_mask = prior.astype(bool)
 
     def check_inside(self, height: int, width: int) -> None:
-        """Raise ValueError when any point lies outside an (H, W) image (pixel centres -0.5 .. W-0.5)."""
+        """Raise ValueError when any point lies outside an (H, W) image (pixel centres -0.5 .. W-0.5).
+
+        Coordinates are printed with 6 significant digits: a point from a hand-edited file can be
+        1e300, whose fixed-point form has hundreds of digits."""
         for name, pts in (("background", self.background), ("foreground", self.foreground)):
             if len(pts) == 0:
                 continue
@@ -63,7 +66,7 @@ class PromptSet:
             if np.any(bad):
                 i = int(np.argmax(bad))
                 raise ValueError(
-                    f"{name} prompt {i} at (x={x[i]:.1f}, y={y[i]:.1f}) lies outside the {width}x{height} image"
+                    f"{name} prompt {i} at (x={x[i]:.6g}, y={y[i]:.6g}) lies outside the {width}x{height} image"
                 )
 
     @property

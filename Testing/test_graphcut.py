@@ -13,8 +13,8 @@ import pytest
 from conftest import dice
 
 from FoBSegmentLib.evaluate import propagation as PR
-from FoBSegmentLib.propagation import PropagationConfig, config_for_modality, prompts_from_mask
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation import PropagationConfig, config_for_modality, prompts_from_mask
 from FoBSegmentLib.segmenters import get_segmenter
 from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 from FoBSegmentLib.segmenters.graphcut import AppearanceModel, GraphCutSegmenter

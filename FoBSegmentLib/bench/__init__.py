@@ -101,13 +101,9 @@ def resolve_devices(device: str) -> list[str]:
 
     if device == "auto":
         return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    if device == "cpu":
-        return ["cpu"]
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but CUDA is not available here (use cpu or auto)")
-        return ["cuda"]
-    raise ValueError(f"--device must be cpu, cuda or auto, got {device!r}")
+    from FoBSegmentLib.device import resolve_device
+
+    return [resolve_device(device)]
 
 
 def _run_worker(group: str, device: str, quick: bool, repeats: int | None, profile: bool,

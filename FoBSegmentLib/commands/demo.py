@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from FoBSegmentLib.commands.segment import TqdmProgress
-from FoBSegmentLib.paths import shared_data_dir
 from FoBSegmentLib.files import SegmentRequest, segment_files
+from FoBSegmentLib.paths import shared_data_dir
 from FoBSegmentLib.propagation import PROMPT_SOURCES
 
 ORGANS = {"liver": 1, "right-kidney": 2, "left-kidney": 3, "spleen": 4}
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-from", default="auto", choices=("auto", *PROMPT_SOURCES),
                    help="auto = hybrid with the default FoB model when shipped, else neighbour chaining")
     p.add_argument("--model", metavar="PATH", help="FoB generator weights (default: the shipped model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -56,9 +56,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from FoBSegmentLib.atomic import check_writable
+    from FoBSegmentLib.device import check_device
     from FoBSegmentLib.io import volumes
     from FoBSegmentLib.io.coords import axial_axis, put_slice, take_slice
 
+    device = check_device(args.device)
     data = shared_data_dir() / "chaos_mr_t2spir"
     image_path = data / f"image_{args.patient}.nii.gz"
     label_path = data / f"label_{args.patient}.nii.gz"
@@ -67,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
             f"demo data not found: {image_path} (the shared data folder ../shared/data, or FOB_DATA)"
         )
     out_dir = Path(args.output_dir)
+    for parent in (out_dir, *out_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"--output-dir {out_dir}: {parent} is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # All three outputs before the first one is written: a read-only one must not leave the others.
+    outputs = {name: out_dir / name for name in ("support_mask.nii.gz", "segmentation.nii.gz", "prompts.mrk.json")}
+    for path in outputs.values():
+        check_writable(path, "demo output")
 
     image = volumes.read_volume(image_path)
     reference = volumes.read_label(label_path, image)
@@ -81,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     middle = int(present[len(present) // 2])
     support = np.zeros(ref.shape, np.uint8)
     put_slice(support, axis, middle, take_slice(ref, axis, middle).astype(np.uint8))
-    support_path = volumes.write_label(out_dir / "support_mask.nii.gz", support, image.geometry)
+    support_path = volumes.write_label(outputs["support_mask.nii.gz"], support, image.geometry)
 
     if args.segmenter is None:
         from FoBSegmentLib.segmenters import BEST_WEIGHT_FREE
@@ -89,13 +99,13 @@ def run(args: argparse.Namespace) -> int:
         args.segmenter = BEST_WEIGHT_FREE
     req = SegmentRequest(
         image=image_path,
-        output=out_dir / "segmentation.nii.gz",
+        output=outputs["segmentation.nii.gz"],
         support_mask=support_path,
         segmenter=args.segmenter,
         model=args.model,
-        device=args.device,
+        device=device,
         prompts_from=args.prompts_from,
-        prompts_out=out_dir / "prompts.mrk.json",
+        prompts_out=outputs["prompts.mrk.json"],
         largest_component=True,
     )
     print(

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from FoBSegmentLib.io.intensity import parse_window
+from FoBSegmentLib.device import DEVICE_CHOICES, check_device
 from FoBSegmentLib.errors import SettingError
 from FoBSegmentLib.files import SegmentRequest, segment_files
+from FoBSegmentLib.io.intensity import parse_window
 from FoBSegmentLib.propagation import PROMPT_SOURCES, parse_slices
 
 
@@ -37,7 +38,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the prompts of each slice come from: fob (the model), neighbour (the adjacent "
                         "segmented slice, no learning), hybrid (FoB decides the organ's extent, neighbour "
                         "chaining the shape); auto = hybrid when a FoB model is available, else neighbour")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto)")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest 3D connected component")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no notes")
 
@@ -99,7 +100,10 @@ class TqdmProgress:
 
 
 def request_from_args(args: argparse.Namespace) -> SegmentRequest:
+    """The request of the parsed arguments; ValueError for a bad --window or --device, before any file
+    is read (a bad --device must fail even when no model will be loaded, e.g. neighbour prompts)."""
     window = parse_window(args.window) if getattr(args, "window", None) else None
+    device = check_device(args.device)
     return SegmentRequest(
         image=args.image,
         output=args.output,
@@ -113,7 +117,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
         model=args.model,
         modality=args.modality,
         window=window,
-        device=args.device,
+        device=device,
         prompts_out=args.prompts_out,
         prompts_in=args.prompts_in,
         prompts_from=args.prompts_from,

@@ -239,10 +239,12 @@ def check_inside_volume(ijk: np.ndarray, geometry: Geometry, what: str = "point"
     ok = inside_volume(pts, geometry)
     if not np.all(ok):
         n = int(np.argmin(ok))
-        i, j, k = pts[n]
+        # The index only tells points apart when there are several; %g keeps a hand-edited 1e300
+        # down to a few characters.
+        name = f"{what} {n}" if len(pts) > 1 else what
+        coords = ", ".join(f"{v:.6g}" for v in pts[n])
         raise ValueError(
-            f"{what} {n} at IJK ({i:.2f}, {j:.2f}, {k:.2f}) lies outside the volume of size "
-            f"{tuple(int(s) for s in geometry.size)}"
+            f"{name} at IJK ({coords}) lies outside the volume of size {tuple(int(s) for s in geometry.size)}"
         )
 
 

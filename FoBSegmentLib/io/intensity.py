@@ -26,17 +26,41 @@ class ModalityGuess:
     reason: str
 
 
+# Bounds of --window. Hounsfield units span about -1024 (air) to a few thousand (dense metal,
+# extended-range scanners up to ~30000); anything beyond these limits is a typo, and the float32
+# arithmetic of `ct_window` stays exact enough inside them (a width of 1e300 overflows to inf).
+WINDOW_LEVEL_LIMIT = 100_000.0
+WINDOW_WIDTH_RANGE = (0.001, 200_000.0)
+
+
 def parse_window(text: str) -> tuple[float, float]:
-    """'L,W' (e.g. '40,400' or '-600,1500') -> (level, width); ValueError for anything else."""
+    """'L,W' (e.g. '40,400' or '-600,1500') -> (level, width); ValueError naming --window otherwise.
+
+    level: finite, within +-100000 HU; width: finite, 0.001 .. 200000 HU.
+    """
     parts = [p.strip() for p in str(text).split(",")]
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        level, width = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ValueError(f"--window must be 'L,W' (level,width in HU), e.g. 40,400; got {text!r}") from None
-    if not (np.isfinite(level) and np.isfinite(width)) or width <= 0:
-        raise ValueError(f"--window width must be a positive number, got {text!r}")
+    if len(parts) != 2:
+        raise ValueError(f"--window must be 'L,W' (level,width in HU), e.g. 40,400; got {text!r}")
+    values = []
+    for name, part in zip(("level", "width"), parts):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"--window {name} {part!r} is not a number (expected L,W such as 40,400; got {text!r})") from None
+        if not np.isfinite(value):
+            raise ValueError(f"--window {name} {part!r} is not a finite number (got {text!r})")
+        values.append(value)
+    level, width = values
+    if abs(level) > WINDOW_LEVEL_LIMIT:
+        raise ValueError(
+            f"--window level {parts[0]!r} is out of range: use a level between {-WINDOW_LEVEL_LIMIT:g} and "
+            f"{WINDOW_LEVEL_LIMIT:g} HU (got {text!r})"
+        )
+    lo, hi = WINDOW_WIDTH_RANGE
+    if not lo <= width <= hi:
+        raise ValueError(
+            f"--window width {parts[1]!r} is out of range: use a width between {lo:g} and {hi:g} HU (got {text!r})"
+        )
     return level, width
 
 

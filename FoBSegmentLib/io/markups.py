@@ -291,6 +291,9 @@ def load_markups_document(path: str | os.PathLike) -> dict:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p.name}: not valid JSON ({exc})") from None
+    except RecursionError:
+        # json's decoder recurses once per nesting level; a markups file is a few levels deep.
+        raise ValueError(f"{p.name}: not a Slicer markups file (JSON nested too deeply to read)") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{p.name}: not a Slicer markups file: no 'markups' list at the top level")
     return doc

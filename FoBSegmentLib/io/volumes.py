@@ -12,12 +12,15 @@ along array axis 0. 2D RGB images keep their colour: `Volume.array` is then (H, 
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from FoBSegmentLib.atomic import atomic_output, check_writable
 from FoBSegmentLib.io.coords import Geometry
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -110,10 +113,11 @@ def _read_dicom_folder(path: Path) -> tuple[object, str | None, str]:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    series_ids = list(reader.GetGDCMSeriesIDs(str(path)) or [])
-    if not series_ids:
-        raise ValueError(f"{path} is a folder without a readable DICOM series")
-    files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(path), sid) for sid in series_ids}
+    with _itk_warnings_silenced():
+        series_ids = list(reader.GetGDCMSeriesIDs(str(path)) or [])
+        if not series_ids:
+            raise ValueError(f"{path} is a folder without a readable DICOM series")
+        files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(path), sid) for sid in series_ids}
     # The longest series is the volume a user means when a folder holds localisers or scouts too.
     sid = max(series_ids, key=lambda s: len(files_per_series[s]))
     files = files_per_series[sid]
@@ -133,10 +137,38 @@ def _read_dicom_folder(path: Path) -> tuple[object, str | None, str]:
     return image, modality, desc
 
 
+# Pieces of SimpleITK / ITK exception text that mean nothing to a user: the wrapper's function
+# name, C++ source locations (a build machine's paths), "sitk::ERROR:" tags and object addresses.
+_ITK_NOISE = (
+    re.compile(r"Exception thrown in SimpleITK \w+:\s*"),
+    re.compile(r"(?:In )?\S+\.(?:cxx|cpp|hxx|txx|h)(?::\d+|, line \d+)?:?\s*"),
+    re.compile(r"\b(?:sitk|itk)::(?:ERROR|WARNING|ExceptionObject)\b:?\s*"),
+    re.compile(r"\b\w+ \(0x[0-9a-fA-F]+\):?\s*"),
+)
+
+
 def _first_line(exc: BaseException) -> str:
+    """ITK's reason for a failure as one short line, without source paths or internal tags."""
     text = " ".join(str(exc).split())
-    # SimpleITK's messages start with a C++ source location; the useful part follows the last ':'.
-    return text[-300:]
+    for pattern in _ITK_NOISE:
+        text = pattern.sub("", text)
+    if text.startswith("Unable to determine ImageIO reader"):
+        return "no image reader recognises its contents"
+    return text[:300].strip() or type(exc).__name__
+
+
+@contextmanager
+def _itk_warnings_silenced() -> Iterator[None]:
+    """ITK prints multi-line WARNING blocks on stderr (e.g. for a folder without DICOM files); the
+    caller reports the outcome itself in one line, so they are turned off meanwhile."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
 
 
 def _sitk_to_volume(image, path: Path, as_label: bool, modality: str | None, desc: str) -> Volume:
@@ -169,33 +201,85 @@ def _sitk_to_volume(image, path: Path, as_label: bool, modality: str | None, des
     else:
         arr = arr.astype(np.float32)
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{path} contains NaN or infinite voxel values")
+            raise ValueError(f"{path} contains NaN or infinite voxel values; fob needs finite intensities")
     return Volume(arr, geo, path, modality, dim == 2, desc)
 
 
-def _check_complete(path: Path, image) -> None:
-    """ValueError for a truncated file: ITK's NIfTI reader zero-fills a cut-off .nii.gz silently."""
+# NIfTI datatype codes of the float types a NaN or infinity can hide in (NIFTI_TYPE_FLOAT32/64).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_CHUNK = 1 << 22
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, str | None] | None:
+    """(byte order, vox_offset, bitpix, float dtype or None) of a NIfTI-1 or NIfTI-2 header; None if
+    `header` is neither."""
+    for order in "<>":
+        if len(header) >= 348 and int(np.frombuffer(header[:4], f"{order}i4")[0]) == 348:
+            datatype, bitpix = (int(v) for v in np.frombuffer(header[70:74], f"{order}i2"))
+            vox_offset = int(np.frombuffer(header[108:112], f"{order}f4")[0])
+        elif len(header) >= 540 and int(np.frombuffer(header[:4], f"{order}i4")[0]) == 540:
+            datatype, bitpix = (int(v) for v in np.frombuffer(header[12:16], f"{order}i2"))
+            vox_offset = int(np.frombuffer(header[168:176], f"{order}i8")[0])
+        else:
+            continue
+        dtype = _NIFTI_FLOATS.get(datatype)
+        return order, vox_offset, bitpix, (order + dtype) if dtype else None
+    return None
+
+
+def _check_complete(path: Path, image) -> bool:
+    """ValueError for a truncated file; True when a float NIfTI holds NaN or infinite voxels.
+
+    ITK's NIfTI reader zero-fills a cut-off .nii.gz silently and reads NaN / inf voxels as 0, so
+    neither shows in the array SimpleITK returns: both are checked on the file's own bytes, in one
+    streaming pass (integer NIfTI files cost only their header, or the gzip check they had anyway).
+    """
     import gzip
     import zlib
 
     name = path.name.lower()
-    if name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as fh:
-                while fh.read(1 << 22):
+    gz = name.endswith(".gz")
+    if not gz and not name.endswith(".nii"):
+        return False
+    nvox = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(540)
+            layout = _nifti_layout(head) if name.endswith((".nii", ".nii.gz")) else None
+            if layout is None or layout[3] is None:
+                if gz:
+                    while fh.read(_CHUNK):
+                        pass
+                elif layout is not None and path.stat().st_size < layout[1] + nvox * layout[2] // 8:
+                    raise ValueError(f"cannot read {path}: the file is truncated ({path.stat().st_size} bytes)")
+                return False
+            _, vox_offset, _, dtype = layout
+            item = np.dtype(dtype).itemsize
+            pending = head[vox_offset:]
+            if vox_offset > len(head):
+                fh.read(vox_offset - len(head))
+            remaining = nvox * item
+            nonfinite = False
+            while remaining > 0:
+                if len(pending) < item:
+                    more = fh.read(min(_CHUNK, remaining))
+                    if not more:
+                        raise ValueError(f"cannot read {path}: the file is truncated (voxel data ends early)")
+                    pending += more
+                usable = min(len(pending) - len(pending) % item, remaining)
+                values = np.frombuffer(pending[:usable], dtype)
+                nonfinite = nonfinite or not bool(np.isfinite(values).all())
+                pending, remaining = pending[usable:], remaining - usable
+            if gz:
+                while fh.read(_CHUNK):  # the rest of the stream: a corrupt tail is still an error
                     pass
-        except (EOFError, OSError, zlib.error) as exc:
+            return nonfinite
+    except (EOFError, zlib.error) as exc:
+        raise ValueError(f"cannot read {path}: the compressed file is truncated or corrupt ({exc})") from None
+    except OSError as exc:
+        if gz:
             raise ValueError(f"cannot read {path}: the compressed file is truncated or corrupt ({exc})") from None
-    elif name.endswith(".nii"):
-        with open(path, "rb") as fh:
-            header = fh.read(348)
-        if len(header) == 348:
-            order = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
-            vox_offset = int(np.frombuffer(header[108:112], dtype=f"{order}f4")[0])
-            bitpix = int(np.frombuffer(header[72:74], dtype=f"{order}i2")[0])
-            nvox = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
-            if path.stat().st_size < vox_offset + nvox * bitpix // 8:
-                raise ValueError(f"cannot read {path}: the file is truncated ({path.stat().st_size} bytes)")
+        raise
 
 
 def _read(path: str | os.PathLike, as_label: bool) -> Volume:
@@ -208,6 +292,8 @@ def _read(path: str | os.PathLike, as_label: bool) -> Volume:
     if p.is_dir():
         image, modality, desc = _read_dicom_folder(p)
         return _sitk_to_volume(image, p, as_label, modality, desc)
+    if p.stat().st_size == 0:
+        raise ValueError(f"cannot read {p}: the file is empty (0 bytes)")
     suffix = _suffix(p)
     if suffix in IMAGE_2D_SUFFIXES and suffix in (".png", ".jpg", ".jpeg", ".bmp"):
         return _read_2d(p, as_label)
@@ -215,7 +301,9 @@ def _read(path: str | os.PathLike, as_label: bool) -> Volume:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
         raise ValueError(f"cannot read {p}: not a readable {what} ({_first_line(exc)})") from None
-    _check_complete(p, image)
+    if _check_complete(p, image):
+        what_kind = "a label map must hold integer labels" if as_label else "fob needs finite intensities"
+        raise ValueError(f"{p} contains NaN or infinite voxel values; {what_kind}")
     if suffix in (".tif", ".tiff") and image.GetDimension() == 2 and image.GetNumberOfComponentsPerPixel() == 3:
         arr = sitk.GetArrayFromImage(image)
         return Volume(arr.astype(np.float32), _geometry_2d(*arr.shape[:2]), p, "rgb", True, "2D RGB image")
@@ -270,9 +358,11 @@ def _fmt(values) -> str:
 
 
 def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike | None] | tuple = ()) -> Path:
-    """Validate an output label path before any work: known suffix, existing folder, not an input.
+    """Validate an output label path before any work: known suffix, existing writable folder, not an
+    input, not a read-only file.
 
-    Returns the path. Raises ValueError / FileNotFoundError with a one-line reason.
+    Returns the path. Raises ValueError / FileNotFoundError / NotADirectoryError / PermissionError
+    with a one-line reason naming `out`.
     """
     p = Path(out)
     if p.exists() and p.is_dir():
@@ -282,6 +372,8 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike | N
             f"output {p} has an unsupported extension; use one of {', '.join(LABEL_OUTPUT_SUFFIXES)}"
         )
     parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"output {p}: {parent} is not a folder")
     if not parent.is_dir():
         raise FileNotFoundError(f"output folder {parent} does not exist")
     target = p.resolve()
@@ -299,6 +391,9 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike | N
             raise ValueError(f"output {p} is also an input; refusing to overwrite an input")
         if q.is_dir() and q.resolve() in target.parents:
             raise ValueError(f"output {p} lies inside the input DICOM folder {q}; write it elsewhere")
+    # Last: a read-only folder must stop the job now, not after minutes of work (and the rename's
+    # error would name the temporary file).
+    check_writable(p, "output")
     return p
 
 
@@ -318,10 +413,7 @@ def write_label(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
         raise ValueError("label values must be >= 0")
     suffix = _suffix(p)
     dtype = np.uint8 if arr.max(initial=0) <= 255 else np.uint16
-    parent = p.parent if str(p.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".part{suffix}", dir=parent)
-    os.close(fd)
-    try:
+    with atomic_output(p) as tmp:
         if suffix == ".png":
             from PIL import Image
 
@@ -332,9 +424,4 @@ def write_label(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) 
             image = sitk.GetImageFromArray(arr.astype(dtype))
             geometry.apply_to_sitk(image)
             sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return p

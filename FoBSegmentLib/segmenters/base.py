@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from FoBSegmentLib.device import resolve_device as resolve_device  # re-exported: older imports keep working
 from FoBSegmentLib.prompts import PromptSet
 
 
@@ -152,26 +153,6 @@ def disk_mask(points: np.ndarray, radius: int, height: int, width: int) -> np.nd
     return mask.astype(bool)
 
 
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when available, else 'mps' when available, else 'cpu'; anything else is checked."""
-    import torch
-
-    if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return "mps"
-        return "cpu"
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    return str(device)
-
-
 def keep_seeded_components(mask: np.ndarray, seeds: np.ndarray | None, fill_holes: bool = True) -> np.ndarray:
     """Clean a (H, W) bool mask: keep the 4-connected components that touch a True pixel of `seeds`
     (the largest component when no seed falls inside the mask), then fill enclosed holes.
@@ -199,14 +180,20 @@ def keep_seeded_components(mask: np.ndarray, seeds: np.ndarray | None, fill_hole
     return keep
 
 
+def require_ring(background: np.ndarray, who: str) -> None:
+    """ValueError naming the segmenter `who` when fewer than 3 background prompts, which cannot
+    enclose the object, are given."""
+    if len(background) < 3:
+        raise ValueError(f"{who} needs at least 3 background prompts around the object, got {len(background)}")
+
+
 def ring_polygon(background: np.ndarray, height: int, width: int, who: str) -> tuple[np.ndarray, np.ndarray]:
     """The background ring as a simple polygon (N, 2) (x, y) and its filled (H, W) bool interior.
 
     ValueError (naming the segmenter `who`) for fewer than 3 points or a polygon enclosing less than
     one pixel of area (all points on a line or on top of each other).
     """
-    if len(background) < 3:
-        raise ValueError(f"{who} needs at least 3 background prompts around the object, got {len(background)}")
+    require_ring(background, who)
     ring = ordered_ring(background)
     x, y = ring[:, 0], ring[:, 1]
     area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))

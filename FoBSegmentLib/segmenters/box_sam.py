@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from FoBSegmentLib.device import resolve_device
 from FoBSegmentLib.prompts import PromptSet
-from FoBSegmentLib.segmenters.base import SegmentationResult, check_image, check_prompts, resolve_device
+from FoBSegmentLib.segmenters.base import SegmentationResult, check_image, check_prompts
 from FoBSegmentLib.segmenters.embedding_cache import EmbeddingCache, image_key
 from FoBSegmentLib.segmenters.sam import checkpoint_identity, load_sam
 

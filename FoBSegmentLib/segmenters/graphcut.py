@@ -32,7 +32,13 @@ import numpy as np
 from scipy import ndimage
 
 from FoBSegmentLib.prompts import PromptSet
-from FoBSegmentLib.segmenters.base import SegmentationResult, check_image, check_prompts, disk_mask
+from FoBSegmentLib.segmenters.base import (
+    SegmentationResult,
+    check_image,
+    check_prompts,
+    disk_mask,
+    require_ring,
+)
 from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 
 _HARD = 1e6  # a unary cost no labelling pays
@@ -186,6 +192,8 @@ class GraphCutSegmenter:
         check_prompts(prompts, height, width)
         prior = prompts.prior_mask
         if prior is None or not prior.any() or self.reference is None:
+            # Checked here, not left to the fallback: its error would name grabcut, which the user never chose.
+            require_ring(prompts.background, self.name)
             return self.fallback.segment(image, prompts)
         seeds_fg = disk_mask(prompts.foreground, self.seed_radius, height, width)
         seeds_bg = disk_mask(prompts.background, self.seed_radius, height, width)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from FoBSegmentLib.atomic import atomic_output, write_text_atomic
+from FoBSegmentLib.device import resolve_device as resolve_device_name
 from FoBSegmentLib.train.episodes import (
     Episode,
     MixedSampler,
@@ -108,16 +109,8 @@ def output_files(out: str | Path) -> dict[str, Path]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; otherwise torch's own parsing (ValueError if unusable)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"bad --device {name!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    return dev
+    """`--device` as a torch.device; the rules (and the ValueError) are FoBSegmentLib.device's."""
+    return torch.device(resolve_device_name(name))
 
 
 def build_sampler(cfg: TrainConfig, image_size: int, progress: bool = True) -> tuple[Callable, list[str]]:
