@@ -637,3 +637,111 @@ def test_live_propagation_slice_by_slice_one_undo(case: Case) -> None:
     assert logic.undo(seg)
     assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before)
     assert not history.IsRestorePreviousStateAvailable()
+
+
+def test_package_name_does_not_shadow_slicer() -> None:
+    """`import slicer` inside FoBSegmentLib.slicer.* is Slicer's module (absolute imports), not the package."""
+    import FoBSegmentLib.slicer as fob_slicer
+    from FoBSegmentLib.slicer import logic as fob_logic
+
+    assert fob_mrml.slicer is slicer and fob_logic.slicer is slicer and sys.modules["slicer"] is slicer
+    assert hasattr(fob_mrml.slicer, "vtkMRMLScene") and fob_slicer is not slicer
+    assert fob_slicer.FoBSegmentLogic is FoBSegmentLogic
+
+
+def test_widget_parameter_class_is_built_from_the_engine_definition(monkeypatch) -> None:
+    import typing
+    from dataclasses import fields
+
+    from FoBSegmentLib.slicer.parameters import NODE_REFERENCES
+
+    module = _load_module_with_stand_ins(monkeypatch)
+    cls = module.parameterNodeClass()
+    assert module.parameterNodeClass() is cls
+    hints = typing.get_type_hints(cls, include_extras=True)  # what Slicer's parameterNodeWrapper reads
+    assert set(hints) == {f.name for f in fields(FoBParameters)} | set(NODE_REFERENCES)
+    assert hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode
+    assert typing.get_args(hints["sliceStop"]) == (int, (-1, 99_999))
+    assert cls.numBackgroundPoints == 16 and cls.promptSource == "auto"
+
+
+def _synthetic_volume(scene, shape=(12, 14, 16)):
+    """An oblique, anisotropic [k, j, i] volume under a linear parent transform."""
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synthetic")
+    image = vtk.vtkImageData()
+    fob_mrml.image_from_array(np.arange(np.prod(shape), dtype=np.int16).reshape(shape), image)
+    vol.SetAndObserveImageData(image)
+    vol.SetSpacing(0.8, 1.1, 2.5)
+    vol.SetOrigin(10.0, -20.0, 5.0)
+    a, b = np.deg2rad(20.0), np.deg2rad(-35.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    directions = np.eye(4)
+    directions[:3, :3] = rz @ rx
+    vol.SetIJKToRASDirectionMatrix(fob_mrml.vtk_matrix(directions))
+    tnode, _ = _transform(scene, 30.0)
+    vol.SetAndObserveTransformNodeID(tnode.GetID())
+    return vol
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2], ids=["k", "j", "i"])
+def test_control_point_slice_along_the_lists_axis(mrml, axis: int) -> None:  # noqa: F811
+    """The slice a control point lies on, along the axis the prompts are sliced along (k, j or i), is what
+    the widget re-segments after an edit: a point dragged from slice A to slice B changes both."""
+    from FoBSegmentLib.io.coords import ijk_to_world_ras, slice_xy_to_ijk
+    from FoBSegmentLib.io.markups import parse_point_description
+    from FoBSegmentLib.slicer.point_lists import AXIS_ATTR
+
+    scene, _ = mrml
+    vol = _synthetic_volume(scene)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    sid = seg.GetSegmentation().AddEmptySegment("organ", "organ")
+    logic = FoBSegmentLogic(scene)
+    other_axis = (axis + 1) % 3
+    logic.set_parameters(FoBParameters(sliceAxis=other_axis))
+    n = fob_mrml.volume_geometry(vol)[0].array_shape[axis]
+    a, b = 3, n - 4
+    prompts = {
+        a: PromptSet(background=[[2.0, 3.0], [6.0, 7.0], [8.0, 2.0]], foreground=[[4.0, 4.0]]),
+        b: PromptSet(background=[[1.0, 1.0], [7.0, 2.0], [3.0, 8.0]], foreground=[[5.0, 5.0]]),
+    }
+    logic.show_prompts(vol, seg, sid, prompts, axis)
+    bg = logic.prompt_point_lists(vol, seg, sid, create=False)["background"]
+
+    # the list's own axis wins over the module's parameter; each point is on the slice it was placed on
+    assert logic.point_list_axis(bg) == axis
+    placed = [int(parse_point_description(bg.GetNthControlPointDescription(c))["slice"]) for c in range(6)]
+    assert [logic.control_point_slice(bg, c) for c in range(6)] == placed == [a, a, a, b, b, b]
+    with pytest.raises(IndexError):
+        logic.control_point_slice(bg, 6)
+
+    # drag the first point of slice a onto slice b (world RAS, through the volume's parent transform)
+    geom, p2w = fob_mrml.volume_geometry(vol)
+    before = logic.control_point_slices(bg)
+    bg.SetNthControlPointPositionWorld(0, *ijk_to_world_ras(slice_xy_to_ijk([[4.0, 2.0]], axis, b), geom, p2w)[0])
+    assert logic.control_point_slice(bg, 0) == b
+    after = logic.control_point_slices(bg)
+    assert logic.edited_slices(before, after) == [a, b]
+    assert sorted(logic.read_prompts(vol, seg, sid, axis)) == [a, b]
+    assert len(logic.read_prompts(vol, seg, sid, axis)[b].background) == 4
+    # moving a point within its slice changes that slice only; an untouched list changes nothing
+    bg.SetNthControlPointPositionWorld(4, *ijk_to_world_ras(slice_xy_to_ijk([[9.0, 9.0]], axis, b), geom, p2w)[0])
+    moved = logic.control_point_slices(bg)
+    assert logic.edited_slices(after, moved) == [b] and logic.edited_slices(moved, moved) == []
+    # a deleted point changes the slice it was on
+    bg.RemoveNthControlPoint(1)
+    assert logic.edited_slices(moved, logic.control_point_slices(bg)) == [a]
+    # a point dragged off the volume has no slice (its old slice still changed)
+    outside = slice_xy_to_ijk([[4.0, 2.0]], axis, n + 3)
+    last = logic.control_point_slices(bg)
+    bg.SetNthControlPointPositionWorld(0, *ijk_to_world_ras(outside, geom, p2w)[0])
+    assert logic.control_point_slice(bg, 0) is None
+    assert logic.edited_slices(last, logic.control_point_slices(bg)) == [b]
+
+    # a list without its own axis (placed by hand) follows the module's parameter
+    fg = logic.prompt_point_lists(vol, seg, sid, create=False)["foreground"]
+    fg.RemoveAttribute(AXIS_ATTR)
+    assert logic.point_list_axis(fg) == other_axis
+    expected = fob_mrml.slice_at_world_point(vol, fg.GetNthControlPointPositionWorld(0), other_axis)
+    assert logic.control_point_slice(fg, 0) == expected
