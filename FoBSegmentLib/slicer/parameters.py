@@ -57,20 +57,6 @@ class FoBParameters:
     numBackgroundPoints: int = _int(16, 3, 64, "background (ring) points per slice")
     numForegroundPoints: int = _int(4, 0, 16, "foreground points per slice")
 
-    def slice_range(self) -> tuple[int, int] | None:
-        """(start, stop) inclusive, None when either end is automatic (-1)."""
-        if self.sliceStart >= 0 and self.sliceStop >= 0:
-            return (self.sliceStart, self.sliceStop)
-        return None
-
-
-def value_range(name: str) -> tuple[int, int] | None:
-    """The inclusive range of an integer field, None for a field without one."""
-    for f in fields(FoBParameters):
-        if f.name == name:
-            return f.metadata.get("range")
-    raise KeyError(name)
-
 
 def _parse(f, text: str) -> int | str | None:
     """The field's value from its stored text, None when unparsable or out of range."""
