@@ -1,6 +1,6 @@
 """FoBSegment: annotate one slice, review editable FoB prompts, segment, propagate (3D Slicer scripted module).
 
-This file is deliberately thin. All work is done by `FoBSegmentLib.slicer_logic.FoBSegmentLogic`, which runs
+This file is deliberately thin. All work is done by `FoBSegmentLib.slicer.logic.FoBSegmentLogic`, which runs
 without Qt (and is tested headless with slicer-core); here are only the module description, the widget, a
 small Logic wrapper with dependency/weight handling, and the in-Slicer test.
 
@@ -9,21 +9,18 @@ vtk, numpy): FoBSegmentLib and torch are imported inside functions, so the modul
 before its Python dependencies are installed.
 """
 
-# No `from __future__ import annotations`: parameterNodeWrapper reads the class annotations as objects.
 import logging
 import os
 import queue
 import sys
 import threading
 import time
-from typing import Annotated
 
 import ctk  # noqa: F401  (the .ui file's ctk widgets need the module loaded)
 import numpy as np
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -94,28 +91,25 @@ class FoBSegment(ScriptedLoadableModule):
 
 
 #
-# Parameter node (field names equal FoBSegmentLib.slicer_logic.FoBParameters and NODE_REFERENCES)
+# Parameter node: its fields are FoBSegmentLib.slicer.parameters.FoBParameters plus NODE_REFERENCES
 #
 
+_parameterNodeClass = None
 
-@parameterNodeWrapper
-class FoBSegmentParameterNode:
-    inputVolume: vtkMRMLScalarVolumeNode
-    segmentation: vtkMRMLSegmentationNode
-    supportVolume: vtkMRMLScalarVolumeNode
-    supportSegmentation: vtkMRMLSegmentationNode
-    segmentID: str = ""
-    supportSegmentID: str = ""
-    sliceAxis: Annotated[int, WithinRange(-1, 2)] = -1
-    sliceStart: int = -1
-    sliceStop: int = -1
-    model: str = ""
-    checkpoint: str = ""
-    promptSource: str = "auto"
-    segmenter: str = "auto"
-    device: str = "auto"
-    numBackgroundPoints: Annotated[int, WithinRange(3, 64)] = 16
-    numForegroundPoints: Annotated[int, WithinRange(0, 16)] = 4
+
+def parameterNodeClass():
+    """The parameterNodeWrapper class of the module, built once from the engine's parameter definition
+    (names, types, defaults, ranges), so the widget and the Logic cannot drift apart. Built on first use:
+    the engine is imported lazily (its parameters module needs only the standard library and numpy)."""
+    global _parameterNodeClass
+    if _parameterNodeClass is None:
+        _ensure_engine_on_path()
+        from FoBSegmentLib.slicer.parameters import wrapper_class_body
+
+        body = wrapper_class_body(WithinRange, lambda className: getattr(slicer, className))
+        body["__module__"] = __name__
+        _parameterNodeClass = parameterNodeWrapper(type("FoBSegmentParameterNode", (), body))
+    return _parameterNodeClass
 
 
 #
@@ -138,7 +132,8 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._kind = None
         self._pollTimer = None
         self._resegmentTimer = None
-        self._resegmentSlice = None
+        self._resegmentSlices = {}  # axis -> slices whose prompts were edited, re-segmented after the debounce
+        self._pointSnapshots = {}  # point list ID -> engine.control_point_slices(...) before the next edit
         self._syncing = False
         self._programmaticEdit = False  # True while the module itself adds/removes points
         self._download = None
@@ -187,7 +182,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._resegmentTimer = qt.QTimer()
         self._resegmentTimer.setSingleShot(True)
         self._resegmentTimer.setInterval(250)
-        self._resegmentTimer.connect("timeout()", self._resegmentEditedSlice)
+        self._resegmentTimer.connect("timeout()", self._resegmentEditedSlices)
 
         self.initializeParameterNode()
 
@@ -343,7 +338,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onInstallDependencies()
         return not missing_packages()
 
-    # --- markups observation (debounced re-segmentation of the edited slice) -------------------------------
+    # --- markups observation (debounced re-segmentation of the edited slices) ------------------------------
 
     def _unobserveLists(self) -> None:
         for node in self._observedLists:
@@ -351,6 +346,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPointEdited)
             self.removeObserver(node, slicer.vtkMRMLMarkupsNode.PointRemovedEvent, self._onPointEdited)
         self._observedLists = []
+        self._pointSnapshots = {}
 
     def _observeLists(self) -> None:
         self._unobserveLists()
@@ -367,26 +363,53 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ):
                 self.addObserver(node, event, self._onPointEdited)
             self._observedLists.append(node)
+            try:
+                self._pointSnapshots[node.GetID()] = self.logic.engine.control_point_slices(node)
+            except ValueError:  # e.g. a non-linear transform: every edit then reports it when segmenting
+                self._pointSnapshots[node.GetID()] = {}
 
     def _onPointEdited(self, caller, event) -> None:
-        if self._programmaticEdit or not self.ui.autoSegmentCheckBox.checked or self._worker is not None:
-            return
+        """A point was dragged, placed or deleted: re-segment (debounced) the slice(s) it left and reached,
+        along the axis the list's prompts are sliced along, whichever view the person edited it in."""
+        if self._programmaticEdit:
+            return  # the module's own edits; _observeLists takes a fresh snapshot afterwards
+        engine = self.logic.engine
         try:
-            self._resegmentSlice = self._currentSlice()
+            after = engine.control_point_slices(caller)
+            axis = engine.point_list_axis(caller)
         except ValueError:
+            return  # e.g. the list's volume was removed
+        before = self._pointSnapshots.get(caller.GetID(), {})
+        self._pointSnapshots[caller.GetID()] = after
+        if not self.ui.autoSegmentCheckBox.checked or self._worker is not None:
             return
+        slices = engine.edited_slices(before, after)
+        if not slices:
+            return
+        self._resegmentSlices.setdefault(axis, set()).update(slices)
         self._resegmentTimer.start()
 
-    def _resegmentEditedSlice(self) -> None:
-        if self._resegmentSlice is None:
+    def _resegmentEditedSlices(self) -> None:
+        pending, self._resegmentSlices = self._resegmentSlices, {}
+        if not pending:
             return
-        with slicer.util.tryWithErrorDisplay("FoBSegment: re-segmenting the edited slice failed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("FoBSegment: re-segmenting the edited slices failed.", waitCursor=True):
             volume, seg, sid = self._inputs()
             p = self._parameterNode
-            self.logic.engine.segment_slices(
-                volume, seg, sid, [self._resegmentSlice], p.segmenter, p.device, p.sliceAxis, p.checkpoint or None
+            engine = self.logic.engine
+            done, emptied = [], []
+            for axis, slices in sorted(pending.items()):
+                # A slice whose last point was dragged away has no prompts left; its mask is kept as it was.
+                prompted = engine.read_prompts(volume, seg, sid, axis, sorted(slices))
+                todo = sorted(z for z in slices if z in prompted)
+                if todo:
+                    engine.segment_slices(volume, seg, sid, todo, p.segmenter, p.device, axis, p.checkpoint or None)
+                done += todo
+                emptied += sorted(set(slices) - set(todo))
+            self._status(
+                f"Slice(s) {', '.join(map(str, done)) or 'none'} re-segmented."
+                + (f" No prompts left on slice(s) {', '.join(map(str, emptied))}: kept as they were." if emptied else "")
             )
-            self._status(f"Slice {self._resegmentSlice} re-segmented.")
 
     # --- actions -----------------------------------------------------------------------------------------
 
@@ -658,7 +681,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 #
-# Logic (thin: the work is in FoBSegmentLib.slicer_logic)
+# Logic (thin: the work is in FoBSegmentLib.slicer.logic)
 #
 
 
@@ -668,14 +691,14 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         self._engine = None
 
     def getParameterNode(self):
-        return FoBSegmentParameterNode(super().getParameterNode())
+        return parameterNodeClass()(super().getParameterNode())
 
     @property
     def engine(self):
         """FoBSegmentLib's Logic for the current scene (imported on first use, never at module load)."""
         if self._engine is None or self._engine.scene is not slicer.mrmlScene:
             _ensure_engine_on_path()
-            from FoBSegmentLib.slicer_logic import FoBSegmentLogic as EngineLogic
+            from FoBSegmentLib.slicer.logic import FoBSegmentLogic as EngineLogic
 
             self._engine = EngineLogic(slicer.mrmlScene)
         return self._engine
@@ -840,9 +863,10 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
 
     def test_FoBSegment_predict_edit_segment_propagate(self) -> None:
         _ensure_engine_on_path()
-        from FoBSegmentLib import slicer_logic
         from FoBSegmentLib.io.coords import put_slice, take_slice
         from FoBSegmentLib.paths import shared_data_dir
+        from FoBSegmentLib.slicer import mrml
+        from FoBSegmentLib.slicer.logic import FoBSegmentLogic as EngineLogic
 
         data = shared_data_dir() / "chaos_mr_t2spir"
         image_path, label_path = data / "image_2.nii.gz", data / "label_2.nii.gz"
@@ -850,10 +874,10 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
             self.fail(f"test data not found at {data}; set FOB_DATA to the shared data folder")
         volume = self._load(str(image_path), labelmap=False)
         label_node = self._load(str(label_path), labelmap=True)
-        reference = slicer_logic.volume_array(label_node) == 1  # liver
+        reference = mrml.volume_array(label_node) == 1  # liver
         slicer.mrmlScene.RemoveNode(label_node)
 
-        engine = slicer_logic.FoBSegmentLogic(slicer.mrmlScene)
+        engine = EngineLogic(slicer.mrmlScene)
         axis = engine.slice_axis(volume)
         zs = [z for z in range(reference.shape[axis]) if take_slice(reference, axis, z).any()]
         z0 = zs[len(zs) // 2]
@@ -880,18 +904,18 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
         bg.GetNthControlPointPositionWorld(c, p)
         bg.SetNthControlPointPositionWorld(c, p[0] + 3.0, p[1], p[2])
         engine.set_reviewed(volume, seg, liver, [z0 - 1, z0 + 1])
-        before = slicer_logic.segment_mask(seg, liver, volume)
+        before = mrml.segment_mask(seg, liver, volume)
         masks = engine.segment_slices(volume, seg, liver, segmenter="grabcut")
         for z, m in masks.items():
             self.assertGreaterEqual(self._dice(m, take_slice(reference, axis, z)), self.SLICE_DICE_FLOOR)
-        self.assertTrue(np.array_equal(slicer_logic.segment_mask(seg, other, volume), other_mask))
+        self.assertTrue(np.array_equal(mrml.segment_mask(seg, other, volume), other_mask))
         self.assertTrue(engine.undo(seg))
-        self.assertTrue(np.array_equal(slicer_logic.segment_mask(seg, liver, volume), before))
+        self.assertTrue(np.array_equal(mrml.segment_mask(seg, liver, volume), before))
 
         result = engine.propagate(volume, seg, liver, prompts_from="neighbour", segmenter="grabcut")
-        got = slicer_logic.segment_mask(seg, liver, volume)
+        got = mrml.segment_mask(seg, liver, volume)
         d = self._dice(got, reference)
         logging.info(f"FoBSegmentTest: propagation Dice {d:.3f} in {result.seconds:.1f} s")
         self.assertGreaterEqual(d, self.VOLUME_DICE_FLOOR)
-        self.assertTrue(np.array_equal(slicer_logic.segment_mask(seg, other, volume), other_mask))
+        self.assertTrue(np.array_equal(mrml.segment_mask(seg, other, volume), other_mask))
         self.delayDisplay("FoBSegment test passed")

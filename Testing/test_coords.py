@@ -182,7 +182,7 @@ def test_matches_slicer_reader_and_parent_transform(data_dir: Path, name: str) -
     vtk = pytest.importorskip("vtk")
     from slicer_fixtures import make_scene
 
-    from FoBSegmentLib import slicer_logic
+    from FoBSegmentLib.slicer import mrml
 
     path = data_dir / FILES[name]
     img = _read_dicom(data_dir) if name == "dicom" else sitk.ReadImage(str(path))
@@ -191,9 +191,9 @@ def test_matches_slicer_reader_and_parent_transform(data_dir: Path, name: str) -
     scene, logics, cleanup = make_scene(slicer)
     try:
         vol = logics["volumes"].AddArchetypeVolume(str(path), name)
-        g_slicer, p2w = slicer_logic.volume_geometry(vol)
+        g_slicer, p2w = mrml.volume_geometry(vol)
         assert g_slicer.size == g_itk.size
-        a_slicer = slicer_logic.volume_array(vol)
+        a_slicer = mrml.volume_array(vol)
         assert p2w is None
         rng = np.random.default_rng(5)
         ijk = np.stack([rng.integers(0, s, 200) for s in g_itk.size], axis=1).astype(float)
@@ -210,7 +210,7 @@ def test_matches_slicer_reader_and_parent_transform(data_dir: Path, name: str) -
         parent = _parent_transform(seed=3)
         tnode.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(parent))
         vol.SetAndObserveTransformNodeID(tnode.GetID())
-        got_geom, got_parent = slicer_logic.volume_geometry(vol)
+        got_geom, got_parent = mrml.volume_geometry(vol)
         assert got_geom.same_grid(g_slicer, tol=1e-9)
         np.testing.assert_allclose(got_parent, parent, atol=1e-9)
         m = vtk.vtkMatrix4x4()

@@ -36,10 +36,13 @@ def _top_name(node: ast.AST) -> list[str]:
 
 
 def test_module_imports_only_what_slicer_provides(tree: ast.Module) -> None:
-    # module level includes statements nested in top-level if/try blocks (they run at import too)
+    # module level includes statements nested in top-level if/try blocks (they run at import too), not
+    # function bodies
     def module_level(body):
         for node in body:
             yield node
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
             for attr in ("body", "orelse", "finalbody", "handlers"):
                 for child in getattr(node, attr, []) or []:
                     if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -78,8 +81,6 @@ def test_module_has_the_slicer_classes(tree: ast.Module) -> None:
     assert "ScriptedLoadableModuleWidget" in classes["FoBSegmentWidget"]
     assert "ScriptedLoadableModuleLogic" in classes["FoBSegmentLogic"]
     assert "ScriptedLoadableModuleTest" in classes["FoBSegmentTest"]
-    wrapper = next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "FoBSegmentParameterNode")
-    assert any(ast.unparse(d) == "parameterNodeWrapper" for d in wrapper.decorator_list)
 
 
 def _ui_widgets() -> dict[str, ET.Element]:
@@ -110,27 +111,80 @@ def test_ui_is_valid_and_has_every_widget_the_module_uses(tree: ast.Module) -> N
     assert top.get("class") == "qMRMLWidget" and top.get("name") == "FoBSegment"
 
 
-def _wrapper_fields(tree: ast.Module) -> set[str]:
-    wrapper = next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "FoBSegmentParameterNode")
-    return {s.target.id for s in wrapper.body if isinstance(s, ast.AnnAssign)}
+def test_one_parameter_definition_for_the_wrapper_and_the_logic(tree: ast.Module) -> None:
+    """The widget's parameterNodeWrapper is built from FoBSegmentLib.slicer.parameters (no second list of
+    fields in FoBSegment.py), and every widget bound in the .ui names one of its parameters."""
+    from dataclasses import MISSING, fields
+    from typing import Annotated, get_args, get_origin
 
+    from FoBSegmentLib.slicer.parameters import (
+        MAX_SLICE_INDEX,
+        NODE_REFERENCES,
+        FoBParameters,
+        wrapper_class_body,
+    )
 
-def test_parameter_names_agree_between_ui_wrapper_and_logic(tree: ast.Module) -> None:
-    fields = _wrapper_fields(tree)
+    for cls in (c for c in ast.walk(tree) if isinstance(c, ast.ClassDef)):
+        assert not any("parameterNodeWrapper" in ast.unparse(d) for d in cls.decorator_list), (
+            f"{cls.name}: the wrapper's fields come from FoBSegmentLib.slicer.parameters, not a class body"
+        )
+    builder = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "parameterNodeClass")
+    assert {"wrapper_class_body", "parameterNodeWrapper", "WithinRange"} <= {
+        n.id if isinstance(n, ast.Name) else getattr(n, "name", "") for n in ast.walk(builder)
+    } | {a.name for n in ast.walk(builder) if isinstance(n, ast.ImportFrom) for a in n.names}
+
+    body = wrapper_class_body(lambda lo, hi: ("range", lo, hi), lambda name: name)
+    annotations = body["__annotations__"]
+    names = {f.name for f in fields(FoBParameters)} | set(NODE_REFERENCES)
+    assert set(annotations) == names
+    for f in fields(FoBParameters):
+        assert f.default is not MISSING and body[f.name] == f.default
+        if f.type in ("int", int):
+            # plain int would let the wrapper reset the spin boxes to +-2**31
+            assert get_origin(annotations[f.name]) is Annotated, f.name
+            kind, (_, lo, hi) = get_args(annotations[f.name])
+            assert kind is int and lo <= f.default <= hi
+    assert get_args(annotations["sliceStart"])[1][1:] == (-1, MAX_SLICE_INDEX) and MAX_SLICE_INDEX >= 9999
+    assert annotations["inputVolume"] == "vtkMRMLScalarVolumeNode" and "inputVolume" not in body
+
     bound = set()
     for w in _ui_widgets().values():
         for prop in w.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound.add(prop.find("string").text)
-    assert bound and bound <= fields, f"SlicerParameterName not in the wrapper: {bound - fields}"
-    logic = ast.parse((ROOT / "FoBSegmentLib" / "slicer_logic.py").read_text(encoding="utf-8"))
-    params = next(c for c in logic.body if isinstance(c, ast.ClassDef) and c.name == "FoBParameters")
-    names = {s.target.id for s in params.body if isinstance(s, ast.AnnAssign)}
-    refs = next(
-        n.value for n in logic.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "NODE_REFERENCES"
-    )
-    names |= {e.value for e in refs.elts}
-    assert fields == names, f"wrapper vs FoBParameters/NODE_REFERENCES differ: {fields ^ names}"
+    assert bound and bound <= names, f"SlicerParameterName not in the parameters: {bound - names}"
+
+
+class _FakeParameterNode:
+    """The part of vtkMRMLScriptedModuleNode the parameter functions use."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def GetParameter(self, name: str) -> str:
+        return self.values.get(name, "")
+
+    def SetParameter(self, name: str, value: str) -> None:
+        self.values[name] = value
+
+    def StartModify(self) -> int:
+        return 0
+
+    def EndModify(self, was: int) -> None:
+        pass
+
+
+def test_parameters_round_trip_and_keep_defaults_for_bad_values() -> None:
+    from FoBSegmentLib.slicer.parameters import FoBParameters, read_parameters, write_parameters
+
+    node = _FakeParameterNode()
+    params = FoBParameters(segmentID="liver", sliceAxis=1, sliceStart=3, sliceStop=40, segmenter="grabcut")
+    write_parameters(node, params)
+    assert node.values["sliceStart"] == "3" and node.values["segmentID"] == "liver"
+    assert read_parameters(node) == params
+    node.values.update(sliceAxis="7", numBackgroundPoints="many", sliceStop="-5")
+    back = read_parameters(node)
+    assert (back.sliceAxis, back.numBackgroundPoints, back.sliceStop) == (-1, 16, -1)
 
 
 def _cmake_extension_vars() -> dict[str, str]:
@@ -174,6 +228,80 @@ def test_module_cmake_lists_existing_files_and_installs_the_engine() -> None:
         path = ROOT / "FoBSegment" / item.replace("${MODULE_NAME}", "FoBSegment")
         assert path.is_file(), f"listed resource {item} missing"
     assert (ROOT / "FoBSegment" / "FoBSegment.py").is_file()
+
+
+def _dev_only() -> list[str]:
+    """FOBSEGMENTLIB_DEV_ONLY of FoBSegment/CMakeLists.txt: path prefixes left out of the extension."""
+    text = (ROOT / "FoBSegment" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"list\(FILTER FOBSEGMENTLIB_SCRIPTS EXCLUDE REGEX", text), "the exclusion must be applied"
+    return re.search(r"set\(FOBSEGMENTLIB_DEV_ONLY(.*?)\)", text, re.S).group(1).split()
+
+
+def _installed_engine_files() -> list[str]:
+    """What the CMake glob and filter install: FoBSegmentLib/**/*.py minus the development-only prefixes."""
+    files = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "FoBSegmentLib").rglob("*.py"))
+    return [f for f in files if not any(f.startswith(prefix) for prefix in _dev_only())]
+
+
+def _module_file(name: str) -> Path | None:
+    rel = Path(*name.split("."))
+    for candidate in (ROOT / rel.with_suffix(".py"), ROOT / rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _engine_imports(path: Path) -> set[str]:
+    """FoBSegmentLib modules a file imports anywhere (module level or inside functions), with the packages
+    above them (importing a module runs its packages' __init__)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = list(rel.parts if path.name == "__init__.py" else rel.parts[:-1])
+    if path.name == "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "FoBSegmentLib":
+                continue
+            found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1) if _module_file(".".join(parts[:i]))}
+    return found
+
+
+def test_extension_installs_the_runtime_only_and_it_never_imports_the_rest() -> None:
+    dev_only = _dev_only()
+    for needed in ("FoBSegmentLib/train/", "FoBSegmentLib/bench/", "FoBSegmentLib/evaluate/"):
+        assert needed in dev_only, f"{needed} must not be installed into the extension"
+    installed = _installed_engine_files()
+    assert "FoBSegmentLib/slicer/logic.py" in installed and "FoBSegmentLib/slicer/parameters.py" in installed
+    assert not any(f.startswith(("FoBSegmentLib/train/", "FoBSegmentLib/evaluate/")) for f in installed)
+
+    def as_file(module: str) -> str:
+        return _module_file(module).relative_to(ROOT).as_posix()
+
+    # each installed module, and the widget, imports (transitively) only installed modules
+    starts = {f: _engine_imports(ROOT / f) for f in installed}
+    starts[MODULE.relative_to(ROOT).as_posix()] = _engine_imports(MODULE)
+    assert "FoBSegmentLib.slicer.logic" in starts["FoBSegment/FoBSegment.py"]
+    for start, direct in starts.items():
+        seen, todo = set(), list(direct)
+        while todo:
+            module = todo.pop()
+            if module in seen:
+                continue
+            seen.add(module)
+            todo.extend(_engine_imports(_module_file(module)))
+        outside = sorted(as_file(m) for m in seen if as_file(m) not in installed)
+        assert not outside, f"{start} reaches development-only modules the extension does not install: {outside}"
 
 
 def test_icons_and_screenshot() -> None:

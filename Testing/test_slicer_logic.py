@@ -18,10 +18,12 @@ vtk = pytest.importorskip("vtk")
 
 from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
 
-from FoBSegmentLib import slicer_logic  # noqa: E402
 from FoBSegmentLib.io.coords import Geometry, take_slice  # noqa: E402
 from FoBSegmentLib.labelmap import dice, nonempty_slices  # noqa: E402
 from FoBSegmentLib.prompts import PromptSet  # noqa: E402
+from FoBSegmentLib.slicer import mrml as fob_mrml  # noqa: E402
+from FoBSegmentLib.slicer.logic import FoBSegmentLogic  # noqa: E402
+from FoBSegmentLib.slicer.parameters import FoBParameters  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -40,7 +42,7 @@ def _transform(scene, angle_deg: float = 15.0):
     m[:3, :3] = [[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]
     m[:3, 3] = [20.0, -5.0, 12.0]
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
-    node.SetMatrixTransformToParent(slicer_logic._vtk_matrix(m))
+    node.SetMatrixTransformToParent(fob_mrml.vtk_matrix(m))
     return node, m
 
 
@@ -55,14 +57,14 @@ class Case:
         label_node = logics["volumes"].AddArchetypeVolume(
             str(data_dir / "chaos_mr_t2spir" / "label_2.nii.gz"), "reference", 1
         )
-        assert slicer_logic.volume_geometry(label_node)[0].same_grid(slicer_logic.volume_geometry(self.volume)[0])
-        self.reference = slicer_logic.volume_array(label_node)
+        assert fob_mrml.volume_geometry(label_node)[0].same_grid(fob_mrml.volume_geometry(self.volume)[0])
+        self.reference = fob_mrml.volume_array(label_node)
         scene.RemoveNode(label_node)
         self.parent = None
         if transformed:
             tnode, self.parent = _transform(scene)
             self.volume.SetAndObserveTransformNodeID(tnode.GetID())
-        self.logic = slicer_logic.FoBSegmentLogic(scene)
+        self.logic = FoBSegmentLogic(scene)
         self.axis = self.logic.slice_axis(self.volume)
         liver = self.reference == LIVER
         zs = nonempty_slices(liver, self.axis)
@@ -77,10 +79,10 @@ class Case:
         self.spleen_id = self.seg.GetSegmentation().AddEmptySegment("spleen", "spleen")
         support = np.zeros_like(liver)
         support[self.support_slice] = liver[self.support_slice]
-        slicer_logic.set_segment_mask(self.seg, self.liver_id, self.volume, support)
+        fob_mrml.set_segment_mask(self.seg, self.liver_id, self.volume, support)
         self.support = support
-        slicer_logic.set_segment_mask(self.seg, self.spleen_id, self.volume, self.reference == SPLEEN)
-        self.spleen_before = slicer_logic.segment_mask(self.seg, self.spleen_id, self.volume)
+        fob_mrml.set_segment_mask(self.seg, self.spleen_id, self.volume, self.reference == SPLEEN)
+        self.spleen_before = fob_mrml.segment_mask(self.seg, self.spleen_id, self.volume)
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "parent-transform"])
@@ -93,11 +95,11 @@ def test_volume_node_matches_simpleitk(mrml, data_dir: Path) -> None:  # noqa: F
     scene, logics = mrml
     path = data_dir / "dicom_series" / "chaos_mr_t2spir_2_label.nii.gz"
     vol = logics["volumes"].AddArchetypeVolume(str(path), "dicom_grid")
-    geom, p2w = slicer_logic.volume_geometry(vol)
+    geom, p2w = fob_mrml.volume_geometry(vol)
     ref = sitk.ReadImage(str(path))
     assert p2w is None
     assert geom.same_grid(Geometry.from_sitk(ref), tol=1e-4)
-    assert np.array_equal(slicer_logic.volume_array(vol), sitk.GetArrayFromImage(ref))
+    assert np.array_equal(fob_mrml.volume_array(vol), sitk.GetArrayFromImage(ref))
 
 
 def test_slicer_reorders_left_handed_nifti_same_physical_points(mrml, data_dir: Path) -> None:  # noqa: F811
@@ -106,9 +108,9 @@ def test_slicer_reorders_left_handed_nifti_same_physical_points(mrml, data_dir: 
     path = data_dir / "chaos_mr_t2spir" / "image_2.nii.gz"
     vol = logics["volumes"].AddArchetypeVolume(str(path), "chaos2")
     img = sitk.ReadImage(str(path))
-    g_slicer, _ = slicer_logic.volume_geometry(vol)
+    g_slicer, _ = fob_mrml.volume_geometry(vol)
     g_sitk = Geometry.from_sitk(img)
-    a_slicer, a_sitk = slicer_logic.volume_array(vol), sitk.GetArrayFromImage(img)
+    a_slicer, a_sitk = fob_mrml.volume_array(vol), sitk.GetArrayFromImage(img)
     assert np.linalg.det(g_sitk.direction_matrix) < 0 < np.linalg.det(g_slicer.direction_matrix)
     n = g_sitk.size[2]
     assert np.array_equal(a_slicer, a_sitk[::-1])
@@ -127,37 +129,37 @@ def test_segment_mask_follows_transforms_independently(mrml, data_dir: Path) -> 
     vol.SetAndObserveTransformNodeID(tnode.GetID())
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")  # not under the transform
     sid = seg.GetSegmentation().AddEmptySegment("x", "x")
-    geom, _ = slicer_logic.volume_geometry(vol)
+    geom, _ = fob_mrml.volume_geometry(vol)
     truth = np.zeros(geom.array_shape, bool)
     truth[4, 100:140, 90:150] = True
     truth[9, 60:70, 60:200] = True
     img = slicer.vtkOrientedImageData()
-    slicer_logic._image_from_array(truth.astype(np.uint8), img)
-    img.SetImageToWorldMatrix(slicer_logic._vtk_matrix(parent @ geom.ijk_to_ras_matrix()))
+    fob_mrml.image_from_array(truth.astype(np.uint8), img)
+    img.SetImageToWorldMatrix(fob_mrml.vtk_matrix(parent @ geom.ijk_to_ras_matrix()))
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     assert logic.SetBinaryLabelmapToSegment(img, seg, sid, logic.MODE_REPLACE, img.GetExtent())
-    assert np.array_equal(slicer_logic.segment_mask(seg, sid, vol), truth)
+    assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), truth)
     # and the Logic's writer is the inverse of its reader
-    slicer_logic.set_segment_mask(seg, sid, vol, np.roll(truth, 3, axis=2))
-    assert np.array_equal(slicer_logic.segment_mask(seg, sid, vol), np.roll(truth, 3, axis=2))
+    fob_mrml.set_segment_mask(seg, sid, vol, np.roll(truth, 3, axis=2))
+    assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), np.roll(truth, 3, axis=2))
 
 
 def test_shared_layer_other_segment_untouched(case: Case) -> None:
     seg = case.seg
     seg.GetSegmentation().CollapseBinaryLabelmaps(False)
     assert seg.GetSegmentation().GetNumberOfLayers() == 1, "both segments share one labelmap now"
-    liver = slicer_logic.segment_mask(seg, case.liver_id, case.volume)
+    liver = fob_mrml.segment_mask(seg, case.liver_id, case.volume)
     # a liver write that covers the spleen too
     over = liver.copy()
     z = nonempty_slices(case.spleen_before, case.axis)[2]
     sl = take_slice(over, case.axis, z)
     sl[:] = True
     case.logic.write_slices(case.volume, seg, case.liver_id, {z: sl}, case.axis)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, case.volume), case.spleen_before)
-    got = slicer_logic.segment_mask(seg, case.liver_id, case.volume)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, case.volume), case.spleen_before)
+    got = fob_mrml.segment_mask(seg, case.liver_id, case.volume)
     assert take_slice(got, case.axis, z).all()
     assert case.logic.undo(seg)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, case.volume), liver)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, case.volume), liver)
 
 
 def test_predict_edit_segment_undo(case: Case) -> None:
@@ -170,7 +172,7 @@ def test_predict_edit_segment_undo(case: Case) -> None:
     )
     assert sorted(shown) == [z0 - 2, z0 - 1, z0 + 1, z0 + 2], "every slice of the range but the annotated one"
     # predicting writes nothing
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), case.support)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), case.support)
     lists = logic.prompt_point_lists(vol, seg, case.liver_id, create=False)
     assert set(lists) == {"background", "foreground"}
     bg, fg = lists["background"], lists["foreground"]
@@ -188,7 +190,7 @@ def test_predict_edit_segment_undo(case: Case) -> None:
     p = [0.0, 0.0, 0.0]
     first = next(i for i in range(bg.GetNumberOfControlPoints()) if f"slice={zf} " in bg.GetNthControlPointDescription(i))
     bg.GetNthControlPointPositionWorld(first, p)
-    geom0, _ = slicer_logic.volume_geometry(vol)
+    geom0, _ = fob_mrml.volume_geometry(vol)
     xy = shown[zf].background[0]
     ijk = np.zeros(3)
     ijk[2 - axis] = zf
@@ -202,7 +204,7 @@ def test_predict_edit_segment_undo(case: Case) -> None:
     # a person drags one background point of slice z0+1 by 4 pixels in x
     z1 = z0 + 1
     c = next(i for i in range(bg.GetNumberOfControlPoints()) if f"slice={z1} " in bg.GetNthControlPointDescription(i))
-    geom, p2w = slicer_logic.volume_geometry(vol)
+    geom, p2w = fob_mrml.volume_geometry(vol)
     from FoBSegmentLib.io.coords import ijk_to_world_ras, slice_xy_to_ijk
 
     old_xy = logic.read_prompts(vol, seg, case.liver_id, slices=[z1])[z1].background
@@ -227,10 +229,10 @@ def test_predict_edit_segment_undo(case: Case) -> None:
     np.testing.assert_allclose(np.sort(again, axis=0), np.sort(edited, axis=0), atol=1e-6)
 
     # segment the reviewed slices: one undo state, only the liver segment changes
-    before = slicer_logic.segment_mask(seg, case.liver_id, vol)
+    before = fob_mrml.segment_mask(seg, case.liver_id, vol)
     masks = logic.segment_slices(vol, seg, case.liver_id, segmenter="grabcut")
     assert sorted(masks) == [z0 - 1, z1]
-    after = slicer_logic.segment_mask(seg, case.liver_id, vol)
+    after = fob_mrml.segment_mask(seg, case.liver_id, vol)
     ref = case.reference == LIVER
     for z, m in masks.items():
         assert np.array_equal(take_slice(after, axis, z), m)
@@ -238,12 +240,12 @@ def test_predict_edit_segment_undo(case: Case) -> None:
         print(f"slice {z} Dice {d:.3f}")
         assert d >= SLICE_DICE_FLOOR
     assert np.array_equal(take_slice(after, axis, z0), take_slice(before, axis, z0)), "annotation kept"
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
     assert logic.undo(seg)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), before)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
     assert logic.redo(seg)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), after)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), after)
 
     # segmenting a slice with no prompts is a clear error
     with pytest.raises(ValueError, match="no prompts on slice"):
@@ -254,12 +256,12 @@ def test_propagate_whole_volume_one_undo_and_cancel(case: Case) -> None:
     from FoBSegmentLib.pipeline import PropagationCancelled
 
     logic, vol, seg = case.logic, case.volume, case.seg
-    before = slicer_logic.segment_mask(seg, case.liver_id, vol)
+    before = fob_mrml.segment_mask(seg, case.liver_id, vol)
     calls: list[tuple[int, int]] = []
     with pytest.raises(PropagationCancelled):
         logic.propagate(vol, seg, case.liver_id, progress=lambda d, t, s: calls.append((d, t)),
                         cancel=lambda: len(calls) >= 2, prompts_from="neighbour", segmenter="grabcut")
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), before), "cancel writes nothing"
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before), "cancel writes nothing"
     calls.clear()
     # the whole volume once (plain); under a transform a 7-slice range keeps the test fast
     z0 = case.support_slice
@@ -267,7 +269,7 @@ def test_propagate_whole_volume_one_undo_and_cancel(case: Case) -> None:
     result = logic.propagate(vol, seg, case.liver_id, progress=lambda d, t, s: calls.append((d, t)),
                              prompts_from="neighbour", segmenter="grabcut", slice_range=rng)
     assert calls and [d for d, _ in calls] == sorted(d for d, _ in calls)
-    got = slicer_logic.segment_mask(seg, case.liver_id, vol)
+    got = fob_mrml.segment_mask(seg, case.liver_id, vol)
     ref = case.reference == LIVER
     if rng is not None:
         assert nonempty_slices(got, case.axis) == list(range(rng[0], rng[1] + 1))
@@ -280,11 +282,11 @@ def test_propagate_whole_volume_one_undo_and_cancel(case: Case) -> None:
     print(f"propagation Dice {d3:.3f} over {len(nonempty_slices(got, case.axis))} slices ({result.seconds:.1f}s)")
     assert d3 >= (VOLUME_DICE_FLOOR if rng is None else RANGE_DICE_FLOOR)
     assert len(nonempty_slices(got, case.axis)) > 5
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
     # the prompts the propagation used are shown for review
     assert len(logic.read_prompts(vol, seg, case.liver_id)) >= len(nonempty_slices(got, case.axis)) - 1
     assert logic.undo(seg), "one undo state for the whole propagation"
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before)
 
 
 def test_markups_and_parameters_persist_through_scene_save_and_reload(case: Case, tmp_path: Path, data_dir: Path) -> None:
@@ -295,7 +297,7 @@ def test_markups_and_parameters_persist_through_scene_save_and_reload(case: Case
     prompts = {z0 + 1: PromptSet(background=[[60.0, 70.0], [90.5, 71.25], [80.0, 120.0]], foreground=[[75.0, 90.0]])}
     logic.show_prompts(vol, seg, case.liver_id, prompts)
     logic.set_reviewed(vol, seg, case.liver_id, [z0 + 1])
-    params = slicer_logic.FoBParameters(segmentID=case.liver_id, sliceAxis=case.axis, segmenter="grabcut", sliceStart=3)
+    params = FoBParameters(segmentID=case.liver_id, sliceAxis=case.axis, segmenter="grabcut", sliceStart=3)
     logic.set_parameters(params, inputVolume=vol, segmentation=seg)
 
     scene = logic.scene
@@ -317,7 +319,7 @@ def test_markups_and_parameters_persist_through_scene_save_and_reload(case: Case
     try:
         scene2.SetURL(str(tmp_path / "scene.mrml"))
         assert scene2.Import()
-        logic2 = slicer_logic.FoBSegmentLogic(scene2)
+        logic2 = FoBSegmentLogic(scene2)
         pnode = logic2.parameter_node(create=False)
         assert pnode.GetSingletonTag() == "FoBSegment" and pnode.GetAttribute("ModuleName") == "FoBSegment"
         p2 = logic2.parameters()
@@ -333,7 +335,7 @@ def test_markups_and_parameters_persist_through_scene_save_and_reload(case: Case
         bg2 = logic2.prompt_point_lists(vol2, seg2, case.liver_id, create=False)["background"]
         assert all(bg2.GetNthControlPointLocked(i) for i in range(bg2.GetNumberOfControlPoints()))
         assert np.array_equal(
-            slicer_logic.segment_mask(seg2, case.spleen_id, vol2), case.spleen_before
+            fob_mrml.segment_mask(seg2, case.spleen_id, vol2), case.spleen_before
         ), "segmentation reloaded on the same grid"
     finally:
         cleanup()
@@ -348,7 +350,7 @@ def test_export_import_prompts_file_for_the_cli(case: Case, tmp_path: Path) -> N
     logic.show_prompts(vol, seg, case.liver_id, prompts)
     path = tmp_path / "p.mrk.json"
     logic.export_prompts(path, vol, seg, case.liver_id)
-    geom, _ = slicer_logic.volume_geometry(vol)
+    geom, _ = fob_mrml.volume_geometry(vol)
     from_file = read_prompt_markups(path, geom, case.axis)
     np.testing.assert_allclose(from_file[z].background, prompts[z].background, atol=1e-6)
     seg_b = logic.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other")
@@ -461,7 +463,7 @@ def test_predict_with_a_fob_generator_plumbing(plain_case: Case) -> None:
 def test_current_slice_from_a_world_position(case: Case) -> None:
     from FoBSegmentLib.io.coords import ijk_to_world_ras
 
-    geom, p2w = slicer_logic.volume_geometry(case.volume)
+    geom, p2w = fob_mrml.volume_geometry(case.volume)
     assert case.axis == 0  # axial = k for this volume
     n = geom.array_shape[case.axis]
     for z in (0, case.support_slice, n - 1):
@@ -482,7 +484,7 @@ def test_cross_patient_support_from_another_volume(plain_case: Case, mrml, data_
     case = plain_case
     other = logics["volumes"].AddArchetypeVolume(str(data_dir / "chaos_mr_t2spir" / "image_3.nii.gz"), "chaos3")
     other_label = logics["volumes"].AddArchetypeVolume(str(data_dir / "chaos_mr_t2spir" / "label_3.nii.gz"), "l3", 1)
-    other_ref = slicer_logic.volume_array(other_label) == LIVER
+    other_ref = fob_mrml.volume_array(other_label) == LIVER
     zs = nonempty_slices(other_ref, 0)
     support = np.zeros_like(other_ref)
     for z in zs[len(zs) // 3 : 2 * len(zs) // 3 : 3]:  # a few annotated slices in the middle third
@@ -490,7 +492,7 @@ def test_cross_patient_support_from_another_volume(plain_case: Case, mrml, data_
     sseg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "support")
     sseg.SetReferenceImageGeometryParameterFromVolumeNode(other)
     sid = sseg.GetSegmentation().AddEmptySegment("liver", "liver")
-    slicer_logic.set_segment_mask(sseg, sid, other, support)
+    fob_mrml.set_segment_mask(sseg, sid, other, support)
     # the query's own segment starts empty
     target = case.seg.GetSegmentation().AddEmptySegment("liver3", "liver from patient 3")
     z0 = case.support_slice
@@ -502,11 +504,11 @@ def test_cross_patient_support_from_another_volume(plain_case: Case, mrml, data_
     assert all(s.index in zs for s in job.supports)
     result = case.logic.run_propagation(job)
     written = case.logic.apply_propagation(job, result)
-    got = slicer_logic.segment_mask(case.seg, target, case.volume)
+    got = fob_mrml.segment_mask(case.seg, target, case.volume)
     assert set(nonempty_slices(got, 0)) <= set(range(z0 - 2, z0 + 3)) and written
     # Plumbing only: without a FoB model the other patient's masks seed the rings at their own pixel
     # positions (measured Dice 0.002 here), so no quality is asserted; the FoB model is the real path.
-    assert np.array_equal(slicer_logic.segment_mask(case.seg, case.liver_id, case.volume), case.support)
+    assert np.array_equal(fob_mrml.segment_mask(case.seg, case.liver_id, case.volume), case.support)
 
 
 def test_nonlinear_parent_transform_is_refused(mrml, data_dir: Path) -> None:  # noqa: F811
@@ -524,7 +526,7 @@ def test_nonlinear_parent_transform_is_refused(mrml, data_dir: Path) -> None:  #
     tnode.SetAndObserveTransformToParent(tps)
     vol.SetAndObserveTransformNodeID(tnode.GetID())
     with pytest.raises(ValueError, match="non-linear transform"):
-        slicer_logic.volume_geometry(vol)
+        fob_mrml.volume_geometry(vol)
 
 
 def test_segmenter_instances_are_reused(plain_case: Case) -> None:
@@ -569,13 +571,13 @@ def test_live_propagation_slice_by_slice_one_undo(case: Case) -> None:
     logic, vol, seg, axis = case.logic, case.volume, case.seg, case.axis
     z0 = case.support_slice
     kwargs = dict(slice_range=(z0 - 4, z0 + 4), prompts_from="neighbour", segmenter="grabcut")
-    before = slicer_logic.segment_mask(seg, case.liver_id, vol)
+    before = fob_mrml.segment_mask(seg, case.liver_id, vol)
 
     # reference: the non-incremental result (one write at the end), then undone
     reference = logic.propagate(vol, seg, case.liver_id, **kwargs)
-    expected = slicer_logic.segment_mask(seg, case.liver_id, vol)
+    expected = fob_mrml.segment_mask(seg, case.liver_id, vol)
     assert logic.undo(seg)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before)
     history = logic._history(seg)
     assert not history.IsRestorePreviousStateAvailable()
 
@@ -597,9 +599,9 @@ def test_live_propagation_slice_by_slice_one_undo(case: Case) -> None:
             continue
         logic.apply_slice_result(job, z, m)
         order.append(z)
-        now = slicer_logic.segment_mask(seg, case.liver_id, vol)
+        now = fob_mrml.segment_mask(seg, case.liver_id, vol)
         assert np.array_equal(take_slice(now, axis, z), m), f"slice {z} shown as computed"
-        assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
+        assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
         assert np.array_equal(take_slice(now, axis, z0), take_slice(before, axis, z0)), "annotation kept"
         shown.append(nonempty_slices(now, axis))
     worker.join()
@@ -611,13 +613,13 @@ def test_live_propagation_slice_by_slice_one_undo(case: Case) -> None:
         assert set(a) <= set(b) and len(b) - len(a) <= 1
     assert len(shown[0]) == 2 and len(shown[-1]) == len(set(order)) + 1
     logic.apply_propagation(job, result)
-    got = slicer_logic.segment_mask(seg, case.liver_id, vol)
+    got = fob_mrml.segment_mask(seg, case.liver_id, vol)
     assert np.array_equal(got, expected), "live and non-incremental results agree"
     assert np.array_equal(result.mask, reference.mask)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
     assert logic.undo(seg), "one Undo removes the whole propagation"
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), before)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
     assert not history.IsRestorePreviousStateAvailable(), "no undo state per slice"
 
     # cancel after three slices were shown: the run is rolled back, the segment is as before
@@ -626,12 +628,120 @@ def test_live_propagation_slice_by_slice_one_undo(case: Case) -> None:
         logic.propagate(vol, seg, case.liver_id, live=True, on_slice=lambda z, m: seen.append(z),
                         cancel=lambda: len(seen) >= 3, **kwargs)
     assert len(seen) == 3
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), before), "cancel rolls back"
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before), "cancel rolls back"
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
     assert not history.IsRestorePreviousStateAvailable(), "a cancelled run leaves no undo step"
     # the synchronous live entry point gives the same result as the reference, in one undo step
     logic.propagate(vol, seg, case.liver_id, live=True, **kwargs)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), expected)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), expected)
     assert logic.undo(seg)
-    assert np.array_equal(slicer_logic.segment_mask(seg, case.liver_id, vol), before)
+    assert np.array_equal(fob_mrml.segment_mask(seg, case.liver_id, vol), before)
     assert not history.IsRestorePreviousStateAvailable()
+
+
+def test_package_name_does_not_shadow_slicer() -> None:
+    """`import slicer` inside FoBSegmentLib.slicer.* is Slicer's module (absolute imports), not the package."""
+    import FoBSegmentLib.slicer as fob_slicer
+    from FoBSegmentLib.slicer import logic as fob_logic
+
+    assert fob_mrml.slicer is slicer and fob_logic.slicer is slicer and sys.modules["slicer"] is slicer
+    assert hasattr(fob_mrml.slicer, "vtkMRMLScene") and fob_slicer is not slicer
+    assert fob_slicer.FoBSegmentLogic is FoBSegmentLogic
+
+
+def test_widget_parameter_class_is_built_from_the_engine_definition(monkeypatch) -> None:
+    import typing
+    from dataclasses import fields
+
+    from FoBSegmentLib.slicer.parameters import NODE_REFERENCES
+
+    module = _load_module_with_stand_ins(monkeypatch)
+    cls = module.parameterNodeClass()
+    assert module.parameterNodeClass() is cls
+    hints = typing.get_type_hints(cls, include_extras=True)  # what Slicer's parameterNodeWrapper reads
+    assert set(hints) == {f.name for f in fields(FoBParameters)} | set(NODE_REFERENCES)
+    assert hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode
+    assert typing.get_args(hints["sliceStop"]) == (int, (-1, 99_999))
+    assert cls.numBackgroundPoints == 16 and cls.promptSource == "auto"
+
+
+def _synthetic_volume(scene, shape=(12, 14, 16)):
+    """An oblique, anisotropic [k, j, i] volume under a linear parent transform."""
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synthetic")
+    image = vtk.vtkImageData()
+    fob_mrml.image_from_array(np.arange(np.prod(shape), dtype=np.int16).reshape(shape), image)
+    vol.SetAndObserveImageData(image)
+    vol.SetSpacing(0.8, 1.1, 2.5)
+    vol.SetOrigin(10.0, -20.0, 5.0)
+    a, b = np.deg2rad(20.0), np.deg2rad(-35.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    directions = np.eye(4)
+    directions[:3, :3] = rz @ rx
+    vol.SetIJKToRASDirectionMatrix(fob_mrml.vtk_matrix(directions))
+    tnode, _ = _transform(scene, 30.0)
+    vol.SetAndObserveTransformNodeID(tnode.GetID())
+    return vol
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2], ids=["k", "j", "i"])
+def test_control_point_slice_along_the_lists_axis(mrml, axis: int) -> None:  # noqa: F811
+    """The slice a control point lies on, along the axis the prompts are sliced along (k, j or i), is what
+    the widget re-segments after an edit: a point dragged from slice A to slice B changes both."""
+    from FoBSegmentLib.io.coords import ijk_to_world_ras, slice_xy_to_ijk
+    from FoBSegmentLib.io.markups import parse_point_description
+    from FoBSegmentLib.slicer.point_lists import AXIS_ATTR
+
+    scene, _ = mrml
+    vol = _synthetic_volume(scene)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    sid = seg.GetSegmentation().AddEmptySegment("organ", "organ")
+    logic = FoBSegmentLogic(scene)
+    other_axis = (axis + 1) % 3
+    logic.set_parameters(FoBParameters(sliceAxis=other_axis))
+    n = fob_mrml.volume_geometry(vol)[0].array_shape[axis]
+    a, b = 3, n - 4
+    prompts = {
+        a: PromptSet(background=[[2.0, 3.0], [6.0, 7.0], [8.0, 2.0]], foreground=[[4.0, 4.0]]),
+        b: PromptSet(background=[[1.0, 1.0], [7.0, 2.0], [3.0, 8.0]], foreground=[[5.0, 5.0]]),
+    }
+    logic.show_prompts(vol, seg, sid, prompts, axis)
+    bg = logic.prompt_point_lists(vol, seg, sid, create=False)["background"]
+
+    # the list's own axis wins over the module's parameter; each point is on the slice it was placed on
+    assert logic.point_list_axis(bg) == axis
+    placed = [int(parse_point_description(bg.GetNthControlPointDescription(c))["slice"]) for c in range(6)]
+    assert [logic.control_point_slice(bg, c) for c in range(6)] == placed == [a, a, a, b, b, b]
+    with pytest.raises(IndexError):
+        logic.control_point_slice(bg, 6)
+
+    # drag the first point of slice a onto slice b (world RAS, through the volume's parent transform)
+    geom, p2w = fob_mrml.volume_geometry(vol)
+    before = logic.control_point_slices(bg)
+    bg.SetNthControlPointPositionWorld(0, *ijk_to_world_ras(slice_xy_to_ijk([[4.0, 2.0]], axis, b), geom, p2w)[0])
+    assert logic.control_point_slice(bg, 0) == b
+    after = logic.control_point_slices(bg)
+    assert logic.edited_slices(before, after) == [a, b]
+    assert sorted(logic.read_prompts(vol, seg, sid, axis)) == [a, b]
+    assert len(logic.read_prompts(vol, seg, sid, axis)[b].background) == 4
+    # moving a point within its slice changes that slice only; an untouched list changes nothing
+    bg.SetNthControlPointPositionWorld(4, *ijk_to_world_ras(slice_xy_to_ijk([[9.0, 9.0]], axis, b), geom, p2w)[0])
+    moved = logic.control_point_slices(bg)
+    assert logic.edited_slices(after, moved) == [b] and logic.edited_slices(moved, moved) == []
+    # a deleted point changes the slice it was on
+    bg.RemoveNthControlPoint(1)
+    assert logic.edited_slices(moved, logic.control_point_slices(bg)) == [a]
+    # a point dragged off the volume has no slice (its old slice still changed)
+    outside = slice_xy_to_ijk([[4.0, 2.0]], axis, n + 3)
+    last = logic.control_point_slices(bg)
+    bg.SetNthControlPointPositionWorld(0, *ijk_to_world_ras(outside, geom, p2w)[0])
+    assert logic.control_point_slice(bg, 0) is None
+    assert logic.edited_slices(last, logic.control_point_slices(bg)) == [b]
+
+    # a list without its own axis (placed by hand) follows the module's parameter
+    fg = logic.prompt_point_lists(vol, seg, sid, create=False)["foreground"]
+    fg.RemoveAttribute(AXIS_ATTR)
+    assert logic.point_list_axis(fg) == other_axis
+    expected = fob_mrml.slice_at_world_point(vol, fg.GetNthControlPointPositionWorld(0), other_axis)
+    assert logic.control_point_slice(fg, 0) == expected

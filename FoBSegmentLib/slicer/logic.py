@@ -1,0 +1,531 @@
+"""FoBSegment's Logic over MRML nodes: everything the Slicer module does, without Qt or `slicer.app`.
+
+It takes the scene and nodes as arguments and uses only the MRML/VTK classes that the `slicer-core`
+wheel also provides, so it runs (and is tested) headless; the module's widget is a thin adapter.
+MRML <-> numpy is in `mrml`, the prompt point lists in `point_lists`, the settings in `parameters`.
+
+Frames:
+    [k, j, i]   numpy arrays of volumes and masks (as `slicer.util.arrayFromVolume` returns them).
+    IJK         voxel index (i, j, k) of the input volume; slices are taken along one array axis.
+    local RAS   a node's own frame; world RAS = parent_to_world @ local RAS (linear parent transforms only).
+    (x, y)      (column, row) pixels of one slice, the frame of `PromptSet`.
+
+Segmentation results are written into one segment only; each user action (segmenting some slices, a
+propagation) saves one undo state first.
+
+Live propagation (the widget's "Propagate volume"): the worker runs `run_propagation(job, on_slice=...)`
+and queues each accepted slice; the main thread writes it with `apply_slice_result` as it arrives, so
+slices appear one by one. The undo state is saved once, before the first slice is written; the final
+`apply_propagation` writes the cleaned-up result without another undo state, so the run stays ONE undo
+step. On cancel or error, `rollback_propagation` removes the partial result (the policy: a cancelled
+run changes nothing, as before); with the Logic's own history the partial result stays available as Redo.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import slicer
+
+from FoBSegmentLib.io.coords import put_slice, take_slice
+from FoBSegmentLib.labelmap import nonempty_slices, write_binary_slices
+from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.slicer import point_lists, worker
+from FoBSegmentLib.slicer.mrml import (
+    resolve_axis,
+    segment_mask,
+    set_segment_mask,
+    slice_at_world_point,
+    volume_array,
+)
+from FoBSegmentLib.slicer.parameters import (
+    NODE_REFERENCES,
+    FoBParameters,
+    find_parameter_node,
+    read_parameters,
+    write_parameters,
+)
+from FoBSegmentLib.slicer.worker import CancelCheck, ProgressCallback, PropagationJob, SliceCallback
+
+__all__ = ["FoBSegmentLogic", "PropagationJob"]
+
+
+class FoBSegmentLogic:
+    """The module's Logic. Usable from the Python console, tests and the widget.
+
+    undo_callback: when given (the widget passes the Segment Editor's `saveStateForUndo`), it is called
+    once before each write instead of the Logic's own `vtkSegmentationHistory`.
+    """
+
+    def __init__(self, scene, undo_callback: Callable[[], None] | None = None, max_undo_states: int = 10) -> None:
+        self.scene = scene
+        self.undo_callback = undo_callback
+        self.max_undo_states = int(max_undo_states)
+        self._histories: dict[str, Any] = {}
+        self._segmenters: dict[tuple[str, str, str], Any] = {}
+        self._images: dict[str, tuple[int, np.ndarray]] = {}
+
+    # --- parameters --------------------------------------------------------------------------------
+
+    def parameter_node(self, create: bool = True):
+        return find_parameter_node(self.scene, create)
+
+    def parameters(self) -> FoBParameters:
+        node = self.parameter_node()
+        return read_parameters(node)
+
+    def set_parameters(self, params: FoBParameters, **nodes) -> None:
+        """Store settings and node references (inputVolume=..., segmentation=..., ...) with the scene."""
+        node = self.parameter_node()
+        write_parameters(node, params)
+        for role, value in nodes.items():
+            if role not in NODE_REFERENCES:
+                raise ValueError(f"unknown node reference {role!r}; use one of {', '.join(NODE_REFERENCES)}")
+            node.SetNodeReferenceID(role, value.GetID() if value is not None else None)
+
+    def referenced_node(self, role: str):
+        node = self.parameter_node(create=False)
+        return node.GetNodeReference(role) if node is not None else None
+
+    # --- inputs ------------------------------------------------------------------------------------
+
+    def slice_axis(self, volume, axis: int | None = None) -> int:
+        """The array axis to slice along: `axis` if given (>= 0), else the volume's axial axis."""
+        return resolve_axis(volume, axis)
+
+    def normalised_image(self, volume) -> np.ndarray:
+        """The volume's voxels normalised to [0, 1] as the CLI does (io/intensity), cached per image version."""
+        from FoBSegmentLib.io import intensity
+
+        image = volume.GetImageData()
+        if image is None:
+            raise ValueError(f"{volume.GetName()} has no image data")
+        key, mtime = volume.GetID(), int(image.GetMTime())
+        cached = self._images.get(key)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        arr = volume_array(volume)
+        is_rgb = arr.ndim == 4 and arr.shape[-1] == 3
+        guess = intensity.guess_modality(arr, None, is_rgb)
+        norm = intensity.normalize(arr, guess.modality).astype(np.float32)
+        self._images[key] = (mtime, norm)
+        return norm
+
+    def support_slices(self, volume, segmentation, segment_id: str, axis: int | None = None) -> list[int]:
+        """Slice indices along the axis where the segment is non-empty on `volume`'s grid."""
+        return nonempty_slices(segment_mask(segmentation, segment_id, volume), self.slice_axis(volume, axis))
+
+    def current_slice(self, volume, ras_world: tuple[float, float, float], axis: int | None = None) -> int:
+        """Nearest slice index along the axis to a world RAS point (e.g. a slice view's centre)."""
+        return slice_at_world_point(volume, ras_world, self.slice_axis(volume, axis))
+
+    def get_segmenter(self, name: str = "auto", device: str = "auto", checkpoint: str | None = None):
+        """A cached segmenter (`FoBSegmentLib.segmenters.get_segmenter`), so SAM embeddings stay cached
+        and re-segmenting a slice after an edit only reruns the decoder."""
+        key = (name, device, checkpoint or "")
+        if key not in self._segmenters:
+            try:
+                from FoBSegmentLib.segmenters import get_segmenter
+            except ImportError:
+                get_segmenter = None
+            if get_segmenter is not None:
+                self._segmenters[key] = get_segmenter(name, checkpoint=checkpoint or None, device=device)
+            elif name in ("graphcut", "auto"):
+                from FoBSegmentLib.segmenters.graphcut import GraphCutSegmenter
+
+                self._segmenters[key] = GraphCutSegmenter()
+            elif name == "grabcut":
+                from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
+
+                self._segmenters[key] = GrabCutSegmenter()
+            else:
+                raise ValueError(f"segmenter {name!r} is not available in this installation")
+        return self._segmenters[key]
+
+    # --- prompt point lists (see `point_lists`) -------------------------------------------------------
+
+    def prompt_point_lists(self, volume, segmentation, segment_id: str, create: bool = True) -> dict[str, Any]:
+        """{"background": node, "foreground": node} for a target segment, found by their attributes and
+        reference to the segmentation (so they are found again after a scene reload), created if asked."""
+        return point_lists.prompt_point_lists(self.scene, volume, segmentation, segment_id, create)
+
+    def reviewed_slices(self, volume, segmentation, segment_id: str) -> list[int]:
+        return point_lists.reviewed_slices(self.scene, segmentation, segment_id)
+
+    def set_reviewed(
+        self, volume, segmentation, segment_id: str, slices: list[int], reviewed: bool = True, axis: int | None = None
+    ) -> None:
+        """Mark slices reviewed (their points locked, never replaced by a new prediction) or not."""
+        ax = self.slice_axis(volume, axis)
+        point_lists.set_reviewed(self.scene, volume, segmentation, segment_id, slices, reviewed, ax)
+
+    def show_prompts(
+        self, volume, segmentation, segment_id: str, prompts_by_slice: dict[int, PromptSet], axis: int | None = None
+    ) -> dict[int, PromptSet]:
+        """Put predicted prompts into the point lists, replacing the unlocked points of those slices.
+
+        Reviewed (locked) slices keep their points. Returns the prompts actually shown.
+        """
+        ax = self.slice_axis(volume, axis)
+        return point_lists.show_prompts(self.scene, volume, segmentation, segment_id, prompts_by_slice, ax)
+
+    def read_prompts(
+        self, volume, segmentation, segment_id: str, axis: int | None = None, slices: list[int] | None = None
+    ) -> dict[int, PromptSet]:
+        """The (possibly edited) prompts of the point lists, {slice: PromptSet in (x, y) pixels}.
+
+        A point's slice is the nearest voxel slice to its current position (a dragged point moves with
+        it); hidden points are not used. Raises ValueError for a point outside the volume.
+        """
+        ax = self.slice_axis(volume, axis)
+        return point_lists.read_prompts(self.scene, volume, segmentation, segment_id, ax, slices)
+
+    def export_prompts(
+        self, path: str | os.PathLike, volume, segmentation, segment_id: str, axis: int | None = None
+    ) -> None:
+        """Write the point lists' prompts to a `.mrk.json` the CLI reads (`fob segment --prompts-in`).
+
+        Positions are in the volume's local frame (LPS), i.e. the file matches the volume file on disk.
+        """
+        ax = self.slice_axis(volume, axis)
+        point_lists.export_prompts(path, self.scene, volume, segmentation, segment_id, ax)
+
+    def import_prompts(
+        self, path: str | os.PathLike, volume, segmentation, segment_id: str, axis: int | None = None
+    ) -> dict[int, PromptSet]:
+        """Load prompts from a `.mrk.json` (e.g. `fob segment --prompts-out`) into the point lists."""
+        ax = self.slice_axis(volume, axis)
+        return point_lists.import_prompts(path, self.scene, volume, segmentation, segment_id, ax)
+
+    def point_list_axis(self, point_list, volume=None) -> int:
+        """The array axis a prompt list is sliced along: the axis its prompts were placed along, else the
+        module's `sliceAxis` parameter, else the volume's axial axis (the axis to re-segment along)."""
+        volume = point_lists.point_list_volume(point_list, volume)
+        node = self.parameter_node(create=False)
+        fallback = read_parameters(node).sliceAxis if node is not None else None
+        return point_lists.point_list_axis(point_list, volume, fallback)
+
+    def control_point_slice(self, point_list, index: int, volume=None) -> int | None:
+        """The slice index, along the list's axis (`point_list_axis`), of control point `index`: the slice
+        to re-segment after that point was moved or added. None while the point is being placed or when it
+        lies outside the volume. volume: default the list's volume reference."""
+        volume = point_lists.point_list_volume(point_list, volume)
+        return point_lists.control_point_slice(point_list, index, volume, self.point_list_axis(point_list, volume))
+
+    def control_point_slices(self, point_list, volume=None) -> point_lists.PointSnapshot:
+        """{control point ID: (slice or None, world RAS position)} of a list, to diff with `edited_slices`."""
+        volume = point_lists.point_list_volume(point_list, volume)
+        return point_lists.control_point_slices(point_list, volume, self.point_list_axis(point_list, volume))
+
+    @staticmethod
+    def edited_slices(before: point_lists.PointSnapshot, after: point_lists.PointSnapshot) -> list[int]:
+        """Slices whose prompts changed between two `control_point_slices` snapshots: the old and new
+        slice of each moved point, the slice of each added or removed one."""
+        return point_lists.edited_slices(before, after)
+
+    # --- undo ----------------------------------------------------------------------------------------
+
+    def _history(self, segmentation):
+        key = segmentation.GetID()
+        hist = self._histories.get(key)
+        if hist is None or hist.GetSegmentation() is not segmentation.GetSegmentation():
+            hist = slicer.vtkSegmentationHistory()
+            hist.SetMaximumNumberOfStates(self.max_undo_states)
+            hist.SetSegmentation(segmentation.GetSegmentation())
+            self._histories[key] = hist
+        return hist
+
+    def save_state_for_undo(self, segmentation) -> None:
+        """One undo state, taken before a user action modifies the segmentation."""
+        if self.undo_callback is not None:
+            self.undo_callback()
+        else:
+            self._history(segmentation).SaveState()
+        if self.scene.GetUndoFlag():
+            self.scene.SaveStateForUndo()
+
+    def undo(self, segmentation) -> bool:
+        """Undo the last FoB action on the segmentation (the Logic's own history); False when none."""
+        hist = self._history(segmentation)
+        if not hist.IsRestorePreviousStateAvailable():
+            return False
+        return bool(hist.RestorePreviousState())
+
+    def redo(self, segmentation) -> bool:
+        hist = self._history(segmentation)
+        if not hist.IsRestoreNextStateAvailable():
+            return False
+        return bool(hist.RestoreNextState())
+
+    def write_slices(
+        self, volume, segmentation, segment_id: str, masks: dict[int, np.ndarray], axis: int | None = None
+    ) -> None:
+        """Replace slices of one segment with (H, W) masks; one undo state for the whole call."""
+        if not masks:
+            return
+        ax = self.slice_axis(volume, axis)
+        current = segment_mask(segmentation, segment_id, volume)
+        edit = write_binary_slices(current, ax, masks)
+        if edit.changed_voxels() == 0:
+            return
+        self.save_state_for_undo(segmentation)
+        set_segment_mask(segmentation, segment_id, volume, current)
+
+    # --- segmenting ----------------------------------------------------------------------------------
+
+    def segment_slices(
+        self,
+        volume,
+        segmentation,
+        segment_id: str,
+        slices: list[int] | None = None,
+        segmenter: str = "auto",
+        device: str = "auto",
+        axis: int | None = None,
+        checkpoint: str | None = None,
+    ) -> dict[int, np.ndarray]:
+        """Segment slices with the prompts in the point lists and write them into the segment.
+
+        slices: None = all reviewed slices (all slices with prompts when none is reviewed). Returns
+        {slice: (H, W) bool mask}. One undo state for the whole call; other segments are not touched.
+        """
+        ax = self.slice_axis(volume, axis)
+        prompts = self.read_prompts(volume, segmentation, segment_id, ax)
+        if slices is None:
+            reviewed = self.reviewed_slices(volume, segmentation, segment_id)
+            slices = reviewed or sorted(prompts)
+        missing = [s for s in slices if s not in prompts]
+        if missing:
+            raise ValueError(f"no prompts on slice(s) {', '.join(map(str, missing))}; predict or place points first")
+        image = self.normalised_image(volume)
+        seg = self.get_segmenter(segmenter, device, checkpoint)
+        masks = {}
+        for s in slices:
+            try:
+                masks[int(s)] = np.asarray(seg.segment(take_slice(image, ax, int(s)), prompts[s]).mask, bool)
+            except ValueError as exc:
+                raise ValueError(f"slice {s}: {exc}") from None
+        self.write_slices(volume, segmentation, segment_id, masks, ax)
+        return masks
+
+    # --- prediction and propagation -----------------------------------------------------------------
+
+    def prepare_propagation(
+        self,
+        volume,
+        segmentation,
+        segment_id: str,
+        axis: int | None = None,
+        slice_range: tuple[int, int] | None = None,
+        support_volume=None,
+        support_segmentation=None,
+        support_segment_id: str | None = None,
+        prompts_from: str = "auto",
+        model: str = "",
+        segmenter: str = "auto",
+        device: str = "auto",
+        config=None,
+        generator=None,
+        checkpoint: str | None = None,
+        n_background: int | None = None,
+        n_foreground: int | None = None,
+    ) -> PropagationJob:
+        """Copy what a propagation needs out of MRML (main thread). The support is the segment itself
+        (same volume) or another volume's segment (cross-patient).
+
+        generator: an already loaded FoB generator (anything with `.predict(support_image, support_mask,
+        query_image) -> PromptSet`); otherwise `model` (a file) or the shipped default is loaded.
+        """
+        from FoBSegmentLib import pipeline
+
+        ax = self.slice_axis(volume, axis)
+        image = self.normalised_image(volume)
+        same_volume = support_volume is None or support_volume is volume
+        if same_volume:
+            s_image = image
+            s_mask = segment_mask(support_segmentation or segmentation, support_segment_id or segment_id, volume)
+            s_axis = ax
+        else:
+            if support_segmentation is None or not support_segment_id:
+                raise ValueError("a support volume needs its segmentation and segment")
+            s_image = self.normalised_image(support_volume)
+            s_mask = segment_mask(support_segmentation, support_segment_id, support_volume)
+            s_axis = self.slice_axis(support_volume, None)
+        supports = pipeline.support_slices_from_volume(s_image, s_mask, s_axis)
+        if not supports:
+            raise ValueError("the support segment is empty: outline the organ on at least one slice")
+        if not same_volume:
+            supports = pipeline.chunk_supports(supports)
+        cfg = config or pipeline.PropagationConfig()
+        if n_background is not None:
+            cfg.n_background = int(n_background)
+        if n_foreground is not None:
+            cfg.n_foreground = int(n_foreground)
+        if slice_range is not None and min(slice_range) >= 0:
+            cfg.slices = (int(slice_range[0]), int(slice_range[1]))
+            pipeline.check_slice_range(cfg.slices, image.shape[ax])
+        notes: list[str] = []
+        if generator is not None:
+            prompts_from = "fob" if prompts_from == "auto" else prompts_from
+            notes.append("FoB generator given by the caller")
+        elif prompts_from in ("auto", "fob", "hybrid"):
+            generator, why = pipeline.load_generator(model or None, required=prompts_from != "auto")
+            notes.append(why)
+            if prompts_from == "auto":
+                prompts_from = "fob" if generator is not None else "neighbour"
+        if prompts_from not in pipeline.PROMPT_SOURCES:
+            raise ValueError(f"unknown prompt source {prompts_from!r}")
+        return PropagationJob(
+            volume_id=volume.GetID(),
+            segmentation_id=segmentation.GetID(),
+            segment_id=segment_id,
+            axis=ax,
+            image=image,
+            supports=supports,
+            same_volume=same_volume,
+            prompts_from=prompts_from,
+            generator=generator,
+            segmenter=self.get_segmenter(segmenter, device, checkpoint),
+            config=cfg,
+            notes=notes,
+        )
+
+    # Worker-thread computations (no MRML; see `worker`), static so the widget runs them on its thread.
+    run_propagation = staticmethod(worker.run_propagation)
+    compute_prompts = staticmethod(worker.compute_prompts)
+
+    def _job_nodes(self, job: PropagationJob):
+        volume = self.scene.GetNodeByID(job.volume_id)
+        segmentation = self.scene.GetNodeByID(job.segmentation_id)
+        if volume is None or segmentation is None:
+            raise ValueError("the volume or segmentation of this propagation was removed from the scene")
+        return volume, segmentation
+
+    def apply_slice_result(self, job: PropagationJob, z: int, mask: np.ndarray) -> bool:
+        """Main thread: write one slice of a running propagation into the job's segment (live display).
+
+        Only that slice of that segment changes (other segments and slices keep their voxels, including
+        edits made meanwhile). The first write of the job saves the one undo state of the whole run; later
+        writes save none. A slice may be written again (the last write wins). Returns False when the
+        slice already held exactly this mask (nothing written).
+        """
+        volume, segmentation = self._job_nodes(job)
+        current = segment_mask(segmentation, job.segment_id, volume)
+        new = np.asarray(mask, bool)
+        if np.array_equal(take_slice(current, job.axis, int(z)), new):
+            return False
+        if job.live_before is None:
+            self.save_state_for_undo(segmentation)
+            job.live_before = current.copy()
+        put_slice(current, job.axis, int(z), new)
+        job.live_slices.add(int(z))
+        set_segment_mask(segmentation, job.segment_id, volume, current)
+        return True
+
+    def rollback_propagation(self, job: PropagationJob) -> bool:
+        """Main thread, after a cancelled or failed live run: remove what `apply_slice_result` wrote.
+
+        With the Logic's own history this is an Undo of the run's single state (Redo brings the partial
+        result back); with an external `undo_callback` the written slices get their previous voxels back.
+        Returns False when nothing had been written.
+        """
+        if job.live_before is None:
+            return False
+        volume, segmentation = self._job_nodes(job)
+        before, written = job.live_before, sorted(job.live_slices)
+        job.live_before, job.live_slices = None, set()
+        if self.undo_callback is None and self.undo(segmentation):
+            return True
+        current = segment_mask(segmentation, job.segment_id, volume)
+        for z in written:
+            put_slice(current, job.axis, z, take_slice(before, job.axis, z))
+        set_segment_mask(segmentation, job.segment_id, volume, current)
+        return True
+
+    def apply_propagation(self, job: PropagationJob, result, show_prompts: bool = True) -> list[int]:
+        """Write a finished propagation into its segment (one undo state) and show the prompts it used.
+
+        Only slices the propagation produced are written; annotated slices stay as drawn. Returns them.
+        After live writes (`apply_slice_result`) no second undo state is saved: the final, cleaned-up
+        masks replace the live ones, and a live-written slice the result does not keep gets its
+        previous voxels back, so the run is still one undo step.
+        """
+        volume, segmentation = self._job_nodes(job)
+        produced = [z for z, r in sorted(result.slices.items()) if r.source not in ("skipped", "annotation")]
+        masks = {z: take_slice(result.mask, job.axis, z).astype(bool) for z in produced}
+        if job.live_before is None:
+            self.write_slices(volume, segmentation, job.segment_id, masks, job.axis)
+        else:
+            for z in job.live_slices - set(masks):
+                masks[z] = take_slice(job.live_before, job.axis, z).astype(bool)
+            current = segment_mask(segmentation, job.segment_id, volume)
+            if write_binary_slices(current, job.axis, masks).changed_voxels():
+                set_segment_mask(segmentation, job.segment_id, volume, current)
+            job.live_before, job.live_slices = None, set()
+        if show_prompts and result.prompts:
+            self.show_prompts(volume, segmentation, job.segment_id, result.prompts, job.axis)
+        return produced
+
+    def propagate(
+        self,
+        volume,
+        segmentation,
+        segment_id: str,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCheck | None = None,
+        live: bool = False,
+        on_slice: SliceCallback | None = None,
+        **kwargs,
+    ):
+        """prepare + run + apply on the calling thread (scripts and tests); returns the PropagationResult.
+
+        live=True writes each slice as soon as it is segmented (`apply_slice_result`, as the widget does
+        from its queue), then calls on_slice(z, mask) if given; still one undo step. A cancelled or failed
+        live run is rolled back (`rollback_propagation`) before the exception propagates.
+        """
+        job = self.prepare_propagation(volume, segmentation, segment_id, **kwargs)
+        hook = None
+        if live:
+
+            def hook(z: int, mask: np.ndarray) -> None:
+                self.apply_slice_result(job, z, mask)
+                if on_slice is not None:
+                    on_slice(z, mask)
+
+        elif on_slice is not None:
+            hook = on_slice
+        try:
+            result = self.run_propagation(job, progress, cancel, on_slice=hook)
+        except BaseException:
+            self.rollback_propagation(job)
+            raise
+        self.apply_propagation(job, result)
+        return result
+
+    def predict_prompts(
+        self,
+        volume,
+        segmentation,
+        segment_id: str,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCheck | None = None,
+        **kwargs,
+    ) -> dict[int, PromptSet]:
+        """Predict prompts for the slices of the range and show them for review; commits no segmentation.
+
+        prepare_propagation + compute_prompts + show_job_prompts on the calling thread (the widget runs
+        compute_prompts on its worker). Returns the prompts shown (reviewed slices keep their points).
+        """
+        job = self.prepare_propagation(volume, segmentation, segment_id, **kwargs)
+        return self.show_job_prompts(job, self.compute_prompts(job, progress, cancel))
+
+    def show_job_prompts(self, job: PropagationJob, prompts: dict[int, PromptSet]) -> dict[int, PromptSet]:
+        """Main thread: put a job's computed prompts into its point lists (see `show_prompts`)."""
+        volume = self.scene.GetNodeByID(job.volume_id)
+        segmentation = self.scene.GetNodeByID(job.segmentation_id)
+        if volume is None or segmentation is None:
+            raise ValueError("the volume or segmentation of this prediction was removed from the scene")
+        return self.show_prompts(volume, segmentation, job.segment_id, prompts, job.axis)

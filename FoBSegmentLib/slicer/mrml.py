@@ -1,0 +1,194 @@
+"""MRML <-> numpy: parent transforms, volume geometry and voxels, one segment's mask read and written.
+
+Frames:
+    [k, j, i]   numpy arrays of volumes and masks (as `slicer.util.arrayFromVolume` returns them).
+    IJK         voxel index (i, j, k) of a volume; its IJKToRAS maps it to the volume's local RAS.
+    local RAS   a node's own frame; world RAS = parent_to_world @ local RAS (linear parent transforms only).
+Matrices are only read from MRML here; the conversions themselves are in `FoBSegmentLib.io.coords`.
+
+`import slicer` is Slicer's module (or the slicer-core wheel's), not this package: imports are absolute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from FoBSegmentLib.io.coords import (
+    Geometry,
+    axial_axis,
+    geometry_from_ijk_to_ras,
+    ijk_to_slice_xy,
+    slice_axes,
+    world_ras_to_ijk,
+)
+
+
+def matrix_from_vtk(vtk_matrix) -> np.ndarray:
+    """A vtkMatrix4x4 as a (4, 4) float64 array."""
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def vtk_matrix(matrix: np.ndarray):
+    """A (4, 4) array as a vtkMatrix4x4."""
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(matrix[r, c]))
+    return m
+
+
+def parent_to_world(node) -> np.ndarray | None:
+    """4x4 from a transformable node's local RAS to world RAS, None when it has no parent transform.
+
+    Raises ValueError for a non-linear parent transform (a voxel slice would not stay planar).
+    """
+    tnode = node.GetParentTransformNode()
+    if tnode is None:
+        return None
+    if not tnode.IsTransformToWorldLinear():
+        raise ValueError(
+            f"{node.GetName()} is under a non-linear transform ({tnode.GetName()}); harden or remove it first"
+        )
+    m = vtk.vtkMatrix4x4()
+    tnode.GetMatrixTransformToWorld(m)
+    return matrix_from_vtk(m)
+
+
+def volume_geometry(volume) -> tuple[Geometry, np.ndarray | None]:
+    """(Geometry in the volume's local frame, parent_to_world 4x4 or None) of a scalar volume node."""
+    image = volume.GetImageData() if volume is not None else None
+    if image is None:
+        raise ValueError("the volume has no image data")
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return geometry_from_ijk_to_ras(matrix_from_vtk(m), image.GetDimensions()), parent_to_world(volume)
+
+
+def resolve_axis(volume, axis: int | None = None) -> int:
+    """The array axis of [k, j, i] to slice along: `axis` if given (>= 0), else the volume's axial axis."""
+    if axis is not None and axis >= 0:
+        slice_axes(axis)
+        return int(axis)
+    geom, _ = volume_geometry(volume)
+    return axial_axis(geom)
+
+
+def slice_at_world_point(volume, ras_world: tuple[float, float, float], axis: int) -> int:
+    """Nearest slice index along `axis` to a world RAS point (e.g. a slice view's centre).
+
+    Only the position along the axis matters: a panned view's centre may lie beside the volume. Raises
+    ValueError when that slice is not in the volume.
+    """
+    geom, p2w = volume_geometry(volume)
+    ijk = world_ras_to_ijk(np.asarray([ras_world], float), geom, p2w)
+    _, along = ijk_to_slice_xy(ijk, axis)
+    index = int(np.floor(along[0] + 0.5))
+    if not 0 <= index < geom.array_shape[axis]:
+        raise ValueError(f"the slice view is not on the volume (slice {index} of 0..{geom.array_shape[axis] - 1})")
+    return index
+
+
+def volume_array(volume) -> np.ndarray:
+    """A copy of the volume's voxels as a [k, j, i] array (first component for multi-component images)."""
+    image = volume.GetImageData()
+    if image is None:
+        raise ValueError("the volume has no image data")
+    ni, nj, nk = image.GetDimensions()
+    comps = image.GetNumberOfScalarComponents()
+    arr = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    arr = arr.reshape(nk, nj, ni, comps) if comps > 1 else arr.reshape(nk, nj, ni)
+    return np.array(arr, copy=True)
+
+
+def image_from_array(array: np.ndarray, image) -> None:
+    """Fill a vtkImageData (or vtkOrientedImageData) with a [k, j, i] array (deep copy)."""
+    arr = np.ascontiguousarray(array)
+    nk, nj, ni = arr.shape[:3]
+    vtk_arr = numpy_support.numpy_to_vtk(arr.reshape(-1), deep=True)
+    image.SetDimensions(ni, nj, nk)
+    image.GetPointData().SetScalars(vtk_arr)
+
+
+def relative_transform(target_node, source_node) -> np.ndarray:
+    """4x4 from source_node's local RAS to target_node's local RAS (via world RAS)."""
+    src = parent_to_world(source_node)
+    dst = parent_to_world(target_node)
+    m = np.eye(4) if src is None else src
+    return m if dst is None else np.linalg.inv(dst) @ m
+
+
+def _segment_labelmap(segmentation, segment_id: str):
+    """(the segment's layer as vtkOrientedImageData, its label value), None for an empty segment."""
+    segment = segmentation.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise ValueError(f"segment {segment_id!r} is not in {segmentation.GetName()}")
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation, segment_id, labelmap, False
+    ):
+        raise ValueError(f"segment {segment_id!r} has no binary labelmap representation")
+    ext = labelmap.GetExtent()
+    if ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4]:
+        return None
+    return labelmap, segment.GetLabelValue()
+
+
+def segment_mask(segmentation, segment_id: str, volume) -> np.ndarray:
+    """The segment as a bool [k, j, i] array on `volume`'s voxel grid (nearest-neighbour resampled;
+    different parent transforms of the two nodes are taken into account)."""
+    geom, _ = volume_geometry(volume)
+    out = np.zeros(geom.array_shape, bool)
+    found = _segment_labelmap(segmentation, segment_id)
+    if found is None:
+        return out
+    labelmap, label_value = found
+    to_world = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(to_world)
+    # bring the labelmap into the volume's local frame, then resample onto the volume's grid
+    labelmap.SetImageToWorldMatrix(vtk_matrix(relative_transform(volume, segmentation) @ matrix_from_vtk(to_world)))
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, geom.size[0] - 1, 0, geom.size[1] - 1, 0, geom.size[2] - 1)
+    reference.SetImageToWorldMatrix(vtk_matrix(geom.ijk_to_ras_matrix()))
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, reference, resampled, False, True
+    )
+    rext = resampled.GetExtent()
+    if rext[1] < rext[0]:
+        return out
+    dims = resampled.GetDimensions()
+    vals = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    # The resampled image may cover only part of the volume (padImage keeps it in the reference extent).
+    i0, j0, k0 = max(rext[0], 0), max(rext[2], 0), max(rext[4], 0)
+    i1, j1, k1 = min(rext[1], geom.size[0] - 1), min(rext[3], geom.size[1] - 1), min(rext[5], geom.size[2] - 1)
+    if i1 < i0 or j1 < j0 or k1 < k0:
+        return out
+    # The labelmap returned is the segment's whole layer: segments sharing it have other label values.
+    out[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = (
+        vals[k0 - rext[4] : k1 - rext[4] + 1, j0 - rext[2] : j1 - rext[2] + 1, i0 - rext[0] : i1 - rext[0] + 1]
+        == label_value
+    )
+    return out
+
+
+def set_segment_mask(segmentation, segment_id: str, volume, mask: np.ndarray) -> None:
+    """Replace the segment's voxels by a bool [k, j, i] mask on `volume`'s grid; other segments are
+    not modified (where they overlap, Slicer keeps both by moving the segment to its own layer)."""
+    geom, _ = volume_geometry(volume)
+    m = np.asarray(mask, bool)
+    if m.shape != geom.array_shape:
+        raise ValueError(f"mask shape {m.shape} does not match the volume's {geom.array_shape}")
+    image = slicer.vtkOrientedImageData()
+    image_from_array(m.astype(np.uint8), image)
+    to_seg = relative_transform(segmentation, volume) @ geom.ijk_to_ras_matrix()
+    image.SetImageToWorldMatrix(vtk_matrix(to_seg))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    # Only this segment may be overwritten: where the new mask overlaps another segment of a shared
+    # layer, Slicer moves this segment to a layer of its own (tested: the other keeps every voxel).
+    if not logic.SetBinaryLabelmapToSegment(
+        image, segmentation, segment_id, logic.MODE_REPLACE, image.GetExtent(), False, (segment_id,)
+    ):
+        raise ValueError(f"could not write segment {segment_id!r} of {segmentation.GetName()}")
