@@ -191,7 +191,7 @@ def load_components(settings: JobSettings, replaying: bool = False, generator: A
     if replaying:
         notes.append("prompts: read from the prompts file, nothing predicted")
     elif generator is not None:
-        notes.append("prompts: FoB generator given by the caller")
+        notes.append("prompts: the FoB model already loaded")
     elif source in ("fob", "hybrid") or settings.model:
         generator, why = load_generator(settings.model, required=True, device=settings.device)
         notes.append(f"prompts: {why}")

@@ -23,6 +23,7 @@ run changes nothing, as before); with the Logic's own history the partial result
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,16 +31,18 @@ from typing import Any
 import numpy as np
 import slicer
 
-from FoBSegmentLib.io.coords import put_slice, take_slice
+from FoBSegmentLib.io.coords import put_slice, slice_axes, take_slice
+from FoBSegmentLib.job import JobSettings, build_job, load_components, prepare_image
 from FoBSegmentLib.labelmap import nonempty_slices, write_binary_slices
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation import PropagationConfig
 from FoBSegmentLib.slicer import point_lists, worker
 from FoBSegmentLib.slicer.mrml import (
+    engine_volume,
     resolve_axis,
     segment_mask,
     set_segment_mask,
     slice_at_world_point,
-    volume_array,
 )
 from FoBSegmentLib.slicer.parameters import (
     NODE_REFERENCES,
@@ -66,7 +69,8 @@ class FoBSegmentLogic:
         self.max_undo_states = int(max_undo_states)
         self._histories: dict[str, Any] = {}
         self._segmenters: dict[tuple[str, str, str], Any] = {}
-        self._images: dict[str, tuple[int, np.ndarray]] = {}
+        self._images: dict[str, tuple[tuple, Any]] = {}
+        self._generators: dict[tuple[str, str], Any] = {}
 
     # --- parameters --------------------------------------------------------------------------------
 
@@ -96,23 +100,28 @@ class FoBSegmentLogic:
         """The array axis to slice along: `axis` if given (>= 0), else the volume's axial axis."""
         return resolve_axis(volume, axis)
 
-    def normalised_image(self, volume) -> np.ndarray:
-        """The volume's voxels normalised to [0, 1] as the CLI does (io/intensity), cached per image version."""
-        from FoBSegmentLib.io import intensity
-
+    def prepared_image(self, volume, settings: JobSettings | None = None, what: str = "image"):
+        """The node's voxels prepared as `fob segment` prepares a file (`job.prepare_image`: modality,
+        normalisation, slicing axis), cached per image version and settings."""
+        settings = settings or JobSettings()
         image = volume.GetImageData()
         if image is None:
             raise ValueError(f"{volume.GetName()} has no image data")
-        key, mtime = volume.GetID(), int(image.GetMTime())
-        cached = self._images.get(key)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
-        arr = volume_array(volume)
-        is_rgb = arr.ndim == 4 and arr.shape[-1] == 3
-        guess = intensity.guess_modality(arr, None, is_rgb)
-        norm = intensity.normalize(arr, guess.modality).astype(np.float32)
-        self._images[key] = (mtime, norm)
-        return norm
+        key = (volume.GetID(), int(image.GetMTime()), settings.modality, settings.window)
+        cached = self._images.get(volume.GetID())
+        if cached is None or cached[0] != key:
+            # Cached with the default axis: normalising a large volume takes seconds, choosing an axis not.
+            cached = (key, prepare_image(engine_volume(volume), dataclasses.replace(settings, axis=None), what))
+            self._images[volume.GetID()] = cached
+        prepared = cached[1]
+        if settings.axis is not None and settings.axis != prepared.axis:
+            slice_axes(settings.axis)
+            prepared = dataclasses.replace(prepared, axis=int(settings.axis))
+        return prepared
+
+    def normalised_image(self, volume) -> np.ndarray:
+        """The volume's voxels normalised to [0, 1] exactly as `fob segment` does."""
+        return self.prepared_image(volume).normalised
 
     def support_slices(self, volume, segmentation, segment_id: str, axis: int | None = None) -> list[int]:
         """Slice indices along the axis where the segment is non-empty on `volume`'s grid."""
@@ -289,17 +298,28 @@ class FoBSegmentLogic:
     ) -> dict[int, np.ndarray]:
         """Segment slices with the prompts in the point lists and write them into the segment.
 
+        When the lists carry a propagation record (they were filled by a propagation, or imported from
+        `fob segment --prompts-out`), the record is replayed as `fob segment --prompts-in` does: the
+        edited slices among `slices` get their new masks and the slices chained from them are propagated
+        again; nothing else changes. Without a record each slice is segmented from its points alone.
         slices: None = all reviewed slices (all slices with prompts when none is reviewed). Returns
-        {slice: (H, W) bool mask}. One undo state for the whole call; other segments are not touched.
+        {slice: (H, W) bool mask} of the slices written. One undo state; other segments are untouched.
         """
         ax = self.slice_axis(volume, axis)
         prompts = self.read_prompts(volume, segmentation, segment_id, ax)
+        record = point_lists.propagation_record(self.scene, segmentation, segment_id)
+        if record is not None and (int(record["axis"]) != ax or not record.get("sameVolume", True)):
+            record = None  # another axis, or another patient's support the Logic does not hold
+        recorded = {int(e["index"]) for e in record["slices"]} if record is not None else set()
         if slices is None:
             reviewed = self.reviewed_slices(volume, segmentation, segment_id)
             slices = reviewed or sorted(prompts)
-        missing = [s for s in slices if s not in prompts]
+        missing = [s for s in slices if s not in prompts and s not in recorded]
         if missing:
             raise ValueError(f"no prompts on slice(s) {', '.join(map(str, missing))}; predict or place points first")
+        if record is not None:
+            return self._replay(volume, segmentation, segment_id, prompts, record,
+                                self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint))
         image = self.normalised_image(volume)
         seg = self.get_segmenter(segmenter, device, checkpoint)
         masks = {}
@@ -311,87 +331,104 @@ class FoBSegmentLogic:
         self.write_slices(volume, segmentation, segment_id, masks, ax)
         return masks
 
+    def _replay(self, volume, segmentation, segment_id: str, prompts: dict[int, PromptSet], record: dict,
+                settings: JobSettings) -> dict[int, np.ndarray]:
+        """Replay the lists' propagation record with their current points (see `segment_slices`)."""
+        from FoBSegmentLib.propagation.document import prompt_fingerprint
+
+        query = self.prepared_image(volume, settings)
+        current = segment_mask(segmentation, segment_id, volume)
+        support = np.zeros_like(current)
+        for z in record["annotated"]:
+            put_slice(support, query.axis, int(z), take_slice(current, query.axis, int(z)))
+        comps = load_components(settings, replaying=True,
+                                segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint))
+        job = build_job(query, support, settings, components=comps, support_name="the annotated slices")
+        result = job.with_prompts(prompts, record).run()
+        annotated = {int(z) for z in record["annotated"]}
+        touched = ({int(e["index"]) for e in record["slices"]} | set(result.order)) - annotated
+        masks = {z: take_slice(result.mask, query.axis, z).astype(bool) for z in sorted(touched)}
+        changed = {z: m for z, m in masks.items() if not np.array_equal(m, take_slice(current, query.axis, z))}
+        self.write_slices(volume, segmentation, segment_id, changed, query.axis)
+        old = {int(e["index"]): e["prompts"] for e in record["slices"]}
+        redone = {z: ps for z, ps in result.prompts.items() if old.get(z) != prompt_fingerprint(ps)}
+        if redone:
+            self.show_prompts(volume, segmentation, segment_id, redone, query.axis)
+        point_lists.set_propagation_record(self.scene, volume, segmentation, segment_id, result.record)
+        return changed
+
     # --- prediction and propagation -----------------------------------------------------------------
+
+    def job_settings(
+        self,
+        axis: int | None = None,
+        slice_range: tuple[int, int] | None = None,
+        prompts_from: str = "auto",
+        model: str = "",
+        segmenter: str = "auto",
+        device: str = "auto",
+        config=None,
+        checkpoint: str | None = None,
+        n_background: int | None = None,
+        n_foreground: int | None = None,
+    ) -> JobSettings:
+        """The module's settings as the engine's `JobSettings` (-1 / "" mean automatic / default)."""
+        cfg = dataclasses.replace(config) if config is not None else PropagationConfig()
+        if n_background is not None:
+            cfg.n_background = int(n_background)
+        if n_foreground is not None:
+            cfg.n_foreground = int(n_foreground)
+        slices = (int(slice_range[0]), int(slice_range[1])) if slice_range is not None and min(slice_range) >= 0 else "auto"
+        return JobSettings(prompts_from=prompts_from, model=model or None, device=device, segmenter=segmenter,
+                           sam_checkpoint=checkpoint or None, axis=axis if axis is not None and axis >= 0 else None,
+                           slices=slices, config=cfg)
+
+    def _components(self, settings: JobSettings, generator=None):
+        """Generator and segmenter for `settings`, cached (SAM embeddings and the FoB model stay loaded)."""
+        key = (settings.model or "", settings.device)
+        if generator is None and settings.prompts_from != "neighbour":
+            generator = self._generators.get(key)
+        comps = load_components(settings, generator=generator,
+                                segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint))
+        if comps.generator is not None:
+            self._generators[key] = comps.generator
+        return comps
 
     def prepare_propagation(
         self,
         volume,
         segmentation,
         segment_id: str,
-        axis: int | None = None,
-        slice_range: tuple[int, int] | None = None,
         support_volume=None,
         support_segmentation=None,
         support_segment_id: str | None = None,
-        prompts_from: str = "auto",
-        model: str = "",
-        segmenter: str = "auto",
-        device: str = "auto",
-        config=None,
         generator=None,
-        checkpoint: str | None = None,
-        n_background: int | None = None,
-        n_foreground: int | None = None,
+        **settings_kwargs,
     ) -> PropagationJob:
-        """Copy what a propagation needs out of MRML (main thread). The support is the segment itself
-        (same volume) or another volume's segment (cross-patient).
+        """Copy what a propagation needs out of MRML (main thread) and build the job with the engine's
+        one job builder (`job.build_job`), exactly as `fob segment` does. The support is the segment
+        itself (same volume) or another volume's segment (cross-patient).
 
-        generator: an already loaded FoB generator (anything with `.predict(support_image, support_mask,
-        query_image) -> PromptSet`); otherwise `model` (a file) or the shipped default is loaded.
+        settings_kwargs: see `job_settings`. generator: an already loaded FoB generator (anything with
+        `.predict(support_image, support_mask, query_image) -> PromptSet`); otherwise the settings'
+        model (a file) or the shipped default is loaded.
         """
-        from FoBSegmentLib import pipeline
-
-        ax = self.slice_axis(volume, axis)
-        image = self.normalised_image(volume)
+        settings = self.job_settings(**settings_kwargs)
+        query = self.prepared_image(volume, settings)
         same_volume = support_volume is None or support_volume is volume
+        support = None
         if same_volume:
-            s_image = image
             s_mask = segment_mask(support_segmentation or segmentation, support_segment_id or segment_id, volume)
-            s_axis = ax
         else:
             if support_segmentation is None or not support_segment_id:
                 raise ValueError("a support volume needs its segmentation and segment")
-            s_image = self.normalised_image(support_volume)
+            support = self.prepared_image(support_volume, dataclasses.replace(settings, axis=None), "support image")
             s_mask = segment_mask(support_segmentation, support_segment_id, support_volume)
-            s_axis = self.slice_axis(support_volume, None)
-        supports = pipeline.support_slices_from_volume(s_image, s_mask, s_axis)
-        if not supports:
+        if not s_mask.any():
             raise ValueError("the support segment is empty: outline the organ on at least one slice")
-        if not same_volume:
-            supports = pipeline.chunk_supports(supports)
-        cfg = config or pipeline.PropagationConfig()
-        if n_background is not None:
-            cfg.n_background = int(n_background)
-        if n_foreground is not None:
-            cfg.n_foreground = int(n_foreground)
-        if slice_range is not None and min(slice_range) >= 0:
-            cfg.slices = (int(slice_range[0]), int(slice_range[1]))
-            pipeline.check_slice_range(cfg.slices, image.shape[ax])
-        notes: list[str] = []
-        if generator is not None:
-            prompts_from = "fob" if prompts_from == "auto" else prompts_from
-            notes.append("FoB generator given by the caller")
-        elif prompts_from in ("auto", "fob", "hybrid"):
-            generator, why = pipeline.load_generator(model or None, required=prompts_from != "auto")
-            notes.append(why)
-            if prompts_from == "auto":
-                prompts_from = "fob" if generator is not None else "neighbour"
-        if prompts_from not in pipeline.PROMPT_SOURCES:
-            raise ValueError(f"unknown prompt source {prompts_from!r}")
-        return PropagationJob(
-            volume_id=volume.GetID(),
-            segmentation_id=segmentation.GetID(),
-            segment_id=segment_id,
-            axis=ax,
-            image=image,
-            supports=supports,
-            same_volume=same_volume,
-            prompts_from=prompts_from,
-            generator=generator,
-            segmenter=self.get_segmenter(segmenter, device, checkpoint),
-            config=cfg,
-            notes=notes,
-        )
+        engine = build_job(query, s_mask, settings, support=support, components=self._components(settings, generator),
+                           support_name="the support segment")
+        return PropagationJob(volume.GetID(), segmentation.GetID(), segment_id, engine)
 
     # Worker-thread computations (no MRML; see `worker`), static so the widget runs them on its thread.
     run_propagation = staticmethod(worker.run_propagation)
@@ -467,6 +504,7 @@ class FoBSegmentLogic:
             job.live_before, job.live_slices = None, set()
         if show_prompts and result.prompts:
             self.show_prompts(volume, segmentation, job.segment_id, result.prompts, job.axis)
+            point_lists.set_propagation_record(self.scene, volume, segmentation, job.segment_id, result.record)
         return produced
 
     def propagate(

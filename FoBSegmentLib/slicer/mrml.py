@@ -18,7 +18,6 @@ from vtk.util import numpy_support
 
 from FoBSegmentLib.io.coords import (
     Geometry,
-    axial_axis,
     geometry_from_ijk_to_ras,
     ijk_to_slice_xy,
     slice_axes,
@@ -68,12 +67,32 @@ def volume_geometry(volume) -> tuple[Geometry, np.ndarray | None]:
 
 
 def resolve_axis(volume, axis: int | None = None) -> int:
-    """The array axis of [k, j, i] to slice along: `axis` if given (>= 0), else the volume's axial axis."""
+    """The array axis of [k, j, i] to slice along: `axis` if given (>= 0), else the engine's rule
+    (`job.default_slice_axis`, the same as `fob segment`'s)."""
+    from FoBSegmentLib.job import default_slice_axis
+
     if axis is not None and axis >= 0:
         slice_axes(axis)
         return int(axis)
     geom, _ = volume_geometry(volume)
-    return axial_axis(geom)
+    return default_slice_axis(geom)[0]
+
+
+def engine_volume(volume):
+    """The node as the engine's `io.volumes.Volume` (what `fob segment` reads from a file): its voxels
+    as float32 [k, j, i] (a single-slice colour image as (H, W, 3)), its geometry in the node's local
+    frame (LPS inside `Geometry`), its name as path; no modality hint (like a NIfTI file)."""
+    from pathlib import Path
+
+    from FoBSegmentLib.io.volumes import Volume
+
+    geom, _ = volume_geometry(volume)
+    arr = volume_array(volume)
+    if arr.ndim == 4 and arr.shape[0] == 1 and arr.shape[-1] == 3:
+        return Volume(arr[0].astype(np.float32), geom, Path(volume.GetName()), "rgb", is_2d=True)
+    if arr.ndim == 4:
+        arr = arr[..., 0]
+    return Volume(arr.astype(np.float32), geom, Path(volume.GetName()), None, is_2d=arr.shape[0] == 1)
 
 
 def slice_at_world_point(volume, ras_world: tuple[float, float, float], axis: int) -> int:

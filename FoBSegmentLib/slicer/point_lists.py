@@ -13,6 +13,7 @@ volume and to (x, y) = (column, row) pixels of the slice along `axis` of the [k,
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -27,7 +28,7 @@ from FoBSegmentLib.io.coords import (
     slice_xy_to_ijk,
     world_ras_to_ijk,
 )
-from FoBSegmentLib.io.markups import COLORS, KINDS, LABEL_PREFIX, point_description
+from FoBSegmentLib.io.markups import COLORS, KINDS, LABEL_PREFIX, described_xy, point_description
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.slicer.mrml import resolve_axis, volume_geometry
 
@@ -35,6 +36,7 @@ ROLE_ATTR = "FoBSegment.Role"  # "background" | "foreground"
 SEGMENT_ATTR = "FoBSegment.SegmentID"
 AXIS_ATTR = "FoBSegment.SliceAxis"  # the axis the list's prompts were placed along
 REVIEWED_ATTR = "FoBSegment.ReviewedSlices"  # comma-separated slice indices, on the background list
+RECORD_ATTR = "FoBSegment.Propagation"  # the propagation record (JSON) of the lists' prompts, on the background list
 SEGMENTATION_REF = "FoBSegment.segmentation"
 VOLUME_REF = "FoBSegment.volume"
 
@@ -134,7 +136,12 @@ def points_on_slices(
     for n, c in enumerate(idx):
         check_inside_volume(ijk[n : n + 1], geom, what=f"point {node.GetNthControlPointLabel(c)!r} of {node.GetName()}")
     xy, along = ijk_to_slice_xy(ijk, axis)
-    return xy, np.floor(along + 0.5).astype(np.int64), np.asarray(idx, np.int64)
+    slices = np.floor(along + 0.5).astype(np.int64)
+    # Points not moved since FoB placed them keep their exact pixel coordinates (the propagation
+    # record recognises unedited slices by them).
+    xy = np.array([described_xy(node.GetNthControlPointDescription(int(c)), axis, int(z), p)
+                   for c, z, p in zip(idx, slices, xy)]).reshape(-1, 2)
+    return xy, slices, np.asarray(idx, np.int64)
 
 
 def reviewed_slices(scene, segmentation, segment_id: str) -> list[int]:
@@ -220,23 +227,51 @@ def read_prompts(
     }
 
 
+def propagation_record(scene, segmentation, segment_id: str) -> dict | None:
+    """The propagation record stored with the lists (None when the prompts were not made by a propagation)."""
+    node = find_point_lists(scene, segmentation, segment_id).get("background")
+    text = node.GetAttribute(RECORD_ATTR) if node is not None else None
+    if not text:
+        return None
+    from FoBSegmentLib.propagation.document import check_record
+
+    try:
+        return check_record(json.loads(text))
+    except ValueError:
+        return None  # a damaged attribute: the prompts are still usable on their own
+
+
+def set_propagation_record(scene, volume, segmentation, segment_id: str, record: dict | None) -> None:
+    lists = prompt_point_lists(scene, volume, segmentation, segment_id)
+    lists["background"].SetAttribute(RECORD_ATTR, json.dumps(record) if record is not None else "")
+
+
 def export_prompts(path: str | os.PathLike, scene, volume, segmentation, segment_id: str, axis: int) -> None:
-    """Write the lists' prompts to a `.mrk.json` the CLI reads (`fob segment --prompts-in`); positions in
-    the volume's local frame (LPS), so the file matches the volume file on disk."""
+    """Write the lists' prompts and their propagation record to a `.mrk.json` the CLI reads
+    (`fob segment --prompts-in`); positions in the volume's local frame (LPS), so the file matches the
+    volume file on disk."""
     from FoBSegmentLib.io.markups import write_prompt_markups
 
     geom, _ = volume_geometry(volume)
-    write_prompt_markups(path, read_prompts(scene, volume, segmentation, segment_id, axis), geom, axis)
+    record = propagation_record(scene, segmentation, segment_id)
+    write_prompt_markups(path, read_prompts(scene, volume, segmentation, segment_id, axis), geom, axis, record=record)
 
 
 def import_prompts(
     path: str | os.PathLike, scene, volume, segmentation, segment_id: str, axis: int
 ) -> dict[int, PromptSet]:
-    """Load prompts from a `.mrk.json` (e.g. `fob segment --prompts-out`) into the point lists."""
-    from FoBSegmentLib.io.markups import read_prompt_markups
+    """Load prompts (and their propagation record, if any) from a `.mrk.json` (e.g. `fob segment
+    --prompts-out`) into the point lists."""
+    from FoBSegmentLib.io.markups import load_markups_document, markups_dict_to_prompts
+    from FoBSegmentLib.io.markups import propagation_record as file_record
 
     geom, _ = volume_geometry(volume)
-    return show_prompts(scene, volume, segmentation, segment_id, read_prompt_markups(path, geom, axis), axis)
+    doc = load_markups_document(path)
+    record = file_record(doc, os.path.basename(str(path)))
+    shown = show_prompts(scene, volume, segmentation, segment_id,
+                         markups_dict_to_prompts(doc, geom, axis, name=os.path.basename(str(path))), axis)
+    set_propagation_record(scene, volume, segmentation, segment_id, record)
+    return shown
 
 
 # --- which slice a control point is on (re-segmenting after an edit) ---------------------------------------

@@ -1,5 +1,6 @@
-"""What a worker thread computes for the Slicer module: a `PropagationJob` holds copies of everything
-taken out of MRML on the main thread, so `run_propagation` and `compute_prompts` never touch MRML or Qt.
+"""What a worker thread computes for the Slicer module: a `PropagationJob` wraps the engine's `Job`
+(built by `FoBSegmentLib.job.build_job`, the same builder `fob segment` uses) with the MRML node ids
+it belongs to, so `run_propagation` and `compute_prompts` never touch MRML or Qt.
 
 Frames: `job.image` is the normalised [k, j, i] volume, sliced along `job.axis`; prompts are
 {slice: PromptSet} in (x, y) = (column, row) pixels of those slices.
@@ -7,40 +8,70 @@ Frames: `job.image` is the normalised [k, j, i] volume, sliced along `job.axis`;
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from FoBSegmentLib.io.coords import take_slice
+from FoBSegmentLib.job import Job
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation import (
+    CancelCheck,
+    ProgressCallback,
+    PropagationCancelled,
+    PropagationResult,
+    SliceCallback,
+    assign_supports,
+)
 
-ProgressCallback = Callable[[int, int, str], None]
-CancelCheck = Callable[[], bool]
-SliceCallback = Callable[[int, np.ndarray], None]
+__all__ = ["CancelCheck", "ProgressCallback", "PropagationJob", "SliceCallback", "compute_prompts", "run_propagation"]
 
 
 @dataclass
 class PropagationJob:
-    """Everything a propagation needs, copied out of MRML on the main thread; `run` needs no MRML."""
+    """An engine job plus where its result goes in the scene; built on the main thread, run anywhere."""
 
     volume_id: str
     segmentation_id: str
     segment_id: str
-    axis: int
-    image: np.ndarray
-    supports: list
-    same_volume: bool
-    prompts_from: str
-    generator: Any
-    segmenter: Any
-    config: Any
-    notes: list[str] = field(default_factory=list)
+    engine: Job
     # Main thread only (apply_slice_result): the segment on the volume grid before the first live slice
     # was written (None = nothing written live yet) and the slices written live so far.
     live_before: np.ndarray | None = field(default=None, repr=False)
     live_slices: set[int] = field(default_factory=set)
+
+    @property
+    def axis(self) -> int:
+        return self.engine.axis
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.engine.image
+
+    @property
+    def supports(self) -> list:
+        return self.engine.supports
+
+    @property
+    def same_volume(self) -> bool:
+        return self.engine.same_volume
+
+    @property
+    def prompts_from(self) -> str:
+        return self.engine.prompts_from
+
+    @property
+    def generator(self) -> Any:
+        return self.engine.components.generator
+
+    @property
+    def config(self) -> Any:
+        return self.engine.config
+
+    @property
+    def notes(self) -> list[str]:
+        return self.engine.notes
 
 
 def run_propagation(
@@ -48,28 +79,14 @@ def run_propagation(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     on_slice: SliceCallback | None = None,
-):
-    """The computation (no MRML access: safe on a worker thread). Returns a pipeline.PropagationResult;
-    raises pipeline.PropagationCancelled when `cancel()` returns True.
+) -> PropagationResult:
+    """The computation (no MRML access: safe on a worker thread); raises PropagationCancelled when
+    `cancel()` returns True.
 
     on_slice(z, mask): called on this (worker) thread with each accepted (H, W) slice mask (see
-    `pipeline.propagate`); it must not touch MRML/Qt: queue the mask and let the main thread call
+    `propagation.propagate`); it must not touch MRML/Qt: queue the mask and let the main thread call
     `apply_slice_result(job, z, mask)`."""
-    from FoBSegmentLib import pipeline
-
-    return pipeline.propagate(
-        job.image,
-        job.supports,
-        job.segmenter,
-        axis=job.axis,
-        same_volume=job.same_volume,
-        prompts_from=job.prompts_from,
-        generator=job.generator,
-        config=job.config,
-        progress=progress,
-        cancel=cancel,
-        on_slice=on_slice,
-    )
+    return job.engine.run(progress=progress, cancel=cancel, on_slice=on_slice)
 
 
 def compute_prompts(
@@ -77,28 +94,26 @@ def compute_prompts(
 ) -> dict[int, PromptSet]:
     """Prompts for the range's unannotated slices (no MRML access: safe on a worker thread).
 
-    With a FoB model: the generator's background ring + foreground points from the nearest support
-    slice (batched per support). Without one: neighbour chaining (rings around the previous slice's
-    provisional mask, which is not written anywhere).
+    With prompt source fob: the generator's background ring + foreground points from the nearest
+    support slice (batched per support). Otherwise the job's propagation runs and the prompts its
+    slices received are returned (the masks are not written anywhere).
     """
-    from FoBSegmentLib import pipeline
-
     annotated = {s.index for s in job.supports} if job.same_volume else set()
-    prompts: dict[int, PromptSet] = {}
     if job.prompts_from != "fob":
         result = run_propagation(job, progress, cancel)
         return {z: p for z, p in result.prompts.items() if z not in annotated}
     n = job.image.shape[job.axis]
     lo, hi = (0, n - 1) if job.config.slices == "auto" else job.config.slices
     query = [z for z in range(lo, hi + 1) if z not in annotated]
-    assign = pipeline.assign_supports(query, job.supports, job.same_volume)
+    assign = assign_supports(query, job.supports, job.same_volume)
     groups: dict[int, list[int]] = {}
     for z in query:
         groups.setdefault(id(assign[z]), []).append(z)
+    prompts: dict[int, PromptSet] = {}
     done = 0
     for zs in groups.values():
         if cancel is not None and cancel():
-            raise pipeline.PropagationCancelled("cancelled")
+            raise PropagationCancelled("cancelled")
         sup = assign[zs[0]]
         images = [take_slice(job.image, job.axis, z) for z in zs]
         if hasattr(job.generator, "predict_batch"):
