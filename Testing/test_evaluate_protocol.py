@@ -8,8 +8,8 @@ from scipy import ndimage as ndi
 
 from FoBSegmentLib.evaluate import baselines, metrics
 from FoBSegmentLib.evaluate import protocol as P
-from FoBSegmentLib.model.ring import ring_points
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.train.episodes import find_volume_pairs
 
 # ----------------------------------------------------------------------------- folds and slices
@@ -274,7 +274,7 @@ def test_unknown_method_and_missing_generator_are_clear_errors():
 
 
 def test_real_generator_runs_every_method_on_the_synthetic_case():
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     vols = _synthetic_volumes(z=12)
     gen = FoBPromptGenerator.from_config(image_size=64)

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from FoBSegmentLib.model.heatmaps import gaussian_heatmaps, masked_average_pool
-from FoBSegmentLib.model.ring import ring_points
+from FoBSegmentLib.prompts.ring import ring_points
 
 ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 

@@ -1,7 +1,7 @@
 """The weight-free segmenters on real slices of ../shared/data, prompted as FoB would prompt them.
 
 Prompts come from the reference mask: 10 background points on FoB's BPPC ring about 10 px outside the
-organ (FoBSegmentLib.model.ring.ring_points, clockwise), plus 10 foreground points drawn from the mask
+organ (FoBSegmentLib.prompts.ring.ring_points, clockwise), plus 10 foreground points drawn from the mask
 eroded by 3 px. Slices: for each organ of each volume, the slice where it is largest and the slice a
 quarter of the way through its extent (smaller, harder); every ISIC image. Dice per organ and dataset
 is printed (visible in the normal pytest output) and checked against floors set a little below what
@@ -43,7 +43,7 @@ MEAN_FLOOR = {"grabcut": 0.85, "random-walker": 0.84}
 
 def ring_from_mask(mask: np.ndarray) -> np.ndarray:
     """10 clockwise background points about 10 px outside the mask, (10, 2) (x, y)."""
-    from FoBSegmentLib.model.ring import ring_points
+    from FoBSegmentLib.prompts.ring import ring_points
 
     pts, valid = ring_points(mask, 10)
     return pts[valid]

@@ -436,7 +436,7 @@ def test_predict_with_a_fob_generator_plumbing(plain_case: Case) -> None:
     weights make no quality claim; this checks that its prompts reach the point lists on the right slices
     and come back unchanged (frames and slice bookkeeping)."""
     torch = pytest.importorskip("torch")
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     torch.manual_seed(0)
     path = FoBPromptGenerator.default_model_path()

@@ -95,7 +95,7 @@ def prompts_from_mask(mask: np.ndarray, n_bg: int = 10, n_fg: int = 10, seed: in
 
     mask = np.asarray(mask, bool)
     try:
-        from FoBSegmentLib.model.ring import ring_points
+        from FoBSegmentLib.prompts.ring import ring_points
 
         bg, valid = ring_points(mask, n_bg)
         bg = bg[valid]

@@ -111,7 +111,7 @@ def farthest_points(region: np.ndarray, n: int) -> np.ndarray:
 def oracle_prompts(gt: np.ndarray, n_fg: int = 10, n_bg: int = 10, k_out: int = 21, k_in: int = 15) -> PromptSet:
     """Perfect prompts from the (H, W) ground truth: the BPPC ring and farthest-point foreground points
     inside the mask eroded by 2 px (interior points, not boundary pixels)."""
-    from FoBSegmentLib.model.ring import ring_points
+    from FoBSegmentLib.prompts.ring import ring_points
 
     g = np.asarray(gt, bool)
     if not g.any():
