@@ -10,6 +10,7 @@ from FoBSegmentLib.evaluate import baselines, metrics
 from FoBSegmentLib.evaluate import protocol as P
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.ring import ring_points
+from FoBSegmentLib.prompts.sampling import farthest_points
 from FoBSegmentLib.train.episodes import find_volume_pairs
 
 # ----------------------------------------------------------------------------- folds and slices
@@ -240,7 +241,7 @@ def test_protocol_bookkeeping_with_a_recording_predictor():
                 ids = np.unique(blob[s_mask & (blob > 0)])
                 region = np.isin(blob, ids) if len(ids) else s_mask
                 ring, valid = ring_points(region, 10)
-                fg = baselines.farthest_points(ndi.binary_erosion(region, iterations=2), 5)
+                fg = farthest_points(ndi.binary_erosion(region, iterations=2), 5)
                 out.append(P.SlicePrediction(ring[valid], fg, region.astype(np.float32), ring[valid]))
             return out
 

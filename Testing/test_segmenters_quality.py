@@ -23,6 +23,7 @@ from conftest import ORGANS, dice
 from scipy import ndimage
 
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.prompts.sampling import random_points
 from FoBSegmentLib.segmenters import get_segmenter
 from FoBSegmentLib.segmenters.base import ordered_ring, polygon_mask
 
@@ -54,9 +55,7 @@ def prompts_from_mask(mask: np.ndarray, seed: int = 0) -> PromptSet:
     inner = ndimage.binary_erosion(mask, iterations=3)
     if inner.sum() < 10:
         inner = mask
-    rows, cols = np.nonzero(inner)
-    pick = np.random.default_rng(seed).choice(len(rows), size=min(10, len(rows)), replace=False)
-    return PromptSet(background=ring, foreground=np.stack([cols[pick], rows[pick]], axis=1).astype(float))
+    return PromptSet(background=ring, foreground=random_points(inner, 10, np.random.default_rng(seed)))
 
 
 def unit(img: np.ndarray) -> np.ndarray:

@@ -92,6 +92,7 @@ def prompts_from_mask(mask: np.ndarray, n_bg: int = 10, n_fg: int = 10, seed: in
     import cv2
 
     from FoBSegmentLib.prompts import PromptSet
+    from FoBSegmentLib.prompts.sampling import random_points
 
     mask = np.asarray(mask, bool)
     try:
@@ -104,10 +105,7 @@ def prompts_from_mask(mask: np.ndarray, n_bg: int = 10, n_fg: int = 10, seed: in
     core = cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     if not core.any():
         core = mask
-    rows, cols = np.nonzero(core)
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(rows), size=min(n_fg, len(rows)), replace=False)
-    fg = np.stack([cols[pick], rows[pick]], axis=1).astype(np.float64)
+    fg = random_points(core, n_fg, np.random.default_rng(seed))
     return PromptSet(background=bg, foreground=fg)
 
 

@@ -1,8 +1,13 @@
-"""Where to put foreground points: the one farthest-point sampler and the helpers built on it.
+"""Where to put points in a mask: the one farthest-point sampler and the helpers built on it.
+
+farthest_point_sampling  indices of a spread subset of a point set (FoB's foreground prompts)
+farthest_points          points spread over a region from its deepest pixel (oracle prompts)
+interior_points          points deep inside a mask (neighbour prompts of the propagation chain)
+random_points            uniform draws in a region (baselines and benchmark prompts)
 
 Frames: point sets are (M, 2) float (x, y) = (column, row) pixels; masks and depth maps are (H, W)
-in the (row, col) frame; returned points are (n, 2) float64 (x, y) of that grid. Every function is
-deterministic: ties go to the first pixel in raster order.
+in the (row, col) frame; returned points are (n, 2) float64 (x, y) of that grid. All but
+random_points are deterministic: ties go to the first pixel in raster order.
 """
 
 from __future__ import annotations
@@ -55,6 +60,16 @@ def farthest_points(
     return pts[farthest_point_sampling(pts, n, start, min_spacing)]
 
 
+def random_points(region: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(min(n, pixels), 2) (x, y) pixels of a bool (H, W) `region` drawn uniformly without
+    replacement by `rng` (one `rng.choice` call); (0, 2) when the region is empty."""
+    rows, cols = np.nonzero(np.asarray(region, bool))
+    if len(rows) == 0:
+        return np.zeros((0, 2))
+    pick = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
+    return np.stack([cols[pick], rows[pick]], axis=1).astype(np.float64)
+
+
 def interior_points(mask: np.ndarray, count: int, deep_px: float = 12.0) -> np.ndarray:
     """Up to `count` (x, y) points deep inside an (H, W) bool mask: the innermost pixel first, then
     farthest-point sampling among pixels at least min(half the maximal depth, `deep_px`) and at
@@ -75,4 +90,4 @@ def interior_points(mask: np.ndarray, count: int, deep_px: float = 12.0) -> np.n
     return farthest_points(deep, count, depth=dist, min_spacing=2.0)
 
 
-__all__ = ["farthest_point_sampling", "farthest_points", "interior_points"]
+__all__ = ["farthest_point_sampling", "farthest_points", "interior_points", "random_points"]
