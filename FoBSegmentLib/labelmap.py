@@ -163,11 +163,3 @@ def nonempty_slices(mask: np.ndarray, axis: int) -> list[int]:
     other = tuple(a for a in (0, 1, 2) if a != axis)
     return [int(k) for k in np.flatnonzero(m.any(axis=other))]
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two bool arrays of the same shape; 1.0 when both are empty."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    if a.shape != b.shape:
-        raise ValueError(f"dice needs equal shapes, got {a.shape} and {b.shape}")
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom

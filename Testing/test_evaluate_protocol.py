@@ -8,10 +8,10 @@ from scipy import ndimage as ndi
 
 from FoBSegmentLib.evaluate import baselines, metrics
 from FoBSegmentLib.evaluate import protocol as P
+from FoBSegmentLib.evaluate.datasets import find_volume_pairs
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import farthest_points
-from FoBSegmentLib.train.episodes import find_volume_pairs
 
 # ----------------------------------------------------------------------------- folds and slices
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.labelmap import (
     LabelHistory,
-    dice,
     merge_slice,
     nonempty_slices,
     write_binary_slices,

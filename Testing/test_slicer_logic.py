@@ -19,8 +19,9 @@ vtk = pytest.importorskip("vtk")
 from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
 
 from FoBSegmentLib import slicer_logic  # noqa: E402
+from FoBSegmentLib.evaluate.metrics import dice  # noqa: E402
 from FoBSegmentLib.io.coords import Geometry, take_slice  # noqa: E402
-from FoBSegmentLib.labelmap import dice, nonempty_slices  # noqa: E402
+from FoBSegmentLib.labelmap import nonempty_slices  # noqa: E402
 from FoBSegmentLib.prompts import PromptSet  # noqa: E402
 
 pytestmark = pytest.mark.slicer

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from FoBSegmentLib.paths import shared_data_dir
+from FoBSegmentLib.evaluate.datasets import ORGAN_LABELS, dataset_dir
 
-CHAOS_DIR = "chaos_mr_t2spir"
-LIVER = 1
+LIVER = ORGAN_LABELS["liver"]
 
 
 @dataclass
@@ -36,7 +35,7 @@ class BenchVolume:
 
 
 def chaos_dir() -> Path:
-    path = shared_data_dir() / CHAOS_DIR
+    path = dataset_dir("chaos")
     if not path.is_dir():
         raise FileNotFoundError(f"CHAOS MR data not found at {path} (set FOB_DATA to the shared data folder)")
     return path

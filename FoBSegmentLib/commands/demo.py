@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from FoBSegmentLib.commands.segment import TqdmProgress
+from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.paths import shared_data_dir
 from FoBSegmentLib.pipeline import PROMPT_SOURCES, SegmentRequest, segment_files
 
@@ -45,13 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """3D Dice of two boolean arrays of the same shape (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    denom = int(a.sum() + b.sum())
-    return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from FoBSegmentLib.atomic import atomic_output, write_text_atomic
+from FoBSegmentLib.evaluate.datasets import folder_kind
 from FoBSegmentLib.train.episodes import (
     Episode,
     MixedSampler,
     SkinEpisodeSampler,
     VolumeEpisodeSampler,
-    folder_kind,
     load_training_images,
     load_training_volumes,
 )
