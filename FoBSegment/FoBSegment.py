@@ -298,17 +298,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _engineKwargs(self) -> dict:
         p = self._parameterNode
-        kwargs = dict(
-            axis=p.sliceAxis,
-            slice_range=(p.sliceStart, p.sliceStop) if p.sliceStart >= 0 and p.sliceStop >= 0 else None,
-            prompts_from=p.promptSource,
-            model=p.model,
-            segmenter=p.segmenter,
-            device=p.device,
-            checkpoint=p.checkpoint or None,
-            n_background=p.numBackgroundPoints,
-            n_foreground=p.numForegroundPoints,
-        )
+        kwargs = self.logic.engine.settings_from_parameters(p)
         if p.supportVolume and p.supportSegmentation and p.supportSegmentID:
             kwargs.update(
                 support_volume=p.supportVolume,
@@ -529,7 +519,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.start()
 
     def _pollWorker(self) -> None:
-        from FoBSegmentLib.pipeline import PropagationCancelled
+        from FoBSegmentLib.propagation import PropagationCancelled
 
         while True:
             try:
@@ -855,15 +845,10 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(node, f"could not load {path}")
         return node
 
-    @staticmethod
-    def _dice(a, b) -> float:
-        a, b = np.asarray(a, bool), np.asarray(b, bool)
-        denom = a.sum() + b.sum()
-        return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
-
     def test_FoBSegment_predict_edit_segment_propagate(self) -> None:
         _ensure_engine_on_path()
         from FoBSegmentLib.io.coords import put_slice, take_slice
+        from FoBSegmentLib.labelmap import dice
         from FoBSegmentLib.paths import shared_data_dir
         from FoBSegmentLib.slicer import mrml
         from FoBSegmentLib.slicer.logic import FoBSegmentLogic as EngineLogic
@@ -907,14 +892,14 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
         before = mrml.segment_mask(seg, liver, volume)
         masks = engine.segment_slices(volume, seg, liver, segmenter="grabcut")
         for z, m in masks.items():
-            self.assertGreaterEqual(self._dice(m, take_slice(reference, axis, z)), self.SLICE_DICE_FLOOR)
+            self.assertGreaterEqual(dice(m, take_slice(reference, axis, z)), self.SLICE_DICE_FLOOR)
         self.assertTrue(np.array_equal(mrml.segment_mask(seg, other, volume), other_mask))
         self.assertTrue(engine.undo(seg))
         self.assertTrue(np.array_equal(mrml.segment_mask(seg, liver, volume), before))
 
         result = engine.propagate(volume, seg, liver, prompts_from="neighbour", segmenter="grabcut")
         got = mrml.segment_mask(seg, liver, volume)
-        d = self._dice(got, reference)
+        d = dice(got, reference)
         logging.info(f"FoBSegmentTest: propagation Dice {d:.3f} in {result.seconds:.1f} s")
         self.assertGreaterEqual(d, self.VOLUME_DICE_FLOOR)
         self.assertTrue(np.array_equal(mrml.segment_mask(seg, other, volume), other_mask))

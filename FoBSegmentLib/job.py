@@ -149,7 +149,7 @@ def load_generator(model: str | None, required: bool, device: str = "cpu") -> tu
     """The FoB generator (`model` or the shipped default) on `device` ("auto" resolves to
     cuda/mps/cpu) and a line saying which; (None, why) when no default is shipped and `required` is False."""
     try:
-        from FoBSegmentLib.model.generator import FoBPromptGenerator
+        from FoBSegmentLib.model import FoBPromptGenerator
     except ImportError as exc:
         if required or model:
             raise ValueError(f"the FoB model code is not available ({exc})") from None

@@ -63,10 +63,10 @@ def nonempty_slices(mask: np.ndarray, axis: int) -> list[int]:
     return [int(k) for k in np.flatnonzero(m.any(axis=other))]
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two bool arrays of the same shape; 1.0 when both are empty."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    if a.shape != b.shape:
-        raise ValueError(f"dice needs equal shapes, got {a.shape} and {b.shape}")
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """2TP / (2TP + FP + FN) of two boolean arrays of the same shape; 1.0 when both are empty."""
+    p, g = np.asarray(pred, bool), np.asarray(gt, bool)
+    if p.shape != g.shape:
+        raise ValueError(f"dice: shapes differ, {p.shape} vs {g.shape}")
+    denom = int(p.sum()) + int(g.sum())
+    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, g).sum()) / denom

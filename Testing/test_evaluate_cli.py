@@ -7,7 +7,7 @@ import json
 import pytest
 
 from FoBSegmentLib.cli import main
-from FoBSegmentLib.model.generator import FoBPromptGenerator
+from FoBSegmentLib.model import FoBPromptGenerator
 
 
 @pytest.fixture(scope="module")

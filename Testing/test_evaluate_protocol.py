@@ -8,9 +8,10 @@ from scipy import ndimage as ndi
 
 from FoBSegmentLib.evaluate import baselines, metrics
 from FoBSegmentLib.evaluate import protocol as P
-from FoBSegmentLib.model.ring import ring_points
+from FoBSegmentLib.evaluate.datasets import find_volume_pairs
 from FoBSegmentLib.prompts import PromptSet
-from FoBSegmentLib.train.episodes import find_volume_pairs
+from FoBSegmentLib.prompts.ring import ring_points
+from FoBSegmentLib.prompts.sampling import farthest_points
 
 # ----------------------------------------------------------------------------- folds and slices
 
@@ -240,7 +241,7 @@ def test_protocol_bookkeeping_with_a_recording_predictor():
                 ids = np.unique(blob[s_mask & (blob > 0)])
                 region = np.isin(blob, ids) if len(ids) else s_mask
                 ring, valid = ring_points(region, 10)
-                fg = baselines.farthest_points(ndi.binary_erosion(region, iterations=2), 5)
+                fg = farthest_points(ndi.binary_erosion(region, iterations=2), 5)
                 out.append(P.SlicePrediction(ring[valid], fg, region.astype(np.float32), ring[valid]))
             return out
 
@@ -274,7 +275,7 @@ def test_unknown_method_and_missing_generator_are_clear_errors():
 
 
 def test_real_generator_runs_every_method_on_the_synthetic_case():
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     vols = _synthetic_volumes(z=12)
     gen = FoBPromptGenerator.from_config(image_size=64)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.io.coords import take_slice
-from FoBSegmentLib.labelmap import dice, nonempty_slices, write_binary_slices
+from FoBSegmentLib.labelmap import nonempty_slices, write_binary_slices
 
 
 @pytest.fixture(scope="module")

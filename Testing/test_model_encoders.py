@@ -45,7 +45,7 @@ def test_resnet_encoder_weight_file_loading(tmp_path):
         ResNet101Encoder(512, partial)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"junk" * 100)
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="junk.pth is not a ResNet-101 weights file"):
         ResNet101Encoder(512, junk)
     with pytest.raises(FileNotFoundError):
         ResNet101Encoder(512, tmp_path / "absent.pth")

@@ -12,8 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from FoBSegmentLib import FoBPromptGenerator, PromptSet
+from FoBSegmentLib.model import normalize_image
 from FoBSegmentLib.model.config import FoBConfig
-from FoBSegmentLib.model.generator import farthest_point_sampling, normalize_image
+from FoBSegmentLib.prompts.sampling import farthest_point_sampling
 
 
 @pytest.fixture(scope="module")
@@ -324,10 +325,10 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     save_file(g.state_dict(), str(tmp_path / "badcfg.safetensors"), metadata=dict(meta, config="{nope"))
     torch.save({"format": "fob-prompt-generator", "state_dict": {"a": [1, 2]}}, tmp_path / "nontensor.pt")
     expected = {
-        "trunc.safetensors": "not a readable",
-        "junk.safetensors": "not a readable",
-        "junk.pt": "not a readable",
-        "trunc.pt": "not a readable",
+        "trunc.safetensors": "not a FoB checkpoint",
+        "junk.safetensors": "not a FoB checkpoint",
+        "junk.pt": "not a FoB checkpoint",
+        "trunc.pt": "not a FoB checkpoint",
         "foreign.safetensors": "not a FoB",
         "mismatch.safetensors": "expected",
         "missing.safetensors": "missing",

@@ -8,10 +8,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from FoBSegmentLib.evaluate.datasets import ORGANS
 from FoBSegmentLib.model.heatmaps import gaussian_heatmaps, masked_average_pool
-from FoBSegmentLib.model.ring import ring_points
-
-ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
+from FoBSegmentLib.prompts.ring import ring_points
 
 
 def chaos_organ_slice(data_dir, case: int, label: int) -> np.ndarray:

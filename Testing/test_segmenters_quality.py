@@ -1,7 +1,7 @@
 """The weight-free segmenters on real slices of ../shared/data, prompted as FoB would prompt them.
 
 Prompts come from the reference mask: 10 background points on FoB's BPPC ring about 10 px outside the
-organ (FoBSegmentLib.model.ring.ring_points, clockwise), plus 10 foreground points drawn from the mask
+organ (FoBSegmentLib.prompts.ring.ring_points, clockwise), plus 10 foreground points drawn from the mask
 eroded by 3 px. Slices: for each organ of each volume, the slice where it is largest and the slice a
 quarter of the way through its extent (smaller, harder); every ISIC image. Dice per organ and dataset
 is printed (visible in the normal pytest output) and checked against floors set a little below what
@@ -23,6 +23,7 @@ from conftest import ORGANS, dice
 from scipy import ndimage
 
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.prompts.sampling import random_points
 from FoBSegmentLib.segmenters import get_segmenter
 from FoBSegmentLib.segmenters.base import ordered_ring, polygon_mask
 
@@ -43,7 +44,7 @@ MEAN_FLOOR = {"grabcut": 0.85, "random-walker": 0.84}
 
 def ring_from_mask(mask: np.ndarray) -> np.ndarray:
     """10 clockwise background points about 10 px outside the mask, (10, 2) (x, y)."""
-    from FoBSegmentLib.model.ring import ring_points
+    from FoBSegmentLib.prompts.ring import ring_points
 
     pts, valid = ring_points(mask, 10)
     return pts[valid]
@@ -54,9 +55,7 @@ def prompts_from_mask(mask: np.ndarray, seed: int = 0) -> PromptSet:
     inner = ndimage.binary_erosion(mask, iterations=3)
     if inner.sum() < 10:
         inner = mask
-    rows, cols = np.nonzero(inner)
-    pick = np.random.default_rng(seed).choice(len(rows), size=min(10, len(rows)), replace=False)
-    return PromptSet(background=ring, foreground=np.stack([cols[pick], rows[pick]], axis=1).astype(float))
+    return PromptSet(background=ring, foreground=random_points(inner, 10, np.random.default_rng(seed)))
 
 
 def unit(img: np.ndarray) -> np.ndarray:

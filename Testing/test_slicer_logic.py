@@ -18,8 +18,9 @@ vtk = pytest.importorskip("vtk")
 
 from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
 
+from FoBSegmentLib.evaluate.metrics import dice  # noqa: E402
 from FoBSegmentLib.io.coords import Geometry, take_slice  # noqa: E402
-from FoBSegmentLib.labelmap import dice, nonempty_slices  # noqa: E402
+from FoBSegmentLib.labelmap import nonempty_slices  # noqa: E402
 from FoBSegmentLib.prompts import PromptSet  # noqa: E402
 from FoBSegmentLib.slicer import mrml as fob_mrml  # noqa: E402
 from FoBSegmentLib.slicer.logic import FoBSegmentLogic  # noqa: E402
@@ -253,7 +254,7 @@ def test_predict_edit_segment_undo(case: Case) -> None:
 
 
 def test_propagate_whole_volume_one_undo_and_cancel(case: Case) -> None:
-    from FoBSegmentLib.pipeline import PropagationCancelled
+    from FoBSegmentLib.propagation import PropagationCancelled
 
     logic, vol, seg = case.logic, case.volume, case.seg
     before = fob_mrml.segment_mask(seg, case.liver_id, vol)
@@ -438,7 +439,7 @@ def test_predict_with_a_fob_generator_plumbing(plain_case: Case) -> None:
     weights make no quality claim; this checks that its prompts reach the point lists on the right slices
     and come back unchanged (frames and slice bookkeeping)."""
     torch = pytest.importorskip("torch")
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     torch.manual_seed(0)
     path = FoBPromptGenerator.default_model_path()
@@ -566,7 +567,7 @@ def test_live_propagation_slice_by_slice_one_undo(case: Case) -> None:
     import queue
     import threading
 
-    from FoBSegmentLib.pipeline import PropagationCancelled
+    from FoBSegmentLib.propagation import PropagationCancelled
 
     logic, vol, seg, axis = case.logic, case.volume, case.seg, case.axis
     z0 = case.support_slice
@@ -745,3 +746,65 @@ def test_control_point_slice_along_the_lists_axis(mrml, axis: int) -> None:  # n
     assert logic.point_list_axis(fg) == other_axis
     expected = fob_mrml.slice_at_world_point(vol, fg.GetNthControlPointPositionWorld(0), other_axis)
     assert logic.control_point_slice(fg, 0) == expected
+
+
+@pytest.mark.parametrize("patient,organ", [("2", LIVER), ("8", SPLEEN)])
+def test_slicer_logic_and_fob_segment_run_the_same_job(mrml, data_dir: Path, tmp_path: Path, capsys,  # noqa: F811
+                                                       patient: str, organ: int) -> None:
+    """Parity: the module's defaults (FoBParameters()) through the Logic on a real scene, and `fob segment`
+    with its defaults on the same files, give identical masks (one job builder behind both)."""
+    from FoBSegmentLib import cli
+    from FoBSegmentLib.io import volumes
+
+    scene, logics = mrml
+    image = data_dir / "chaos_mr_t2spir" / f"image_{patient}.nii.gz"
+    lab = volumes.read_label(data_dir / "chaos_mr_t2spir" / f"label_{patient}.nii.gz")
+    ref = lab.array == organ
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    sup = np.zeros(ref.shape, np.uint8)
+    sup[zs[len(zs) // 2]] = ref[zs[len(zs) // 2]]
+    support_file = volumes.write_label(tmp_path / "support.nii.gz", sup, lab.geometry)
+    out = tmp_path / "cli.nii.gz"
+    assert cli.main(["segment", str(image), "-o", str(out), "--support-mask", str(support_file), "--quiet"]) == 0
+    capsys.readouterr()
+
+    # Slicer's readers (they may reorder slices of a left-handed file: compare on Slicer's grid)
+    volume = logics["volumes"].AddArchetypeVolume(str(image), "query")
+    support_node = logics["volumes"].AddArchetypeVolume(str(support_file), "support", 1)
+    cli_node = logics["volumes"].AddArchetypeVolume(str(out), "cli", 1)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    sid = seg.GetSegmentation().AddEmptySegment("organ", "organ")
+    fob_mrml.set_segment_mask(seg, sid, volume, fob_mrml.volume_array(support_node) > 0)
+    logic = FoBSegmentLogic(scene)
+    result = logic.propagate(volume, seg, sid, **logic.settings_from_parameters(FoBParameters()))
+    assert result.prompts_from == "hybrid"  # the shipped model is used by both front ends
+    from_slicer = fob_mrml.segment_mask(seg, sid, volume)
+    from_cli = fob_mrml.volume_array(cli_node) > 0
+    assert from_cli.any()
+    assert np.array_equal(from_slicer, from_cli), f"{int((from_slicer != from_cli).sum())} voxels differ"
+
+
+def test_point_edit_in_slicer_replays_the_record(case: Case) -> None:
+    """Moving the points of one propagated slice re-segments that slice and what was chained from it;
+    the rest of the segment stays voxel for voxel."""
+    logic, vol, seg = case.logic, case.volume, case.seg
+    logic.propagate(vol, seg, case.liver_id, prompts_from="neighbour", segmenter="graphcut")
+    before = fob_mrml.segment_mask(seg, case.liver_id, vol)
+    lists = logic.prompt_point_lists(vol, seg, case.liver_id, create=False)
+    z = case.support_slice + 2
+    node = lists["background"]
+    on_z = [c for c in range(node.GetNumberOfControlPoints()) if logic.control_point_slice(node, c, vol) == z]
+    assert on_z
+    pos = np.array([node.GetNthControlPointPosition(c) for c in on_z])
+    centre = pos.mean(axis=0)
+    for c, p in zip(on_z, pos):
+        # halfway to the ring's centre: the ring now cuts through the organ (still on slice z)
+        node.SetNthControlPointPosition(c, *(p + 0.5 * (centre - p)))
+    changed = logic.segment_slices(vol, seg, case.liver_id, slices=[z], segmenter="graphcut")
+    after = fob_mrml.segment_mask(seg, case.liver_id, vol)
+    assert z in changed
+    assert all(s >= z for s in changed), sorted(changed)  # only the edited slice and the chain above it
+    for s in range(before.shape[case.axis]):
+        if s < z:
+            assert np.array_equal(take_slice(before, case.axis, s), take_slice(after, case.axis, s)), s

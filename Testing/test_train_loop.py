@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from FoBSegmentLib.cli import main
-from FoBSegmentLib.model.generator import FoBPromptGenerator
+from FoBSegmentLib.model import FoBPromptGenerator
 from FoBSegmentLib.train.episodes import VolumeEpisodeSampler, load_training_volumes
 from FoBSegmentLib.train.loop import episode_tensors, output_files, read_loss_log
 

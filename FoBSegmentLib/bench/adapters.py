@@ -15,7 +15,7 @@ def make_generator(encoder: str, device: str) -> Any:
     """Untrained FoB prompt generator with the given encoder, in eval mode on `device`."""
     import torch
 
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     torch.manual_seed(0)
     return FoBPromptGenerator.from_config(encoder=encoder).to(device).eval()
@@ -23,7 +23,7 @@ def make_generator(encoder: str, device: str) -> Any:
 
 def shipped_generator(device: str) -> Any | None:
     """The shipped default model (Resources/fob_lite.safetensors) or None when it is not there."""
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     try:
         return FoBPromptGenerator.load(device=device)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from FoBSegmentLib.paths import shared_data_dir
+from FoBSegmentLib.evaluate.datasets import ORGAN_LABELS, dataset_dir
 
-CHAOS_DIR = "chaos_mr_t2spir"
-LIVER = 1
+LIVER = ORGAN_LABELS["liver"]
 
 
 @dataclass
@@ -36,7 +35,7 @@ class BenchVolume:
 
 
 def chaos_dir() -> Path:
-    path = shared_data_dir() / CHAOS_DIR
+    path = dataset_dir("chaos")
     if not path.is_dir():
         raise FileNotFoundError(f"CHAOS MR data not found at {path} (set FOB_DATA to the shared data folder)")
     return path
@@ -92,10 +91,11 @@ def prompts_from_mask(mask: np.ndarray, n_bg: int = 10, n_fg: int = 10, seed: in
     import cv2
 
     from FoBSegmentLib.prompts import PromptSet
+    from FoBSegmentLib.prompts.sampling import random_points
 
     mask = np.asarray(mask, bool)
     try:
-        from FoBSegmentLib.model.ring import ring_points
+        from FoBSegmentLib.prompts.ring import ring_points
 
         bg, valid = ring_points(mask, n_bg)
         bg = bg[valid]
@@ -104,10 +104,7 @@ def prompts_from_mask(mask: np.ndarray, n_bg: int = 10, n_fg: int = 10, seed: in
     core = cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
     if not core.any():
         core = mask
-    rows, cols = np.nonzero(core)
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(rows), size=min(n_fg, len(rows)), replace=False)
-    fg = np.stack([cols[pick], rows[pick]], axis=1).astype(np.float64)
+    fg = random_points(core, n_fg, np.random.default_rng(seed))
     return PromptSet(background=bg, foreground=fg)
 
 

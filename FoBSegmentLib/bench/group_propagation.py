@@ -3,7 +3,7 @@
 One annotated slice (the middle of the liver range) is propagated over the liver's whole slice
 range (given explicitly as `slices=A:B`, so an untrained generator cannot change the range): read
 the NIfTI, normalise, predict FoB prompts, segment every slice, 3D clean-up, atomic write - i.e.
-`pipeline.segment_files`, timed from the call to the written file. CHAOS volumes have 31-38 slices
+`files.segment_files`, timed from the call to the written file. CHAOS volumes have 31-38 slices
 and their longest liver range is 28 slices, so the issue's "40-slice range" target is judged on the
 time scaled to 40 slices (per-slice time x 40) as well as on the measured range.
 
@@ -50,7 +50,7 @@ def _model_path(encoder: str, folder: Path, device: str) -> tuple[str | None, st
 def _one_run(settings: Settings, encoder: str, segmenter: str, folder: Path, profile: bool):
     from FoBSegmentLib.bench.adapters import random_sam_checkpoint
     from FoBSegmentLib.bench.data import load_volume
-    from FoBSegmentLib.pipeline import SegmentRequest, segment_files
+    from FoBSegmentLib.files import SegmentRequest, segment_files
 
     vol = load_volume()
     a, b = int(vol.organ_slices[0]), int(vol.organ_slices[-1])

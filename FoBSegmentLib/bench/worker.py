@@ -15,7 +15,7 @@ import sys
 from FoBSegmentLib.bench.core import Settings
 
 PRELOAD = ("cv2", "scipy.ndimage", "SimpleITK", "skimage.segmentation", "segment_anything",
-           "FoBSegmentLib.model.generator", "FoBSegmentLib.segmenters", "FoBSegmentLib.pipeline",
+           "FoBSegmentLib.model.predictor", "FoBSegmentLib.segmenters", "FoBSegmentLib.pipeline",
            "FoBSegmentLib.io.volumes", "FoBSegmentLib.io.intensity")
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from FoBSegmentLib.commands.segment import TqdmProgress
+from FoBSegmentLib.evaluate.datasets import ORGANS as ORGAN_NAMES
+from FoBSegmentLib.evaluate.datasets import dataset_dir
+from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.files import SegmentRequest, segment_files
-from FoBSegmentLib.paths import shared_data_dir
 from FoBSegmentLib.propagation import PROMPT_SOURCES
 
-ORGANS = {"liver": 1, "right-kidney": 2, "left-kidney": 3, "spleen": 4}
+ORGANS = {name.replace(" ", "-"): value for value, name in ORGAN_NAMES.items()}
 # Patient 39: its liver Dice with neighbour prompts + GrabCut (0.735) is close to the mean over the
 # 15 CHAOS MR patients (0.724), so the demo shows the typical case, not the best one.
 DEFAULT_PATIENT = "39"
@@ -48,13 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """3D Dice of two boolean arrays of the same shape (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    denom = int(a.sum() + b.sum())
-    return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom
-
-
 def run(args: argparse.Namespace) -> int:
     from FoBSegmentLib.atomic import check_writable
     from FoBSegmentLib.device import check_device
@@ -62,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from FoBSegmentLib.io.coords import axial_axis, put_slice, take_slice
 
     device = check_device(args.device)
-    data = shared_data_dir() / "chaos_mr_t2spir"
+    data = dataset_dir("chaos")
     image_path = data / f"image_{args.patient}.nii.gz"
     label_path = data / f"label_{args.patient}.nii.gz"
     if not image_path.exists():

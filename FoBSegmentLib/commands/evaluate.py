@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 
 from FoBSegmentLib.atomic import write_text_atomic
-
-DATASETS = {"chaos": "chaos_mr_t2spir", "synapse": "synapse_ct", "isic": "isic", "ph2": "ph2"}
-VOLUME_DATASETS = ("chaos", "synapse")
+from FoBSegmentLib.evaluate.datasets import DATASETS, VOLUME_DATASETS, dataset_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -177,8 +175,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from FoBSegmentLib.evaluate import protocol as P
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
-    from FoBSegmentLib.paths import shared_data_dir
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     if args.data and len(args.dataset) != 1:
         raise ValueError("--data can only be used with a single --dataset")
@@ -231,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         "datasets": {},
     }
     for ds in args.dataset:
-        folder = Path(args.data) if args.data else shared_data_dir() / DATASETS[ds]
+        folder = Path(args.data) if args.data else dataset_dir(ds)
         if not folder.is_dir():
             raise FileNotFoundError(f"data folder for {ds} not found: {folder}")
         if ds in VOLUME_DATASETS:

@@ -20,6 +20,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.prompts.ring import ring_points
+from FoBSegmentLib.prompts.sampling import farthest_points, random_points
 
 DEFAULT_MIN_SPACING_PX = 8.0
 
@@ -59,14 +61,6 @@ def confidence_prompts(
     )
 
 
-def _sample_pixels(region: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    rows, cols = np.nonzero(region)
-    if len(rows) == 0:
-        return np.zeros((0, 2))
-    pick = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
-    return np.stack([cols[pick], rows[pick]], axis=1).astype(np.float64)
-
-
 def mask_sampled_prompts(
     prob: np.ndarray, n_fg: int = 10, n_bg: int = 10, threshold: float = 0.5, seed: int = 0
 ) -> PromptSet:
@@ -78,11 +72,11 @@ def mask_sampled_prompts(
     p = _check_map(prob)
     rng = np.random.default_rng(seed)
     mask = p >= threshold
-    fg = _sample_pixels(mask, n_fg, rng)
+    fg = random_points(mask, n_fg, rng)
     if len(fg) == 0:
         y, x = np.unravel_index(int(np.argmax(p)), p.shape)
         fg = np.array([[float(x), float(y)]])
-    return PromptSet(background=_sample_pixels(~mask, n_bg, rng), foreground=fg, fg_probability=p)
+    return PromptSet(background=random_points(~mask, n_bg, rng), foreground=fg, fg_probability=p)
 
 
 def coarse_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -90,29 +84,9 @@ def coarse_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return _check_map(prob) >= threshold
 
 
-def farthest_points(region: np.ndarray, n: int) -> np.ndarray:
-    """(<= n, 2) (x, y) points spread over a boolean (H, W) region by farthest-point sampling,
-    starting at the pixel deepest inside it (deterministic)."""
-    reg = np.asarray(region, bool)
-    rows, cols = np.nonzero(reg)
-    if len(rows) == 0:
-        return np.zeros((0, 2))
-    depth = ndi.distance_transform_edt(reg)[rows, cols]
-    pts = np.stack([cols, rows], axis=1).astype(np.float64)
-    chosen = [int(np.argmax(depth))]
-    dist = np.sum((pts - pts[chosen[0]]) ** 2, axis=1)
-    while len(chosen) < min(n, len(pts)):
-        nxt = int(np.argmax(dist))
-        chosen.append(nxt)
-        dist = np.minimum(dist, np.sum((pts - pts[nxt]) ** 2, axis=1))
-    return pts[chosen]
-
-
 def oracle_prompts(gt: np.ndarray, n_fg: int = 10, n_bg: int = 10, k_out: int = 21, k_in: int = 15) -> PromptSet:
     """Perfect prompts from the (H, W) ground truth: the BPPC ring and farthest-point foreground points
     inside the mask eroded by 2 px (interior points, not boundary pixels)."""
-    from FoBSegmentLib.model.ring import ring_points
-
     g = np.asarray(gt, bool)
     if not g.any():
         raise ValueError("oracle prompts need a non-empty ground-truth mask")

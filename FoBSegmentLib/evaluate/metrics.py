@@ -11,19 +11,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from FoBSegmentLib.labelmap import dice  # noqa: F401  (the one dice lives with the runtime code)
+
 # Width (px) of the band outside the organ where background prompts are useful. FoB places its ring
 # (k_out - 1) / 2 = 10 px (Chebyshev) outside the mask, i.e. up to ~14 px Euclidean; 20 px accepts that
 # ring with some slack but rejects confidence-picked points far out in the background.
 DEFAULT_BAND_PX = 20.0
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """2TP / (2TP + FP + FN) of two boolean arrays of the same shape; 1.0 when both are empty."""
-    p, g = np.asarray(pred, bool), np.asarray(gt, bool)
-    if p.shape != g.shape:
-        raise ValueError(f"dice: shapes differ, {p.shape} vs {g.shape}")
-    denom = int(p.sum()) + int(g.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, g).sum()) / denom
 
 
 @dataclass

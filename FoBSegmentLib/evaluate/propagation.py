@@ -8,7 +8,7 @@ For every CHAOS MR patient and every Synapse CT case in `../shared/data` and eac
   nearest slice that shows the organ if the middle one does not);
 * pipeline methods run `fob segment`'s pipeline on the image with a support mask that holds only
   that slice (same reading, intensity preset, support extraction, `PropagationConfig` defaults and
-  `pipeline.propagate`; `Testing/test_propagation_protocol.py` checks the result equals
+  the one job builder, `job.build_job`; `Testing/test_propagation_protocol.py` checks the result equals
   `fob segment`'s output file): `fob` (FoB prompts), `hybrid` (FoB decides the extent, neighbour
   chaining the shape), `neighbour` (the same chain without a model) and `plain` (the issue's plain
   mask propagation baseline: prompts from the adjacent result, the segmenter without its shape
@@ -30,8 +30,8 @@ the pipeline's result does not change.
 `python -m FoBSegmentLib.evaluate.propagation --help` runs it standalone; `fob evaluate --protocol
 propagation` calls `run(args)` with the `fob evaluate` namespace plus `add_arguments`' options.
 
-Frames: volumes [k, j, i] (SimpleITK order); slices along the axial array axis (`axial_axis`);
-slice indices count along that axis.
+Frames: volumes [k, j, i] (SimpleITK order); slices along the axis `fob segment` chooses
+(`job.default_slice_axis`); slice indices count along that axis.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from FoBSegmentLib.atomic import write_text_atomic
+from FoBSegmentLib.evaluate.datasets import DATASET_TITLES, ORGANS, VOLUME_DATASETS, Case, list_cases
 from FoBSegmentLib.evaluate.interpolation import (
     annotated_nonempty,
     copy_mask,
@@ -62,11 +63,7 @@ from FoBSegmentLib.evaluate.interpolation import (
 from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.evaluate.report import markers, write_section
 from FoBSegmentLib.io.coords import take_slice
-from FoBSegmentLib.paths import shared_data_dir
 
-DATASETS = {"chaos": "chaos_mr_t2spir", "synapse": "synapse_ct"}
-DATASET_TITLES = {"chaos": "CHAOS MR T2-SPIR", "synapse": "Synapse CT"}
-ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 # Method -> (short label, what it is). Pipeline methods map to a `--prompts-from` source.
 METHODS: dict[str, tuple[str, str]] = {
     "fob": ("FoB", "fob segment --prompts-from fob (FoB prompts on every slice, extent from its coarse map)"),
@@ -97,70 +94,18 @@ SECTION_START, SECTION_END = markers("propagation")
 # cases and volumes
 
 
-@dataclass(frozen=True)
-class Case:
-    """One volume of a dataset: image and reference label files (same grid)."""
-
-    dataset: str
-    case_id: str
-    image: Path
-    label: Path
 
 
-def list_cases(dataset: str, folder: Path | None = None, ids: Iterable[str] | None = None) -> list[Case]:
-    """The `image_<id>.nii.gz` / `label_<id>.nii.gz` pairs of a dataset folder, sorted by integer id.
+def prepare_volume(image_path: str | os.PathLike, modality: str = "auto") -> Any:
+    """Read an image and prepare it exactly as `fob segment` does (`job.prepare_image`): a
+    `job.PreparedImage` (volume, normalised, modality, axis)."""
+    from FoBSegmentLib.io import volumes
+    from FoBSegmentLib.job import JobSettings, prepare_image
 
-    ids: keep only these ids (strings); ValueError names any id that is not there.
-    """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
-    root = Path(folder) if folder is not None else shared_data_dir() / DATASETS[dataset]
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder for {dataset} not found: {root}")
-    found: dict[str, Case] = {}
-    for img in root.glob("image_*.nii.gz"):
-        cid = img.name[len("image_") : -len(".nii.gz")]
-        lab = root / f"label_{cid}.nii.gz"
-        if lab.is_file():
-            found[cid] = Case(dataset, cid, img, lab)
-    if not found:
-        raise FileNotFoundError(f"no image_<id>.nii.gz / label_<id>.nii.gz pairs in {root}")
-    order = sorted(found, key=lambda c: (int(c) if c.isdigit() else 10**9, c))
-    if ids is not None:
-        wanted = [str(i) for i in ids]
-        missing = [i for i in wanted if i not in found]
-        if missing:
-            raise ValueError(f"{dataset}: no case {', '.join(missing)} (cases: {', '.join(order)})")
-        order = [c for c in order if c in wanted]
-    return [found[c] for c in order]
+    return prepare_image(volumes.read_volume(image_path), JobSettings(modality=modality))
 
 
-@dataclass
-class PreparedVolume:
-    """A query image read and normalised exactly as `pipeline.segment_files` does for `fob segment`.
-
-    normalised: [k, j, i] float32 in [0, 1]; axis: the axial array axis; modality: 'ct' / 'mr'.
-    """
-
-    volume: Any  # io.volumes.Volume
-    normalised: np.ndarray
-    axis: int
-    modality: str
-
-
-def prepare_volume(image_path: str | os.PathLike, modality: str = "auto") -> PreparedVolume:
-    """Read an image and apply `fob segment`'s default intensity preset (modality guessed, default window)."""
-    from FoBSegmentLib.io import intensity, volumes
-    from FoBSegmentLib.io.coords import axial_axis
-
-    vol = volumes.read_volume(image_path)
-    if modality == "auto":
-        modality = intensity.guess_modality(vol.array, vol.modality_hint, vol.is_rgb).modality
-    norm = intensity.normalize(vol.grid_array, modality, None).reshape(vol.grid_array.shape)
-    return PreparedVolume(vol, np.asarray(norm, np.float32), axial_axis(vol.geometry), modality)
-
-
-def read_reference(label_path: str | os.PathLike, prepared: PreparedVolume) -> np.ndarray:
+def read_reference(label_path: str | os.PathLike, prepared: Any) -> np.ndarray:
     """The reference label map [k, j, i] (integers) on the prepared image's grid."""
     from FoBSegmentLib.io import volumes
 
@@ -178,7 +123,7 @@ def annotated_slice(reference: np.ndarray, axis: int) -> int:
 
 
 def predict(
-    prepared: PreparedVolume,
+    prepared: Any,
     annotations: dict[int, np.ndarray],
     segmenter: Any,
     source: str,
@@ -186,35 +131,26 @@ def predict(
     config: Any = None,
     modality_defaults: bool = True,
 ) -> Any:
-    """`fob segment`'s propagation from annotated slices; the reference label is not an input.
+    """`fob segment`'s propagation from annotated slices, built by the one job builder
+    (`job.build_job`); the reference label is not an input.
 
     annotations: slice index along `prepared.axis` -> (H, W) bool mask drawn on that slice (one
     entry for the protocol; several for the "annotate a few slices" variant).
     source: 'fob' | 'hybrid' | 'neighbour' (`--prompts-from`). config: a `PropagationConfig`
-    (default: `fob segment`'s defaults, slices 'auto'); as `fob segment` does, the measured
-    defaults of `prepared.modality` (`pipeline.config_for_modality`) are applied to it unless
-    `modality_defaults` is False (the plain baseline).
-    Returns `pipeline.PropagationResult` (mask [k, j, i] uint8, per-slice reports).
+    (default: `fob segment`'s defaults, slices 'auto'); the modality preset is applied to it as
+    `fob segment` does unless `modality_defaults` is False (the plain baseline).
+    Returns the `PropagationResult` (mask [k, j, i] uint8, per-slice reports).
     """
-    from FoBSegmentLib.pipeline import config_for_modality, propagate, support_slices_from_volume
+    from FoBSegmentLib.job import Components, JobSettings, build_job
 
     support_vol = np.zeros(prepared.normalised.shape[:3], bool)
     sl = [slice(None)] * 3
     for index, ann in annotations.items():
         sl[prepared.axis] = int(index)
         support_vol[tuple(sl)] = np.asarray(ann, bool)
-    supports = support_slices_from_volume(prepared.normalised, support_vol, prepared.axis)
-    cfg = config_for_modality(config, prepared.modality) if modality_defaults else config
-    return propagate(
-        prepared.normalised,
-        supports,
-        segmenter,
-        axis=prepared.axis,
-        same_volume=True,
-        prompts_from=source,
-        generator=generator,
-        config=cfg,
-    )
+    settings = JobSettings(prompts_from=source, config=config, modality_presets=modality_defaults)
+    job = build_job(prepared, support_vol, settings, components=Components(generator, segmenter, source))
+    return job.run()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +158,7 @@ def predict(
 
 
 def chaining_ceiling(
-    prepared: PreparedVolume,
+    prepared: Any,
     reference: np.ndarray,
     index: int,
     segmenter: Any,
@@ -239,7 +175,7 @@ def chaining_ceiling(
     """
     import cv2
 
-    from FoBSegmentLib.pipeline import PropagationConfig, cleanup_3d, prompts_from_mask
+    from FoBSegmentLib.propagation import PropagationConfig, cleanup_3d, prompts_from_mask
 
     cfg = config if config is not None else PropagationConfig()
     ref = np.asarray(reference, bool)
@@ -392,7 +328,7 @@ def evaluate_case(
                     continue
                 cfg = runtime.config_factory() if runtime.config_factory else None
                 if m == "plain":
-                    from FoBSegmentLib.pipeline import PropagationConfig
+                    from FoBSegmentLib.propagation import PropagationConfig
 
                     cfg = dataclasses.replace(cfg or PropagationConfig(), **PLAIN_CONFIG)
                 annotations = {z: ann}
@@ -613,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         "3D Dice over the whole volume, FoB and plain mask propagation through fob segment's pipeline against "
         "Fill between slices (3 and 5 slices) and mask copy. Same as `fob evaluate --protocol propagation`.",
     )
-    p.add_argument("--dataset", nargs="+", default=list(DATASETS), choices=list(DATASETS), metavar="NAME",
+    p.add_argument("--dataset", nargs="+", default=list(VOLUME_DATASETS), choices=list(VOLUME_DATASETS), metavar="NAME",
                    help="chaos and/or synapse (default both)")
     p.add_argument("--data", metavar="DIR", help="data folder (only with a single --dataset; default ../shared/data)")
     p.add_argument("--organs", nargs="+", type=int, metavar="LABEL", help="only these labels (1-4); default all")
@@ -658,19 +594,19 @@ def _resolve_organs(labels: Iterable[int] | None) -> list[int]:
 
 def make_runtime(args: argparse.Namespace, methods: list[str]) -> tuple[Runtime, str, list[str]]:
     """Segmenter and generator for `methods`; returns (runtime, model line, notes)."""
+    from FoBSegmentLib.job import JobSettings, load_components, load_generator
+
     notes: list[str] = []
     rt = Runtime()
+    settings = JobSettings(prompts_from="neighbour", segmenter=args.segmenter,
+                           sam_checkpoint=getattr(args, "checkpoint", None),
+                           device=getattr(args, "device", "cpu") or "cpu")
     if any(m in PIPELINE_SOURCES or m == "ceiling" for m in methods):
-        from FoBSegmentLib.segmenters import get_segmenter
-
-        rt.segmenter = get_segmenter(args.segmenter, checkpoint=getattr(args, "checkpoint", None),
-                                     device=getattr(args, "device", "cpu") or "cpu")
+        rt.segmenter = load_components(settings).segmenter
     model_line = "not used"
     if any(m in MODEL_METHODS for m in methods):
-        from FoBSegmentLib.pipeline import load_generator
-
         model = getattr(args, "model", None)
-        rt.generator, model_line = load_generator(model, required=bool(model))
+        rt.generator, model_line = load_generator(model, required=bool(model), device=settings.device)
         if rt.generator is None:
             # load_generator's message names the machine's Resources folder; files get a path-free line.
             print(f"note: {model_line}", file=sys.stderr)
@@ -683,8 +619,8 @@ def make_runtime(args: argparse.Namespace, methods: list[str]) -> tuple[Runtime,
 
 def run(args: argparse.Namespace) -> int:
     """The protocol for `fob evaluate --protocol propagation` and the standalone main."""
-    datasets = list(getattr(args, "dataset", None) or DATASETS)
-    bad = [d for d in datasets if d not in DATASETS]
+    datasets = list(getattr(args, "dataset", None) or VOLUME_DATASETS)
+    bad = [d for d in datasets if d not in VOLUME_DATASETS]
     if bad:
         raise ValueError(f"--protocol propagation runs on chaos and synapse, not {', '.join(bad)}")
     if getattr(args, "data", None) and len(datasets) != 1:

@@ -40,10 +40,16 @@ from FoBSegmentLib.evaluate.baselines import (
     mask_sampled_prompts,
     oracle_prompts,
 )
+from FoBSegmentLib.evaluate.datasets import (
+    ORGANS,
+    find_skin_images,
+    find_volume_pairs,
+    normalise_volume,
+    read_volume_array,
+)
 from FoBSegmentLib.evaluate.metrics import DiceCounter, PromptQuality, dice, mean_quality, prompt_quality
 from FoBSegmentLib.prompts import PromptSet
 
-ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 SUPPORT_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
 # Methods and what they measure. 'coarse' needs no segmenter; 'oracle' reads the query label.
 ALL_METHODS = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle")
@@ -86,8 +92,6 @@ def make_folds(n_volumes: int, n_folds: int = 5, support_position: int = 2) -> l
 def fold_training_ids(folder: str | Path, fold: int, n_folds: int = 5) -> list[str]:
     """Ids of the volumes in `folder` that fold `fold` of the protocol may train on: every volume that
     is neither its support nor one of its queries (the same sorted order as `load_eval_volumes`)."""
-    from FoBSegmentLib.train.episodes import find_volume_pairs
-
     ids = [sid for sid, _img, _lab in find_volume_pairs(folder)]
     if not ids:
         raise ValueError(f"--fold needs volume folders (image_<id> files); {folder} has none")
@@ -393,8 +397,6 @@ def format_table(result: dict, title: str = "") -> str:
 def load_eval_volumes(folder: str | Path) -> list[EvalVolume]:
     """All `image_<id>` / `label_<id>` pairs of a folder, sorted by id, intensities normalised to [0, 1]
     with the engine's presets (the same images the pipeline hands to the generator)."""
-    from FoBSegmentLib.train.episodes import find_volume_pairs, normalise_volume, read_volume_array
-
     out = []
     for sid, img_path, lab_path in find_volume_pairs(folder):
         if not lab_path.is_file():
@@ -412,8 +414,6 @@ def load_eval_volumes(folder: str | Path) -> list[EvalVolume]:
 def load_skin_images(folder: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """[(id, image (H, W, 3) float32 [0, 1], mask (H, W) bool)] of a dermoscopy folder, sorted by id."""
     from PIL import Image
-
-    from FoBSegmentLib.train.episodes import find_skin_images
 
     out = []
     for sid, img_path, mask_path in find_skin_images(folder):

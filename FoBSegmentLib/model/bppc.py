@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from FoBSegmentLib.model.heatmaps import gaussian_heatmaps, masked_average_pool
-from FoBSegmentLib.model.ring import ring_points
+from FoBSegmentLib.prompts.ring import ring_points
 
 
 def batch_ring_points(

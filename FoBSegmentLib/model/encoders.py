@@ -105,15 +105,17 @@ class ResNet101Encoder(nn.Module):
 def _load_resnet_weights(net: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"ResNet-101 weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt/foreign file: one clear line instead of a pickle traceback
-        raise ValueError(f"cannot read ResNet-101 weights {path.name}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # corrupt/foreign file: one clear line instead of a traceback
+            raise ValueError(f"cannot read ResNet-101 weights {path.name}: {type(exc).__name__}: {exc}") from None
+    else:
+        from FoBSegmentLib.model.checkpoint import load_weights_only
+
+        state = load_weights_only(path, "ResNet-101 weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -12,7 +12,7 @@ from FoBSegmentLib.propagation.config import (
     parse_slices,
 )
 from FoBSegmentLib.propagation.document import RECORD_KEY, replay
-from FoBSegmentLib.propagation.neighbour import interior_points, prompts_from_mask
+from FoBSegmentLib.propagation.neighbour import prompts_from_mask
 from FoBSegmentLib.propagation.propagate import propagate
 from FoBSegmentLib.propagation.runner import cleanup_3d
 from FoBSegmentLib.propagation.stopping import organ_range_from_probability
@@ -36,6 +36,6 @@ from FoBSegmentLib.propagation.types import (
 __all__ = [
     "MODALITY_CONFIG", "PROMPT_SOURCES", "RECORD_KEY", "CancelCheck", "ProgressCallback", "PropagationCancelled",
     "PropagationConfig", "PropagationResult", "SliceCallback", "SliceReport", "SupportSlice", "assign_supports",
-    "check_slice_range", "chunk_supports", "cleanup_3d", "config_for_modality", "interior_points", "locate_mask",
+    "check_slice_range", "chunk_supports", "cleanup_3d", "config_for_modality", "locate_mask",
     "organ_range_from_probability", "parse_slices", "prompts_from_mask", "propagate", "replay", "resize_support", "support_slices_from_volume",
 ]

@@ -10,41 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
+from FoBSegmentLib.labelmap import dice
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.prompts.ring import ring_points
+from FoBSegmentLib.prompts.sampling import interior_points
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
 from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
-
-
-def interior_points(mask: np.ndarray, count: int, deep_px: float = 12.0) -> np.ndarray:
-    """Up to `count` (x, y) points deep inside an (H, W) bool mask: the innermost pixel first, then
-    farthest-point sampling among pixels at least min(half the maximal depth, `deep_px`) and at
-    least 0.3 x the maximal depth from the edge, so they stay inside a neighbouring slice of the
-    same organ; big organs get them spread wider, which keeps GrabCut from shrinking them slice
-    after slice. Returns (n, 2) float (x, y); (0, 2) when empty."""
-    m = np.asarray(mask, bool)
-    if not m.any() or count < 1:
-        return np.zeros((0, 2))
-    dist = ndimage.distance_transform_edt(m)
-    dmax = float(dist.max())
-    rows, cols = np.nonzero(dist >= max(1.0, 0.3 * dmax, min(0.5 * dmax, deep_px)))
-    if len(rows) == 0:
-        rows, cols = np.nonzero(dist == dmax)
-    cand = np.stack([cols, rows], axis=1).astype(np.float64)
-    depth = dist[rows, cols]
-    picks = [int(np.argmax(depth))]
-    d2 = np.sum((cand - cand[picks[0]]) ** 2, axis=1)
-    while len(picks) < min(count, len(cand)):
-        nxt = int(np.argmax(d2))
-        if d2[nxt] < 4.0:  # closer than 2 px: more points add nothing
-            break
-        picks.append(nxt)
-        d2 = np.minimum(d2, np.sum((cand - cand[nxt]) ** 2, axis=1))
-    return cand[picks]
 
 
 def prompts_from_mask(
@@ -57,8 +32,6 @@ def prompts_from_mask(
     config.n_foreground) interior points, and `mask` itself as the prior when `config.shape_prior`;
     ring = (k_out, k_in) overrides the config's ring kernels.
     None when the mask leaves no ring (empty, or it fills the slice)."""
-    from FoBSegmentLib.model.ring import ring_points
-
     k_out, k_in = ring if ring is not None else (config.ring_k_out, config.ring_k_in)
     pts, valid = ring_points(np.asarray(mask, bool), config.n_background, k_out, k_in)
     if valid.sum() < 3:
@@ -212,8 +185,7 @@ def _back_agreement(run: Runner, z_prev: int, mask: np.ndarray, prev: np.ndarray
     if ps is None:
         return 0.0
     back, _ = run.segment(z_prev, ps)
-    total = back.sum() + prev.sum()
-    return float(2.0 * np.logical_and(back, prev).sum() / total) if total else 1.0
+    return dice(back, prev)
 
 
 def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> tuple[int, np.ndarray, SupportSlice]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -100,17 +99,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj: object = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path.name} is not a readable safetensors file: {exc}") from exc
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(
-                f"{path.name} is not a plain tensor checkpoint (refused by torch.load(weights_only=True): {first})"
-            ) from exc
-        except Exception as exc:  # torch.load raises many types (IndexError, EOFError, ...) on junk bytes
-            raise ValueError(f"{path.name} is not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
+            raise ValueError(f"{path.name} is not a SAM checkpoint (not a readable safetensors file: {first})") from None
+    else:
+        from FoBSegmentLib.model.checkpoint import load_weights_only
+
+        obj = load_weights_only(path, "SAM checkpoint")
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]

@@ -359,6 +359,22 @@ class FoBSegmentLogic:
 
     # --- prediction and propagation -----------------------------------------------------------------
 
+    @staticmethod
+    def settings_from_parameters(p) -> dict[str, Any]:
+        """The `prepare_propagation` settings of the module's parameters (a `FoBParameters` or the
+        widget's parameter node wrapper, which has the same fields)."""
+        return dict(
+            axis=p.sliceAxis,
+            slice_range=(p.sliceStart, p.sliceStop) if p.sliceStart >= 0 and p.sliceStop >= 0 else None,
+            prompts_from=p.promptSource,
+            model=p.model,
+            segmenter=p.segmenter,
+            device=p.device,
+            checkpoint=p.checkpoint or None,
+            n_background=p.numBackgroundPoints,
+            n_foreground=p.numForegroundPoints,
+        )
+
     def job_settings(
         self,
         axis: int | None = None,

@@ -24,7 +24,6 @@ excluded (test) organ (the definition; `exclude_mode="all"` gives the lineage co
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +32,15 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+# Evaluation reads the same files, so the finders and readers live in its dataset catalogue.
+from FoBSegmentLib.evaluate.datasets import (
+    find_skin_images,
+    find_volume_pairs,
+    normalise_volume,
+    read_volume_array,
+)
 from FoBSegmentLib.train.augment import augment_pair, skin_transform
 from FoBSegmentLib.train.pseudolabels import SupervoxelParams, image_superpixels, volume_supervoxels
-
-_IMAGE_RE = re.compile(r"^image_(\d+)\.(nii\.gz|nii|nrrd|mha)$")
-_SKIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass
@@ -69,63 +72,6 @@ class TrainingVolume:
     labels: np.ndarray
     allowed: np.ndarray
     classes: np.ndarray | None = None  # label ids that may be foreground; None = every id > 0
-
-
-def find_volume_pairs(folder: str | Path) -> list[tuple[str, Path, Path]]:
-    """(id, image path, label path) of `image_<id>.*` files sorted by the integer id (the lineage order).
-
-    The label path is returned whether or not it exists; callers that need labels check it.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data folder not found: {folder}")
-    found = []
-    for p in folder.iterdir():
-        m = _IMAGE_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), m.group(1), p, folder / p.name.replace("image_", "label_", 1)))
-    found.sort()
-    return [(sid, img, lab) for _, sid, img, lab in found]
-
-
-def find_skin_images(folder: str | Path) -> list[tuple[str, Path, Path]]:
-    """(id, image path, mask path) of RGB images `<id>.jpg|png` (not `*_mask.png`), sorted by id."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data folder not found: {folder}")
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in _SKIN_SUFFIXES and not p.stem.endswith("_mask"):
-            out.append((p.stem, p, folder / f"{p.stem}_mask.png"))
-    return out
-
-
-def folder_kind(folder: str | Path) -> str:
-    """'volumes' or 'images' (what a data folder holds); ValueError when it holds neither."""
-    if find_volume_pairs(folder):
-        return "volumes"
-    if find_skin_images(folder):
-        return "images"
-    raise ValueError(f"{folder} holds neither image_<id>.nii.gz volumes nor RGB .jpg/.png images")
-
-
-def read_volume_array(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """(Z, Y, X) array and (z, y, x) spacing in mm of a volume file."""
-    import SimpleITK as sitk
-
-    img = sitk.ReadImage(str(path))
-    arr = sitk.GetArrayFromImage(img)
-    if arr.ndim != 3:
-        raise ValueError(f"{path.name} is not a 3-D volume (array shape {arr.shape})")
-    sx, sy, sz = img.GetSpacing()
-    return arr, (sz, sy, sx)
-
-
-def normalise_volume(arr: np.ndarray) -> np.ndarray:
-    """Raw voxels -> float32 [0, 1] with the engine's presets (CT window or MR percentile clip)."""
-    from FoBSegmentLib.io.intensity import guess_modality, normalize
-
-    return normalize(arr, guess_modality(arr).modality)
 
 
 def resize_stack(stack: np.ndarray, size: int, nearest: bool) -> np.ndarray:

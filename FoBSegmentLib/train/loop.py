@@ -31,12 +31,12 @@ import torch
 
 from FoBSegmentLib.atomic import atomic_output, write_text_atomic
 from FoBSegmentLib.device import resolve_device as resolve_device_name
+from FoBSegmentLib.evaluate.datasets import folder_kind
 from FoBSegmentLib.train.episodes import (
     Episode,
     MixedSampler,
     SkinEpisodeSampler,
     VolumeEpisodeSampler,
-    folder_kind,
     load_training_images,
     load_training_volumes,
 )
@@ -139,7 +139,7 @@ def build_sampler(cfg: TrainConfig, image_size: int, progress: bool = True) -> t
 
 def episode_tensors(episodes: list[Episode], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Stack episodes into (B, 3, S, S) z-scored images and (B, S, S) masks (the generator's input)."""
-    from FoBSegmentLib.model.generator import normalize_image
+    from FoBSegmentLib.model import normalize_image
 
     def img(x: np.ndarray) -> np.ndarray:
         x = np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x
@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """Run (or resume) training. Returns a summary dict (steps done, first/last losses, files, seconds)."""
     from tqdm import tqdm
 
-    from FoBSegmentLib.model.generator import FoBPromptGenerator
+    from FoBSegmentLib.model import FoBPromptGenerator
 
     files = output_files(cfg.out)
     if cfg.threads > 0:
@@ -185,10 +185,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if resume:
         if not files["state"].is_file():
             raise FileNotFoundError(f"--resume: no training state {files['state']} to continue from")
+        from FoBSegmentLib.model.checkpoint import load_weights_only
+
         try:
-            state = torch.load(files["state"], map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"--resume: cannot read {files['state'].name}: {type(exc).__name__}") from None
+            state = load_weights_only(files["state"], "FoB training state")
+        except ValueError as exc:
+            raise ValueError(f"--resume: {exc}") from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"--resume: {files['state'].name} is not a FoB training state")
         old = json.loads(state["train_config"])
