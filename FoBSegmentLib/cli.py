@@ -64,7 +64,10 @@ def _main(argv: list[str] | None) -> int:
     except (FoBError, ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as exc:
         if os.environ.get("FOB_DEBUG"):
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        from FoBSegmentLib.errors import SettingError
+
+        text = exc.as_flag() if isinstance(exc, SettingError) else str(exc)  # settings are flags here
+        message = " ".join(text.split()) or type(exc).__name__
         print(f"fob: error: {message}", file=sys.stderr)
         return 2
 

@@ -169,3 +169,18 @@ def test_a_damaged_record_is_a_one_line_error(liver: dict, tmp_path: Path, capsy
     assert rc == 2 and not out.exists()
     assert [line for line in err.splitlines() if line.startswith("fob: error:")] == [
         "fob: error: p.mrk.json: propagation record: version 99 is not 1"]
+
+
+def test_sam_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsys) -> None:
+    """The same round trip through the SAM segmenter (a tiny random SAM: plumbing, not quality; FoB's
+    prompts, because a chain through a random SAM's masks ends at once)."""
+    import torch
+    from test_sam import tiny_sam
+
+    ckpt = tmp_path / "tiny_sam.pth"
+    torch.save(tiny_sam().state_dict(), ckpt)
+    a, b, doc = round_trip(liver, tmp_path, capsys, ["--segmenter", "sam", "--sam-checkpoint", ckpt,
+                                                      "--prompts-from", "fob", "--slices",
+                                                      f"{liver['middle'] - 2}:{liver['middle'] + 2}"])
+    assert len(doc[RECORD_KEY]["slices"]) == 4
+    assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ"

@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from FoBSegmentLib.device import DEVICE_CHOICES, check_device
-from FoBSegmentLib.errors import SettingError
 from FoBSegmentLib.files import SegmentRequest, segment_files
 from FoBSegmentLib.io.intensity import parse_window
 from FoBSegmentLib.propagation import PROMPT_SOURCES, parse_slices
@@ -67,9 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window", metavar="L,W", help="CT window level,width in HU (default 40,400, abdomen)")
     p.add_argument("--axis", type=_int, choices=(0, 1, 2), metavar="0|1|2",
                    help="array axis of [k, j, i] to slice along (default: the image's axial axis)")
-    p.add_argument("--prompts-out", metavar="P.mrk.json", help="also write the prompts used, as Slicer markups")
+    p.add_argument("--prompts-out", metavar="P.mrk.json",
+                   help="also write the prompts used, as Slicer markups, with the propagation record that "
+                        "rebuilds the mask from them (--prompts-in)")
     p.add_argument("--prompts-in", metavar="P.mrk.json",
-                   help="segment with the prompts of this markups file instead of predicting them")
+                   help="segment with the prompts of this markups file instead of predicting them: a file "
+                        "written by --prompts-out gives back the same mask, and after editing the points of "
+                        "a slice only that slice and the slices chained from it change")
     add_segment_arguments(p)
     p.set_defaults(func=run)
 
@@ -127,10 +130,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        req = request_from_args(args)
-    except SettingError as exc:
-        raise ValueError(exc.as_flag()) from None
+    req = request_from_args(args)
     quiet = bool(args.quiet)
     progress = TqdmProgress(enabled=not quiet and sys.stderr.isatty())
 
@@ -140,8 +140,6 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         outcome = segment_files(req, progress=progress, log=log)
-    except SettingError as exc:
-        raise ValueError(exc.as_flag()) from None
     finally:
         progress.close()
     res = outcome.result
