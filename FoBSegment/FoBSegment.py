@@ -387,17 +387,23 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume, seg, sid = self._inputs()
             p = self._parameterNode
             engine = self.logic.engine
-            done, emptied = [], []
+            done, changed, emptied = [], set(), []
             for axis, slices in sorted(pending.items()):
                 # A slice whose last point was dragged away has no prompts left; its mask is kept as it was.
                 prompted = engine.read_prompts(volume, seg, sid, axis, sorted(slices))
                 todo = sorted(z for z in slices if z in prompted)
                 if todo:
-                    engine.segment_slices(volume, seg, sid, todo, p.segmenter, p.device, axis, p.checkpoint or None)
+                    # With a propagation record this replays it: the slices chained from an edited one follow.
+                    changed |= set(engine.segment_slices(volume, seg, sid, todo, p.segmenter, p.device, axis,
+                                                         p.checkpoint or None))
                 done += todo
                 emptied += sorted(set(slices) - set(todo))
+            # The replay may move the points of the slices it re-chained: those are not the user's edits.
+            self._resegmentSlices = {}
+            self._resegmentTimer.stop()
             self._status(
-                f"Slice(s) {', '.join(map(str, done)) or 'none'} re-segmented."
+                f"Slice(s) {', '.join(map(str, done)) or 'none'} re-segmented"
+                + (f"; {len(changed - set(done))} slice(s) chained from them updated." if changed - set(done) else ".")
                 + (f" No prompts left on slice(s) {', '.join(map(str, emptied))}: kept as they were." if emptied else "")
             )
 
