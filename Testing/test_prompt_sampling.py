@@ -1,6 +1,7 @@
 """prompts/sampling.py: the one farthest-point sampler and its helpers give exactly what the copies
 they replaced gave (the generator's FPS, evaluate.baselines.farthest_points, pipeline.interior_points,
-the random draws of the baselines and the benchmark), on real CHAOS MR masks."""
+the random draws of the baselines and the benchmark), and `mask_prompt_points` what the oracle and
+the neighbour chain build from a mask, on real CHAOS MR masks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from FoBSegmentLib.prompts.sampling import (
     farthest_point_sampling,
     farthest_points,
     interior_points,
+    mask_prompt_points,
     random_points,
 )
 
@@ -105,3 +107,47 @@ def test_random_points_are_the_seeded_draws(organ_masks) -> None:
     expected = np.stack([cols[pick], rows[pick]], axis=1).astype(np.float64)
     assert np.array_equal(random_points(mask, 10, np.random.default_rng(3)), expected)
     assert random_points(np.zeros((4, 4), bool), 3, np.random.default_rng(0)).shape == (0, 2)
+
+
+def test_mask_prompt_points_spread_are_the_oracle_prompts(organ_masks) -> None:
+    """The oracle's choice before the merge: ring of the truth + farthest points in the 2-px erosion."""
+    from FoBSegmentLib.prompts.ring import ring_points
+
+    for mask in organ_masks[::2]:
+        ring, valid = ring_points(mask, 10, 21, 15)
+        inner = ndi.binary_erosion(mask, iterations=2)
+        fg = farthest_points(inner if inner.any() else mask, 10)
+        bg2, fg2 = mask_prompt_points(mask, 10, 10)
+        assert np.array_equal(bg2, ring[valid]) and np.array_equal(fg2, fg)
+
+
+def test_mask_prompt_points_interior_are_the_neighbour_chain_prompts(organ_masks) -> None:
+    """With the chain's counts and kernels, "interior" gives `prompts_from_mask`'s points exactly, so
+    the chain can build its prompts with this helper without changing a voxel."""
+    from FoBSegmentLib.propagation import PropagationConfig, prompts_from_mask
+
+    cfg = PropagationConfig()
+    checked = 0
+    for mask in organ_masks:
+        ps = prompts_from_mask(mask, cfg)
+        if ps is None:
+            continue
+        nf = cfg.n_foreground
+        if cfg.fg_area_per_point > 0:
+            nf = max(nf, min(cfg.max_foreground, int(round(np.count_nonzero(mask) / cfg.fg_area_per_point))))
+        bg, fg = mask_prompt_points(mask, cfg.n_background, nf, ring=(cfg.ring_k_out, cfg.ring_k_in),
+                                    foreground="interior")
+        assert np.array_equal(bg, ps.background) and np.array_equal(fg, ps.foreground)
+        checked += 1
+    assert checked > 10
+
+
+def test_mask_prompt_points_edge_cases() -> None:
+    bg, fg = mask_prompt_points(np.zeros((16, 16), bool))
+    assert bg.shape == (0, 2) and fg.shape == (0, 2)
+    thin = np.zeros((40, 40), bool)
+    thin[20, 10:30] = True  # erosion empties it: the points fall on the mask itself
+    _, fg = mask_prompt_points(thin, 4, 3)
+    assert len(fg) == 3 and all(thin[int(y), int(x)] for x, y in fg)
+    with pytest.raises(ValueError):
+        mask_prompt_points(thin, foreground="random")

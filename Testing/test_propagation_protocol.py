@@ -16,6 +16,8 @@ import SimpleITK as sitk
 from conftest import dice
 
 from FoBSegmentLib.evaluate import propagation as PR
+from FoBSegmentLib.evaluate import propagation_report as REP
+from FoBSegmentLib.evaluate.datasets import Case, list_cases
 from FoBSegmentLib.evaluate.interpolation import (
     copy_mask,
     evenly_spaced_slices,
@@ -56,16 +58,16 @@ def test_slice_choice_helpers() -> None:
 
 def test_markdown_section_replaces_only_between_markers(tmp_path: Path) -> None:
     doc = tmp_path / "RESULTS.md"
-    PR.write_markdown_section(doc, f"{PR.SECTION_START}\nfirst\n{PR.SECTION_END}")
-    assert doc.read_text() == f"{PR.SECTION_START}\nfirst\n{PR.SECTION_END}\n"
-    doc.write_text(f"# Results\n\nother engineer's table\n\n{PR.SECTION_START}\nfirst\n{PR.SECTION_END}\n\ntail\n")
-    PR.write_markdown_section(doc, f"{PR.SECTION_START}\nsecond\n{PR.SECTION_END}")
+    REP.write_markdown_section(doc, f"{REP.SECTION_START}\nfirst\n{REP.SECTION_END}")
+    assert doc.read_text() == f"{REP.SECTION_START}\nfirst\n{REP.SECTION_END}\n"
+    doc.write_text(f"# Results\n\nother engineer's table\n\n{REP.SECTION_START}\nfirst\n{REP.SECTION_END}\n\ntail\n")
+    REP.write_markdown_section(doc, f"{REP.SECTION_START}\nsecond\n{REP.SECTION_END}")
     text = doc.read_text()
     assert "first" not in text and "second" in text
     assert text.startswith("# Results\n\nother engineer's table\n") and text.endswith("\n\ntail\n")
     doc.write_text("# Results only\n")
-    PR.write_markdown_section(doc, f"{PR.SECTION_START}\nthird\n{PR.SECTION_END}")
-    assert doc.read_text().startswith("# Results only\n\n" + PR.SECTION_START)
+    REP.write_markdown_section(doc, f"{REP.SECTION_START}\nthird\n{REP.SECTION_END}")
+    assert doc.read_text().startswith("# Results only\n\n" + REP.SECTION_START)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,15 +114,18 @@ def test_fill_between_slices_itk_on_chaos_liver(data_dir: Path) -> None:
 # the protocol
 
 
-def test_protocol_runs_on_one_patient_and_organ(data_dir: Path, tmp_path: Path, capsys) -> None:
+def test_protocol_runs_on_one_patient_and_organ(data_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from FoBSegmentLib.cli import main as fob
+
     out_json = tmp_path / "prop.json"
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nkept\n")
-    rc = PR.main([
-        "--dataset", "chaos", "--cases", CASE, "--organs", str(ORGAN), "--methods", "neighbour", "plain", "copy",
-        "--segmenter", "graphcut", "--json", str(out_json), "--markdown", str(doc), "--quiet",
-    ])
-    assert rc == 0
+    argv = [
+        "evaluate", "--protocol", "propagation", "--dataset", "chaos", "--cases", CASE, "--organs", str(ORGAN),
+        "--methods", "neighbour", "plain", "copy", "--json", str(out_json), "--markdown", str(doc), "--quiet",
+    ]
+    monkeypatch.setattr("sys.argv", ["fob", *argv])  # the report records the command as typed
+    assert fob(argv) == 0
     printed = capsys.readouterr().out
     assert "left kidney" in printed and "neighbour chain" in printed and "mask propagation" in printed
     assert "mask copy" in printed
@@ -143,15 +148,26 @@ def test_protocol_runs_on_one_patient_and_organ(data_dir: Path, tmp_path: Path, 
         pytest.approx(2 * err["tp"] / recs["neighbour"]["dice"], rel=1e-9)
     assert report["datasets"]["chaos"]["dice"]["neighbour"]["left kidney"] == recs["neighbour"]["dice"]
     text = doc.read_text()
-    assert text.startswith("# Results\n\nkept\n") and PR.SECTION_START in text and PR.SECTION_END in text
-    assert f"--cases {CASE}" in text and "graphcut" in text
+    assert text.startswith("# Results\n\nkept\n") and REP.SECTION_START in text and REP.SECTION_END in text
+    assert f"fob evaluate --protocol propagation --dataset chaos --cases {CASE}" in text and "graphcut" in text
+
+
+def test_protocol_rejects_bad_input(capsys) -> None:
+    from FoBSegmentLib.cli import main as fob
+
+    assert fob(["evaluate", "--protocol", "propagation", "--dataset", "isic"]) == 2
+    assert "runs on chaos and synapse" in capsys.readouterr().err
+    assert fob(["evaluate", "--protocol", "propagation", "--cases", "999", "--quiet"]) == 2
+    assert "none of them is a chaos case" in capsys.readouterr().err
+    assert fob(["evaluate", "--protocol", "propagation", "--methods", "magic"]) == 2
+    assert "unknown propagation method" in capsys.readouterr().err
 
 
 def test_protocol_prediction_is_what_fob_segment_writes(data_dir: Path, tmp_path: Path) -> None:
     """The protocol runs `fob segment`'s pipeline: same input, identical label map."""
     from FoBSegmentLib.cli import main as fob
 
-    case = PR.list_cases("chaos", ids=[CASE])[0]
+    case = list_cases("chaos", ids=[CASE])[0]
     outcome = PR.evaluate_case(case, [ORGAN], ["neighbour"], PR.Runtime(segmenter=_segmenter()), keep_masks=True)
     ours = outcome.masks[(ORGAN, "neighbour")]
     lab_img = sitk.ReadImage(str(case.label))
@@ -174,7 +190,7 @@ def test_pipeline_never_reads_the_reference_beyond_the_annotated_slice(data_dir:
     """Perturb the reference label everywhere except the annotated slice (organ range kept, so the
     protocol picks the same slice): the pipeline's result, including where its stopping rule ends
     the organ, must be identical, while the Dice against the perturbed label changes."""
-    case = PR.list_cases("chaos", ids=[CASE])[0]
+    case = list_cases("chaos", ids=[CASE])[0]
     lab_img = sitk.ReadImage(str(case.label))
     lab = sitk.GetArrayFromImage(lab_img)
     ref = lab == ORGAN
@@ -198,7 +214,7 @@ def test_pipeline_never_reads_the_reference_beyond_the_annotated_slice(data_dir:
     fake_img.CopyInformation(lab_img)
     fake_path = tmp_path / f"label_{CASE}.nii.gz"
     sitk.WriteImage(fake_img, str(fake_path))
-    fake_case = PR.Case(case.dataset, case.case_id, case.image, fake_path)
+    fake_case = Case(case.dataset, case.case_id, case.image, fake_path)
 
     runtime = PR.Runtime(segmenter=_segmenter())
     real = PR.evaluate_case(case, [ORGAN], ["neighbour"], runtime, keep_masks=True)
@@ -218,9 +234,9 @@ def test_target_lines_compare_the_default_with_the_issue_bar() -> None:
         "plain": {"liver": 0.80, "spleen": 0.90, "mean": 0.85},
         "fill5": {"liver": 0.99, "spleen": 0.99, "mean": 0.99},  # 5 slices: not part of the bar
     }
-    lines = PR.target_lines(table)
+    lines = REP.target_lines(table)
     assert "mean 88.5, short of 90 by 1.5" in lines[0]
     assert "liver 82.0 vs 80.0 (mask propagation, +2.0)" in lines[1]
     assert "spleen 95.0 vs 97.0 (fill-between 3, -2.0)" in lines[1]
-    assert "target 90 reached" in PR.target_lines({"neighbour": {"liver": 0.95, "mean": 0.95}})[0]
-    assert PR.target_lines({"fill3": {"liver": 0.7, "mean": 0.7}}) == []
+    assert "target 90 reached" in REP.target_lines({"neighbour": {"liver": 0.95, "mean": 0.95}})[0]
+    assert REP.target_lines({"fill3": {"liver": 0.7, "mean": 0.7}}) == []

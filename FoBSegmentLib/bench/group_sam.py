@@ -76,7 +76,7 @@ def decoder_cases(settings: Settings) -> list[CaseResult]:
     rows = []
 
     def setup():
-        from FoBSegmentLib.bench.data import prompts_from_mask
+        from FoBSegmentLib.evaluate.baselines import oracle_prompts
 
         rgb, mask = _rgb_slice()
         predictor = _build("vit_b", settings.device)
@@ -93,7 +93,7 @@ def decoder_cases(settings: Settings) -> list[CaseResult]:
         predictor.original_size = rgb.shape[:2]
         predictor.input_size = predictor.transform.get_preprocess_shape(rgb.shape[0], rgb.shape[1], 1024)
         predictor.is_image_set = True
-        prompts = prompts_from_mask(mask)
+        prompts = oracle_prompts(mask)
         points, labels = prompts.points_and_labels
         rng = np.random.default_rng(0)
         state = {"i": 0}
@@ -125,12 +125,13 @@ def _segmenter_edit_case(settings: Settings) -> list[CaseResult]:
     case = "FoBSegment sam-vit-b segmenter, same slice, edited prompts"
 
     def setup():
-        from FoBSegmentLib.bench.data import load_volume, prompts_from_mask
+        from FoBSegmentLib.bench.data import load_volume
+        from FoBSegmentLib.evaluate.baselines import oracle_prompts
 
         vol = load_volume()
         img = vol.image[vol.support_index]
         seg = sam_segmenter_random("sam-vit-b", settings.device)
-        prompts = prompts_from_mask(vol.organ_mask(vol.support_index))
+        prompts = oracle_prompts(vol.organ_mask(vol.support_index))
         _seed_cache(seg, img, settings.device)  # later calls must hit the cache, never the encoder
         rng = np.random.default_rng(1)
         state = {"i": 0}
@@ -169,12 +170,12 @@ def _seed_cache(seg, img: np.ndarray, device: str) -> None:
         }
         seg.cache.put(key, emb)
     except AttributeError:
-        from FoBSegmentLib.bench.data import prompts_from_mask
+        from FoBSegmentLib.evaluate.baselines import oracle_prompts
 
         h, w = img.shape[:2]
         box = np.zeros((h, w), bool)
         box[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = True
-        seg.segment(img, prompts_from_mask(box))
+        seg.segment(img, oracle_prompts(box))
 
 
 def _progress(row: CaseResult) -> None:

@@ -1,7 +1,7 @@
 """Weight-free segmenters (grabcut, random-walker) on real CHAOS liver slices.
 
 Each timed call segments the next liver slice of the volume with a FoB-shaped prompt set built from
-its ground truth (BPPC ring of 10 points + 10 foreground points), so the latency covers the spread of
+its ground truth (the oracle's: BPPC ring of 10 points + 10 foreground points), so the latency covers the spread of
 organ sizes along the range. CPU algorithms: on CUDA they are not run again.
 """
 
@@ -23,11 +23,12 @@ def cases(settings: Settings) -> list[CaseResult]:
 
         def setup(name=name):
             from FoBSegmentLib.bench.adapters import make_segmenter
-            from FoBSegmentLib.bench.data import load_volume, prompts_from_mask
+            from FoBSegmentLib.bench.data import load_volume
+            from FoBSegmentLib.evaluate.baselines import oracle_prompts
 
             vol = load_volume()
             seg = make_segmenter(name, "cpu")
-            work = [(vol.image[k], prompts_from_mask(vol.organ_mask(k), seed=int(k))) for k in vol.organ_slices]
+            work = [(vol.image[k], oracle_prompts(vol.organ_mask(k))) for k in vol.organ_slices]
             state = {"i": 0}
 
             def fn():

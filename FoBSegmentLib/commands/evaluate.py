@@ -3,7 +3,8 @@
     fob evaluate --protocol fob --dataset chaos synapse --model Resources/fob_lite.safetensors \\
         --segmenter grabcut --json out/results.json --markdown docs/RESULTS.md
     fob evaluate --protocol skin --dataset isic ph2 --segmenter grabcut --json out/skin.json
-    fob evaluate --protocol propagation ...   # FoBSegmentLib/evaluate/propagation.py, when installed
+    fob evaluate --protocol propagation --dataset chaos synapse --json out/propagation.json \\
+        --markdown docs/RESULTS.md          # FoBSegmentLib/evaluate/propagation.py
 
 Prints an organ x method Dice table (%) per dataset, writes every number (per fold, per query scan,
 prompt quality) to --json, and optionally a Markdown report. `--model` may contain `{fold}` to use
@@ -16,7 +17,6 @@ each trained with `--setting 2 --exclude-organs <organ>`). The datasets resolve 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -33,11 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="evaluate FoB and prompt baselines with the paper's protocol",
         description="Evaluate FoB and the prompt baselines (i) confidence points, (ii) mask-sampled points, "
-        "(iii) coarse map, plus FoB without SPR and oracle prompts, with one segmenter.",
-        conflict_handler="resolve",
+        "(iii) coarse map, plus FoB without SPR and oracle prompts, with one segmenter; or (--protocol propagation) "
+        "fob segment's propagation from one annotated slice against Fill between slices and mask copy.",
     )
     p.add_argument("--protocol", choices=("auto", "fob", "skin", "propagation"), default="auto",
-                   help="fob: 5-fold abdominal protocol; skin: 2-D support i / query i+1; auto: by dataset")
+                   help="fob: 5-fold abdominal protocol; skin: 2-D support i / query i+1; propagation: one "
+                   "annotated slice -> the whole organ through fob segment's pipeline (chaos, synapse); auto: by dataset")
     p.add_argument("--dataset", nargs="+", default=["chaos"], choices=sorted(DATASETS), metavar="NAME",
                    help="chaos, synapse, isic, ph2 (several allowed)")
     p.add_argument("--data", metavar="DIR", help="data folder (only with a single --dataset)")
@@ -49,14 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "alone, where graphcut would run GrabCut anyway), graphcut for the propagation protocol")
     p.add_argument("--checkpoint", metavar="FILE", help="segmenter weights (e.g. SAM)")
     p.add_argument("--methods", nargs="+", metavar="M", default=None,
-                   help="subset of: fob fob-nospr confidence mask-sampled coarse oracle (default all)")
+                   help="subset of: fob fob-nospr confidence mask-sampled coarse oracle (default all); "
+                   "propagation protocol: fob hybrid neighbour plain fill3 fill5 copy (default) and the "
+                   "analysis rows neighbour3 ceiling")
     p.add_argument("--folds", nargs="+", type=int, metavar="K", help="only these folds (0-4)")
     p.add_argument("--organs", nargs="+", type=int, metavar="LABEL", help="only these labels (1-4)")
-    p.add_argument("--device", default="cpu", help="device of the generator (cpu, cuda, auto)")
+    p.add_argument("--device", default="cpu",
+                   help="device of the generator and, for the propagation protocol, of the segmenter (cpu, cuda, auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--json", metavar="OUT", help="write all results as JSON")
     p.add_argument("--markdown", metavar="OUT",
-                   help="write the tables into OUT between the fob-protocol markers (e.g. docs/RESULTS.md)")
+                   help="write the tables into OUT between the --section markers (e.g. docs/RESULTS.md); the "
+                   "propagation protocol writes its own `propagation` section")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="no evaluation: merge earlier --json reports (e.g. one per dataset, run in parallel) "
                    "and print / write their tables")
@@ -66,14 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="a line for the report's header (e.g. what the model was trained on); repeatable")
     p.add_argument("--quiet", action="store_true")
-    try:
-        prop = importlib.import_module("FoBSegmentLib.evaluate.propagation")
-    except ModuleNotFoundError as exc:
-        if exc.name != "FoBSegmentLib.evaluate.propagation":
-            raise
-        prop = None
-    if prop is not None and hasattr(prop, "add_arguments"):
-        prop.add_arguments(p)  # its own options; conflict_handler='resolve' lets it redefine shared ones
+    p.add_argument("--cases", nargs="+", metavar="ID",
+                   help="propagation protocol: only these case ids (e.g. 1 2 for CHAOS); default all")
     p.set_defaults(func=run)
 
 
@@ -158,13 +157,9 @@ def run(args: argparse.Namespace) -> int:
     if args.segmenter is None:
         args.segmenter = "graphcut" if args.protocol == "propagation" else "grabcut"
     if args.protocol == "propagation":
-        try:
-            prop = importlib.import_module("FoBSegmentLib.evaluate.propagation")
-        except ModuleNotFoundError as exc:
-            if exc.name != "FoBSegmentLib.evaluate.propagation":
-                raise
-            raise ValueError("--protocol propagation is not installed (FoBSegmentLib/evaluate/propagation.py)") from None
-        return int(prop.run(args) or 0)
+        from FoBSegmentLib.evaluate import propagation
+
+        return int(propagation.run(args) or 0)
 
     from FoBSegmentLib.evaluate.report import markers
 

@@ -17,11 +17,9 @@ All maps are (H, W) float in [0, 1] in the query slice's (row, col) frame; all r
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from FoBSegmentLib.prompts import PromptSet
-from FoBSegmentLib.prompts.ring import ring_points
-from FoBSegmentLib.prompts.sampling import farthest_points, random_points
+from FoBSegmentLib.prompts.sampling import mask_prompt_points, random_points
 
 DEFAULT_MIN_SPACING_PX = 8.0
 
@@ -90,7 +88,5 @@ def oracle_prompts(gt: np.ndarray, n_fg: int = 10, n_bg: int = 10, k_out: int = 
     g = np.asarray(gt, bool)
     if not g.any():
         raise ValueError("oracle prompts need a non-empty ground-truth mask")
-    ring, valid = ring_points(g, n_bg, k_out, k_in)
-    inner = ndi.binary_erosion(g, iterations=2)
-    fg = farthest_points(inner if inner.any() else g, n_fg)
-    return PromptSet(background=ring[valid], foreground=fg)
+    bg, fg = mask_prompt_points(g, n_bg, n_fg, ring=(k_out, k_in), foreground="spread")
+    return PromptSet(background=bg, foreground=fg)

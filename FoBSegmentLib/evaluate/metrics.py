@@ -1,4 +1,5 @@
-"""Evaluation metrics: Dice (2-D and accumulated 3-D) and prompt quality independent of the segmenter.
+"""Evaluation metrics: Dice (2-D and accumulated 3-D), prompt quality independent of the segmenter,
+and where a 3-D prediction loses its Dice (`error_breakdown`, `best_stop_dice`).
 
 Masks are (H, W) or (Z, H, W) arrays in the (row, col) frame; prompt points are (x, y) = (column, row)
 pixels of the slice they belong to (PromptSet's frame).
@@ -7,6 +8,7 @@ pixels of the slice they belong to (PromptSet's frame).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -122,3 +124,60 @@ def mean_quality(items: list[PromptQuality]) -> PromptQuality:
         return float(np.mean(vals)) if vals else None
 
     return PromptQuality(avg("bg_outside"), avg("bg_in_band"), avg("bg_distance"), avg("fg_inside"))
+
+
+# ----------------------------------------------------------------------------------------------
+# where a 3-D prediction loses Dice (the propagation protocol)
+
+
+def error_breakdown(pred: np.ndarray, ref: np.ndarray, axis: int) -> dict[str, Any]:
+    """Where a prediction loses Dice, in voxels (all [k, j, i] bool).
+
+    missed_slices_fn: reference voxels on slices where the prediction is empty (organ ends cut off).
+    extra_slices_fp: predicted voxels on slices where the reference is empty (run past the organ).
+    inslice_fn / inslice_fp: errors on slices both hold (boundary errors, leaks into neighbours).
+    Also the per-slice areas (reference, prediction, overlap) from the first to the last slice either
+    holds, for the analysis of which slices fail.
+    """
+    p, r = np.asarray(pred, bool), np.asarray(ref, bool)
+    other = tuple(a for a in range(3) if a != axis)
+    pa, ra, ov = p.sum(axis=other), r.sum(axis=other), (p & r).sum(axis=other)
+    both = (pa > 0) & (ra > 0)
+    out = {
+        "tp": int(ov.sum()),
+        "missed_slices_fn": int(ra[(pa == 0)].sum()),
+        "extra_slices_fp": int(pa[(ra == 0)].sum()),
+        "inslice_fn": int((ra - ov)[both].sum()),
+        "inslice_fp": int((pa - ov)[both].sum()),
+    }
+    z = np.flatnonzero((pa > 0) | (ra > 0))
+    if len(z):
+        lo, hi = int(z[0]), int(z[-1])
+        out["slices"] = {
+            "first": lo,
+            "ref_area": [int(v) for v in ra[lo : hi + 1]],
+            "pred_area": [int(v) for v in pa[lo : hi + 1]],
+            "overlap": [int(v) for v in ov[lo : hi + 1]],
+        }
+    return out
+
+
+def best_stop_dice(errors: dict[str, Any], annotated: int) -> float | None:
+    """Dice the prediction would reach had its chain stopped at the best slice on each side of the
+    `annotated` slice (READS THE REFERENCE: an analysis of how much the stopping rule costs).
+
+    errors: an `error_breakdown` result (its per-slice areas). Truncation only removes predicted
+    slices, so the per-slice overlaps give the answer exactly.
+    """
+    sl = errors.get("slices")
+    if not sl:
+        return None
+    ref, pred, ov = (np.asarray(sl[k], np.float64) for k in ("ref_area", "pred_area", "overlap"))
+    z0 = annotated - sl["first"]
+    if not 0 <= z0 < len(ref):
+        return None
+    cp, co = np.concatenate([[0.0], np.cumsum(pred)]), np.concatenate([[0.0], np.cumsum(ov)])
+    lo = np.arange(0, z0 + 1)[:, None]
+    hi = np.arange(z0, len(ref))[None, :] + 1
+    d = 2 * (co[hi] - co[lo]) / (ref.sum() + cp[hi] - cp[lo])
+    return float(d.max())

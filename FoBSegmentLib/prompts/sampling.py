@@ -4,6 +4,7 @@ farthest_point_sampling  indices of a spread subset of a point set (FoB's foregr
 farthest_points          points spread over a region from its deepest pixel (oracle prompts)
 interior_points          points deep inside a mask (neighbour prompts of the propagation chain)
 random_points            uniform draws in a region (baselines and benchmark prompts)
+mask_prompt_points       BPPC ring + foreground points of a mask (oracle, benchmark, neighbour chain)
 
 Frames: point sets are (M, 2) float (x, y) = (column, row) pixels; masks and depth maps are (H, W)
 in the (row, col) frame; returned points are (n, 2) float64 (x, y) of that grid. All but
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from FoBSegmentLib.prompts.ring import ring_points
 
 
 def farthest_point_sampling(
@@ -90,4 +93,43 @@ def interior_points(mask: np.ndarray, count: int, deep_px: float = 12.0) -> np.n
     return farthest_points(deep, count, depth=dist, min_spacing=2.0)
 
 
-__all__ = ["farthest_point_sampling", "farthest_points", "interior_points", "random_points"]
+# How `mask_prompt_points` places foreground points: "spread" covers the mask itself (the slice the
+# mask belongs to: oracle prompts, benchmark prompts); "interior" keeps them deep, because the neighbour
+# chain uses them on the NEXT slice, where the organ's edge has moved.
+FOREGROUND_CHOICES = ("spread", "interior")
+
+
+def mask_prompt_points(
+    mask: np.ndarray,
+    n_background: int = 10,
+    n_foreground: int = 10,
+    ring: tuple[int, int] = (21, 15),
+    foreground: str = "spread",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts derived from a (H, W) bool mask: (background, foreground), each (n, 2) float64 (x, y).
+
+    background: the valid points of the BPPC ring (`ring_points(mask, n_background, *ring)`), fewer
+    than n_background (even none) where the ring leaves the image or the mask is empty.
+    foreground: "spread" = `farthest_points` over the mask eroded by 2 px (the whole mask when the
+    erosion empties it), "interior" = `interior_points(mask, n_foreground)`; (0, 2) for an empty mask.
+    """
+    if foreground not in FOREGROUND_CHOICES:
+        raise ValueError(f"foreground must be one of {', '.join(FOREGROUND_CHOICES)}, got {foreground!r}")
+    m = np.asarray(mask, bool)
+    pts, valid = ring_points(m, n_background, *ring)
+    if foreground == "interior":
+        fg = interior_points(m, n_foreground)
+    else:
+        inner = ndi.binary_erosion(m, iterations=2)
+        fg = farthest_points(inner if inner.any() else m, n_foreground)
+    return pts[valid], fg
+
+
+__all__ = [
+    "FOREGROUND_CHOICES",
+    "farthest_point_sampling",
+    "farthest_points",
+    "interior_points",
+    "mask_prompt_points",
+    "random_points",
+]
