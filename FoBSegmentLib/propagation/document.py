@@ -32,7 +32,7 @@ import numpy as np
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import dequantize_probability, quantize_probability
-from FoBSegmentLib.propagation.neighbour import chain, chain_stop, learn_appearance
+from FoBSegmentLib.propagation.neighbour import chain, chain_stop, fill_areas, learn_appearance
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.types import PropagationResult, SliceReport, SupportSlice
 
@@ -165,6 +165,8 @@ class _Replay:
         self.support_of = {s.index: s for s in supports}
         self.seed_slices = sorted(self.annotated) or sorted(z for z, e in self.entries.items() if e.get("parent") is None)
         self.rng = (int(record["range"][0]), int(record["range"][1]))
+        self.seed_areas = fill_areas(run, {z: self.support_of[z].mask for z in self.seed_slices
+                                           if z in self.support_of})
         self.look = None
         if record["promptsFrom"] in ("neighbour", "hybrid"):
             self.look = learn_appearance(run, supports)
@@ -196,7 +198,7 @@ class _Replay:
         steps = [z - int(e["parent"])] if e.get("parent") is not None else [-1, 1]
         root = _root(self.entries, z)
         for step in steps:
-            bounds = chain_stop(root, step, self.seed_slices, self.rng)
+            bounds = chain_stop(root, step, self.seed_slices, self.rng, self.seed_areas)
             if bounds is None:
                 continue
             stop, nxt = bounds
@@ -249,7 +251,7 @@ class _Replay:
         run.tick(f"slice {z}")
         if parent is not None and self.look is not None:
             step = z - parent
-            bounds = chain_stop(_root(self.entries, parent), step, self.seed_slices, (0, run.n - 1))
+            bounds = chain_stop(_root(self.entries, parent), step, self.seed_slices, (0, run.n - 1), self.seed_areas)
             if bounds is not None:
                 stop, nxt = bounds
                 if (stop - z) * step > 0:
