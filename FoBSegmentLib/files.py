@@ -25,6 +25,7 @@ from FoBSegmentLib.propagation import (
     PropagationResult,
     SliceCallback,
 )
+from FoBSegmentLib.propagation.review import review_ranking, write_review
 
 
 @dataclass
@@ -46,6 +47,7 @@ class SegmentRequest:
     device: str = "auto"
     prompts_out: str | os.PathLike | None = None
     prompts_in: str | os.PathLike | None = None
+    review_out: str | os.PathLike | None = None
     prompts_from: str = "auto"
     axis: int | None = None
     largest_component: bool = False
@@ -68,6 +70,7 @@ class SegmentOutcome:
     prompts_out: Path | None
     messages: list[str] = field(default_factory=list)
     query: Any = None  # the query `io.volumes.Volume` (its geometry, path, modality hint)
+    review_out: Path | None = None
 
 
 def binary_support(label_arr: np.ndarray, label: int | None, path: Path) -> tuple[np.ndarray, int]:
@@ -86,18 +89,19 @@ def binary_support(label_arr: np.ndarray, label: int | None, path: Path) -> tupl
     return label_arr == label, label
 
 
-def _check_prompts_out(req: SegmentRequest, inputs: list) -> Path | None:
-    if req.prompts_out is None:
+def _check_json_out(path: str | os.PathLike | None, field: str, suffix: str, others: list) -> Path | None:
+    """A JSON output path checked before any work: its suffix, not an input or another output, writable."""
+    if path is None:
         return None
     from FoBSegmentLib.atomic import check_writable
 
-    out = Path(req.prompts_out)
-    if not str(out).endswith(".json"):
-        raise SettingError("prompts_out", f"{out} must end in .mrk.json")
-    for inp in [*inputs, req.output]:
-        if inp is not None and Path(inp).resolve() == out.resolve():
-            raise SettingError("prompts_out", f"{out} is also an input or the output")
-    check_writable(out, "--prompts-out")
+    out = Path(path)
+    if not str(out).endswith(suffix):
+        raise SettingError(field, f"{out} must end in {suffix}")
+    for other in others:
+        if other is not None and Path(other).resolve() == out.resolve():
+            raise SettingError(field, f"{out} is also an input or another output")
+    check_writable(out, "--" + field.replace("_", "-"))
     return out
 
 
@@ -133,7 +137,8 @@ def segment_files(
     settings.check()
     inputs = [req.image, req.support_mask, req.support_image, req.prompts_in]
     out = volumes.check_output_path(req.output, inputs)
-    prompts_out = _check_prompts_out(req, inputs)
+    prompts_out = _check_json_out(req.prompts_out, "prompts_out", ".mrk.json", [*inputs, req.output])
+    review_out = _check_json_out(req.review_out, "review_out", ".json", [*inputs, req.output, req.prompts_out])
     doc = markups.load_markups_document(req.prompts_in) if req.prompts_in is not None else None
     record = markups.propagation_record(doc, Path(req.prompts_in).name) if doc is not None else None
     if record is not None and settings.axis is None:
@@ -170,13 +175,19 @@ def segment_files(
     for line in result.notes:
         note(line)
     out_arr = result.mask.astype(np.uint16 if label_value > 255 else np.uint8) * label_value
-    if prompts_out is not None:
-        # Written first: if it fails, neither file exists; if the label write fails, remove it.
-        markups.write_prompt_markups(prompts_out, result.prompts, query_vol.geometry, query.axis, record=result.record)
+    # The side files first: if one fails nothing is left; if the label write fails, they are removed.
+    written: list[Path] = []
     try:
+        if prompts_out is not None:
+            markups.write_prompt_markups(prompts_out, result.prompts, query_vol.geometry, query.axis,
+                                         record=result.record)
+            written.append(prompts_out)
+        if review_out is not None:
+            write_review(review_out, review_ranking(result))
+            written.append(review_out)
         volumes.write_label(out, out_arr, query_vol.geometry)
     except BaseException:
-        if prompts_out is not None and prompts_out.exists():
-            prompts_out.unlink()
+        for path in written:
+            path.unlink(missing_ok=True)
         raise
-    return SegmentOutcome(result, out, prompts_out, messages, query_vol)
+    return SegmentOutcome(result, out, prompts_out, messages, query_vol, review_out)

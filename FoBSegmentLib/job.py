@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from FoBSegmentLib.errors import SettingError
-from FoBSegmentLib.io.coords import slice_axes
+from FoBSegmentLib.io.coords import slice_axes, take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation import (
     PROMPT_SOURCES,
@@ -292,9 +292,11 @@ def build_job(
     components: Components | None = None,
     log: Log | None = None,
     support_name: str = "the support mask",
+    absent_slices: tuple[int, ...] | list[int] = (),
 ) -> Job:
     """The job for annotated slices `support_mask` ([k, j, i] bool on the support's grid; the support
-    is the query itself when `support` is None) under `settings`.
+    is the query itself when `support` is None) under `settings`. absent_slices: slices annotated as
+    not showing the organ (same volume only).
 
     components: an already loaded generator/segmenter (evaluations and the Slicer Logic reuse them
     across jobs); loaded from the settings when None. Raises ValueError / SettingError.
@@ -308,6 +310,15 @@ def build_job(
     supports = support_slices_from_volume(sup_img.normalised, mask, sup_img.axis)
     if not supports:
         raise ValueError(f"{support_name} is empty: outline the organ on at least one slice")
+    if absent_slices:
+        # Annotated absences (the organ is not on these slices): chains stop before them.
+        if not same_volume:
+            raise SettingError("absent_slices", "only for a support in the image itself")
+        rows, cols = slice_axes(query.axis)
+        hw = (query.normalised.shape[rows], query.normalised.shape[cols])
+        have = {s.index for s in supports}
+        supports += [SupportSlice(int(z), np.asarray(take_slice(query.normalised, query.axis, int(z))), np.zeros(hw, bool))
+                     for z in sorted(set(int(z) for z in absent_slices) - have)]
     where = "this image" if same_volume else Path(str(sup_img.volume.path)).name
     notes = [f"support: {support_name} on {len(supports)} slice(s) of {where}"]
     if not same_volume:

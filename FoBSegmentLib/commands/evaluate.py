@@ -36,9 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(iii) coarse map, plus FoB without SPR and oracle prompts, with one segmenter; or (--protocol propagation) "
         "fob segment's propagation from one annotated slice against Fill between slices and mask copy.",
     )
-    p.add_argument("--protocol", choices=("auto", "fob", "skin", "propagation"), default="auto",
+    p.add_argument("--protocol", choices=("auto", "fob", "skin", "propagation", "interactive"), default="auto",
                    help="fob: 5-fold abdominal protocol; skin: 2-D support i / query i+1; propagation: one "
-                   "annotated slice -> the whole organ through fob segment's pipeline (chaos, synapse); auto: by dataset")
+                   "annotated slice -> the whole organ through fob segment's pipeline (chaos, synapse); interactive: "
+                   "the annotation loop (a simulated annotator draws the slice the review ranking puts first, "
+                   "against a blind annotator, corrections by prompts and Fill between slices); auto: by dataset")
     p.add_argument("--dataset", nargs="+", default=["chaos"], choices=sorted(DATASETS), metavar="NAME",
                    help="chaos, synapse, isic, ph2 (several allowed)")
     p.add_argument("--data", metavar="DIR", help="data folder (only with a single --dataset)")
@@ -71,6 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="a line for the report's header (e.g. what the model was trained on); repeatable")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="interactive protocol: annotation rounds after the first slice (default 6)")
+    p.add_argument("--prompts-from", default=None, choices=("hybrid", "neighbour", "fob"),
+                   help="interactive protocol: the pipeline's prompt source (default hybrid, fob segment's default)")
+    p.add_argument("--plot", metavar="PNG", help="interactive protocol: write the Dice-per-slices plot (PNG)")
     p.add_argument("--cases", nargs="+", metavar="ID",
                    help="propagation protocol: only these case ids (e.g. 1 2 for CHAOS); default all")
     p.set_defaults(func=run)
@@ -155,11 +162,15 @@ def _merge(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.segmenter is None:
-        args.segmenter = "graphcut" if args.protocol == "propagation" else "grabcut"
+        args.segmenter = "graphcut" if args.protocol in ("propagation", "interactive") else "grabcut"
     if args.protocol == "propagation":
         from FoBSegmentLib.evaluate import propagation
 
         return int(propagation.run(args) or 0)
+    if args.protocol == "interactive":
+        from FoBSegmentLib.evaluate import interactive
+
+        return int(interactive.run(args) or 0)
 
     from FoBSegmentLib.evaluate.report import markers
 

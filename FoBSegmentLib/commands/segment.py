@@ -73,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="segment with the prompts of this markups file instead of predicting them: a file "
                         "written by --prompts-out gives back the same mask, and after editing the points of "
                         "a slice only that slice and the slices chained from it change")
+    p.add_argument("--review-out", metavar="REVIEW.json",
+                   help="also write which slices to check first: {\"slices\": [{\"index\", \"score\", "
+                        "\"reason\"}, ...]}, most doubtful first, from the image and the result only")
     add_segment_arguments(p)
     p.set_defaults(func=run)
 
@@ -123,6 +126,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
         device=device,
         prompts_out=args.prompts_out,
         prompts_in=args.prompts_in,
+        review_out=args.review_out,
         prompts_from=args.prompts_from,
         axis=args.axis,
         largest_component=args.largest_component,
@@ -148,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {outcome.output} (organ on {extent}, {int(res.mask.sum())} voxels, {res.seconds:.1f} s)")
     if outcome.prompts_out is not None:
         print(f"wrote {outcome.prompts_out} (prompts of {len(res.prompts)} slices)")
+    if outcome.review_out is not None:
+        print(f"wrote {outcome.review_out} (review ranking)")
     if res.flagged and not quiet:
         print(f"fob: slices to review: {', '.join(map(str, res.flagged))}", file=sys.stderr)
     return 0

@@ -132,7 +132,8 @@ def predict(
     (`job.build_job`); the reference label is not an input.
 
     annotations: slice index along `prepared.axis` -> (H, W) bool mask drawn on that slice (one
-    entry for the protocol; several for the "annotate a few slices" variant).
+    entry for the protocol; several for the "annotate a few slices" variant; an empty mask says the
+    organ is absent from that slice).
     source: 'fob' | 'hybrid' | 'neighbour' (`--prompts-from`). config: a `PropagationConfig`
     (default: `fob segment`'s defaults, slices 'auto'); the modality preset is applied to it as
     `fob segment` does unless `modality_defaults` is False (the plain baseline).
@@ -146,7 +147,9 @@ def predict(
         sl[prepared.axis] = int(index)
         support_vol[tuple(sl)] = np.asarray(ann, bool)
     settings = JobSettings(prompts_from=source, config=config, modality_presets=modality_defaults)
-    job = build_job(prepared, support_vol, settings, components=Components(generator, segmenter, source))
+    absent = [z for z, ann in annotations.items() if not np.asarray(ann).any()]
+    job = build_job(prepared, support_vol, settings, components=Components(generator, segmenter, source),
+                    absent_slices=absent)
     return job.run()
 
 

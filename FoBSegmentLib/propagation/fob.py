@@ -35,7 +35,8 @@ def predict_slices(
     """FoB predictions for the candidate slices and, per slice, the count of confident pixels
     (0 below `min_prob_area`)."""
     cfg = run.config
-    assign = assign_supports(candidates, supports, same_volume)
+    # FoB learns from slices that show the organ; an annotated absence teaches it nothing.
+    assign = assign_supports(candidates, [s for s in supports if s.mask.any()], same_volume)
     preds: dict[int, PromptSet] = {}
     areas: dict[int, int] = {}
     groups: dict[int, list[int]] = {}
@@ -79,7 +80,7 @@ def hybrid_range(
     if run.config.slices != "auto":
         return rng
     _, areas = predict_slices(run, supports, generator, same_volume, list(range(rng[0], rng[1] + 1)))
-    return organ_range(run, areas, [s.index for s in supports] if same_volume else None)
+    return organ_range(run, areas, [s.index for s in supports if s.mask.any()] if same_volume else None)
 
 
 def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, rng: tuple[int, int]) -> None:
@@ -93,7 +94,9 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
     preds, areas = predict_slices(run, supports, generator, same_volume, cand)
     run.done = len(cand) if cfg.slices == "auto" else 0
     if cfg.slices == "auto":
-        lo, hi = organ_range(run, areas, sorted(annotated) or None)
+        present = sorted(s.index for s in supports if s.mask.any()) if same_volume else []
+        lo, hi = organ_range(run, areas, present or None)
+        lo, hi = max(lo, rng[0]), min(hi, rng[1])
     for z in cand:
         if not lo <= z <= hi:
             continue

@@ -159,6 +159,8 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
     cfg = run.config
     prev = mask0
     peak = trough = int(prev.sum())
+    if peak == 0:
+        return  # an annotated absence: nothing to chain from
     z = z0 + step
     while (step > 0 and z <= stop) or (step < 0 and z >= stop):
         if run.reports[z].source == "annotation":

@@ -38,7 +38,9 @@ from FoBSegmentLib.propagation.types import (
 
 
 def _check_supports(supports: list[SupportSlice], hw: tuple[int, int], same_volume: bool) -> list[SupportSlice]:
-    if not supports:
+    """Sorted supports on the query's slice grid. Same volume, an empty support slice is an
+    annotation too: the organ is absent there, and no chain passes it."""
+    if not any(s.mask.any() for s in supports):
         raise ValueError("the support mask is empty: no slice holds the support label")
     sup = sorted(supports, key=lambda s: s.index)
     if not same_volume:
@@ -49,9 +51,19 @@ def _check_supports(supports: list[SupportSlice], hw: tuple[int, int], same_volu
                 f"support slice {s.index} is {s.mask.shape[1]}x{s.mask.shape[0]} px but the query slices are "
                 f"{hw[1]}x{hw[0]}; resample the support onto a grid with the same in-plane size"
             )
-        if not s.mask.any():
+        if not s.mask.any() and not same_volume:
             raise ValueError(f"support slice {s.index} has an empty mask")
     return sup
+
+
+def _inside_absent(rng: tuple[int, int], supports: list[SupportSlice]) -> tuple[int, int]:
+    """The range clipped to the slices between the annotated absences around the organ's annotations."""
+    present = [s.index for s in supports if s.mask.any()]
+    absent = [s.index for s in supports if not s.mask.any()]
+    lo, hi = rng
+    below = [a for a in absent if a < min(present)]
+    above = [a for a in absent if a > max(present)]
+    return (max(lo, max(below)) if below else lo), (min(hi, min(above)) if above else hi)
 
 
 def _points_only(run: Runner, prompts_in: dict[int, PromptSet], annotated: set[int]) -> None:
@@ -134,10 +146,11 @@ def propagate(
         _points_only(run, prompts_in, {s.index for s in annotations})
         source = "prompts-in"
     elif prompts_from == "fob":
-        run_fob(run, sup, generator, same_volume, rng)
+        run_fob(run, sup, generator, same_volume, _inside_absent(rng, sup))
     else:
         if prompts_from == "hybrid":
             rng = hybrid_range(run, sup, generator, same_volume, rng)
+        rng = _inside_absent(rng, sup)
         run_neighbour(run, sup, same_volume, rng)
         if cfg.slices != "auto":
             # A chain from an annotated slice outside --slices passes through the slices between;
