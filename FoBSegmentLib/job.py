@@ -254,8 +254,9 @@ class Job:
             job.config = config_from_record(record)
         return job
 
-    def run(self, progress: Any = None, cancel: Any = None, on_slice: Any = None) -> PropagationResult:
-        """Propagate (see `propagation.propagate` for the callbacks)."""
+    def run(self, progress: Any = None, cancel: Any = None, on_slice: Any = None,
+            previous: PropagationResult | None = None) -> PropagationResult:
+        """Propagate (see `propagation.propagate` for the callbacks and `previous`)."""
         return propagate(
             self.query.normalised,
             self.supports,
@@ -267,6 +268,7 @@ class Job:
             config=self.config,
             prompts_in=self.prompts_in,
             record=self.record,
+            previous=previous,
             progress=progress,
             cancel=cancel,
             on_slice=on_slice,

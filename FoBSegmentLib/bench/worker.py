@@ -32,6 +32,8 @@ def run_group(group: str, settings: Settings) -> list[dict]:
         from FoBSegmentLib.bench.group_sam import decoder_cases as cases
     elif group == "weight-free":
         from FoBSegmentLib.bench.group_weightfree import cases
+    elif group == "correction":
+        from FoBSegmentLib.bench.group_correction import cases
     else:
         from FoBSegmentLib.bench.group_propagation import cases
     return [r.to_dict() for r in cases(settings)]

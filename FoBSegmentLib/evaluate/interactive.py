@@ -113,8 +113,10 @@ def run_annotator(loop: Loop, components: Any, config: Any, rounds: int, strateg
     start = annotated_nonempty(loop.ref, loop.prepared.axis, middle_slice(loop.first, loop.last))
     annotations = {start: loop.draw(start)}
     scores: list[float] = []
+    result = None
     for r in range(rounds + 1):
-        result = _job(loop, annotations, components, config).run()
+        # The previous round's chains that an added slice does not touch are taken over, as in Slicer.
+        result = _job(loop, annotations, components, config).run(previous=result)
         scores.append(dice(result.mask, loop.ref))
         if r == rounds:
             break

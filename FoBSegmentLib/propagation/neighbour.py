@@ -7,6 +7,7 @@ Frames: masks are (H, W) bool slices along the run's axis; prompts are (x, y) = 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,18 +162,36 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
     peak = trough = int(prev.sum())
     if peak == 0:
         return  # an annotated absence: nothing to chain from
+    key = [int(z0), int(step), int(stop), None if nxt is None else int(nxt)]
     z = z0 + step
     while (step > 0 and z <= stop) or (step < 0 and z >= stop):
         if run.reports[z].source == "annotation":
             break
         run.check_cancel()
+        earlier = run.reuse.get(z)
+        if earlier is not None and earlier[0].chain == key:
+            # The same chain ran here before, from the same annotation: its slices come out the same.
+            rep = dataclasses.replace(earlier[0], flags=list(earlier[0].flags))
+            if rep.source == "skipped":
+                run.reports[z] = rep
+                run.tick(f"slice {z}: chain ends")
+                run.notes.append(f"chain from slice {z0} stops before slice {z}: "
+                                 f"{next(f for f in rep.flags if f.startswith('chain-end'))[len('chain-end: '):]}")
+                break
+            m = earlier[1]
+            run.accept(z, m, rep, earlier[2])
+            run.tick(f"slice {z}")
+            prev, area = m, int(m.sum())
+            peak, trough = (area, area) if area > peak else (peak, min(trough, area))
+            z += step
+            continue
         got = _segment_from(run, z, prev)
         if got is None:
-            run.reports[z].flags.append("chain-end: no ring around the previous mask")
+            run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
             break
         m, score, ps, retried = got
         rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
-                          prior="parent" if ps.prior_mask is not None else "none", score=score)
+                          prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score)
         if retried:
             rep.flags.append("retried with other prompts")
         end = _end_reason(run, z, step, m, prev, peak, trough, look, rep)

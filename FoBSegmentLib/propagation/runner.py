@@ -81,6 +81,9 @@ class Runner:
         # (lo, hi): only slices inside are reported to on_slice (an explicit range's stepping stones
         # are dropped from the result at the end); None = all.
         self.report_range: tuple[int, int] | None = None
+        # slice -> (report, accepted mask, prompts) of an earlier run whose chains may be reused.
+        self.reuse: dict[int, tuple[SliceReport, np.ndarray, PromptSet | None]] = {}
+        self.segmented_count = 0
 
     def slice(self, z: int) -> np.ndarray:
         return np.asarray(take_slice(self.image, self.axis, z), dtype=np.float32)
@@ -102,6 +105,7 @@ class Runner:
         # OpenCV's GrabCut initialises its colour models from a global RNG; re-seeding makes a
         # slice's mask a function of (image, prompts) alone, so a replayed slice comes out identical.
         cv2.setRNGSeed(0)
+        self.segmented_count += 1
         try:
             res = self.segmenter.segment(self.slice(z), prompts)
         except ValueError as exc:
@@ -158,4 +162,6 @@ class Runner:
             notes=self.notes,
             seconds=time.perf_counter() - self.t0,
             order=[z for z in self.order if self.reports[z].source != "skipped" or z in self.prompts],
+            accepted=self.mask.copy(),
+            segmented_count=self.segmented_count,
         )

@@ -49,6 +49,8 @@ class SliceReport:
         chaining), None when the prompts did not come from another slice.
     prior: where the shape prior came from: "parent", "none", or "stored" (a mask kept in the
         propagation record, e.g. another patient's support moved onto the seed slice).
+    chain: [root, step, stop, next annotated slice or None] of the neighbour chain that produced
+        (or ended at) this slice: a later run with the same chain reuses the slice as it was.
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
     flags: review hints, e.g. "area-jump x2.3", "intensity-mismatch", "chain-end: mask vanished".
     """
@@ -59,6 +61,7 @@ class SliceReport:
     support_index: int | None = None
     parent: int | None = None
     prior: str = "none"
+    chain: list | None = None
     score: float | None = None
     fg_max: float | None = None
     flags: list[str] = field(default_factory=list)
@@ -73,6 +76,9 @@ class PropagationResult:
     order: the segmented slices in the order they were accepted (parents before children).
     record: the propagation record (`propagation.document`), what a prompts file needs to rebuild
         this result.
+    accepted: [k, j, i] bool, each slice's mask as accepted, before the 3D clean-up (what the next
+        slice of a chain was made from); a later run reuses it (`propagate(previous=...)`).
+    segmented_count: how many times the segmenter ran (a reused slice costs nothing).
     notes: human-readable lines (which prompt source, where the chain stopped, ...).
     """
 
@@ -85,6 +91,8 @@ class PropagationResult:
     seconds: float = 0.0
     order: list[int] = field(default_factory=list)
     record: dict | None = None
+    accepted: np.ndarray | None = field(default=None, repr=False)
+    segmented_count: int = 0
 
     @property
     def flagged(self) -> list[int]:

@@ -1,0 +1,151 @@
+"""The annotation loop (issue 16): several annotated slices, the review ranking, corrections that
+redo only what can change, and the interactive protocol on real data (one patient, one organ)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from FoBSegmentLib import cli
+from FoBSegmentLib import propagation as P
+from FoBSegmentLib.evaluate.datasets import list_cases
+from FoBSegmentLib.evaluate.interactive import Loop, blind_pick, inner_slices, ranked_pick, run_loop
+from FoBSegmentLib.evaluate.metrics import dice
+from FoBSegmentLib.evaluate.propagation import prepare_volume, read_reference
+from FoBSegmentLib.io import volumes
+from FoBSegmentLib.job import Components, JobSettings, build_job
+from FoBSegmentLib.propagation.review import review_ranking
+from FoBSegmentLib.segmenters.graphcut import GraphCutSegmenter
+
+LEFT_KIDNEY = 3
+
+
+@pytest.fixture(scope="module")
+def kidney(data_dir: Path) -> Loop:
+    case = list_cases("chaos", ids=["2"])[0]
+    prepared = prepare_volume(case.image)
+    ref = read_reference(case.label, prepared) == LEFT_KIDNEY
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    return Loop("chaos", "2", LEFT_KIDNEY, prepared, ref, int(zs[0]), int(zs[-1]))
+
+
+def job_for(loop: Loop, slices: list[int], absent: tuple[int, ...] = ()):
+    support = np.zeros(loop.ref.shape, bool)
+    for z in slices:
+        support[z] = loop.ref[z]
+    comps = Components(None, GraphCutSegmenter(), "neighbour")
+    return build_job(loop.prepared, support, JobSettings(prompts_from="neighbour"), components=comps,
+                     absent_slices=absent)
+
+
+def test_a_new_annotation_redoes_only_the_chains_it_changes(kidney: Loop) -> None:
+    middle = (kidney.first + kidney.last) // 2
+    first = job_for(kidney, [middle]).run()
+    extra = kidney.last - 1
+    full = job_for(kidney, [middle, extra]).run()
+    again = job_for(kidney, [middle, extra]).run(previous=first)
+    assert np.array_equal(full.mask, again.mask)  # reuse changes nothing
+    assert again.segmented_count < full.segmented_count, (again.segmented_count, full.segmented_count)
+    # the chain below the middle annotation runs as before: taken over, not segmented again
+    below = [z for z, r in again.slices.items() if z < middle and r.source == "neighbour"]
+    assert below and all(again.slices[z].chain == first.slices[z].chain for z in below)
+
+
+def test_an_annotated_absence_stops_the_chain(kidney: Loop) -> None:
+    middle = (kidney.first + kidney.last) // 2
+    stop = middle + 2
+    res = job_for(kidney, [middle], absent=(stop,)).run()
+    assert not res.mask[stop:].any()
+    assert res.slices[stop].source == "annotation"
+
+
+def test_review_ranking_lists_every_segmented_slice_and_never_reads_the_reference(kidney: Loop) -> None:
+    middle = (kidney.first + kidney.last) // 2
+    res = job_for(kidney, [middle]).run()
+    items = review_ranking(res)
+    segmented = {z for z, r in res.slices.items() if r.source == "neighbour" and r.area > 0}
+    assert {it.index for it in items} == segmented and middle not in {it.index for it in items}
+    assert [it.score for it in items] == sorted((it.score for it in items), reverse=True)
+    assert all(0.0 <= it.score <= 1.0 and it.reason for it in items)
+    # The same image and annotation with another reference elsewhere: the same ranking (the loop's
+    # first pick included), since neither the pipeline nor the ranking gets the reference.
+    other = Loop(kidney.dataset, kidney.case_id, kidney.organ, kidney.prepared, kidney.ref.copy(),
+                 kidney.first, kidney.last)
+    other.ref[: middle] = False
+    other.ref[middle + 1 :] = True
+    res2 = job_for(other, [middle]).run()
+    assert [it.to_json() for it in review_ranking(res2)] == [it.to_json() for it in items]
+    assert ranked_pick(res2, [middle]) == ranked_pick(res, [middle])
+
+
+def test_blind_and_inner_picks() -> None:
+    assert blind_pick([10], (4, 20)) == 16  # the larger run 11..20, its middle rounded up
+    assert blind_pick([10, 15], (10, 15)) == 13
+    assert blind_pick([3, 4, 5], (3, 5)) is None
+    assert inner_slices(3, 16, 1) == [10] and inner_slices(3, 16, 3) == [5, 10, 14]
+
+
+def test_interactive_protocol_two_rounds_on_a_real_patient(kidney: Loop) -> None:
+    comps = Components(None, GraphCutSegmenter(), "neighbour")
+    rec = run_loop(kidney, comps, None, rounds=2, even_counts=[1, 2, 3])
+    for row in ("ranked", "blind", "prompts"):
+        assert len(rec[row]) == 3 and all(0.0 <= d <= 1.0 for d in rec[row])
+    assert len(rec["ranked_slices"]) == 3 and len(set(rec["ranked_slices"])) == 3
+    assert set(rec["even"]) == {"1", "2", "3"} and set(rec["fill_even"]) == {"2", "3"}
+    assert len(rec["fill_ranked"]) == 2
+    # Round 0 is the same one-slice propagation for every strategy.
+    assert rec["ranked"][0] == rec["blind"][0] == rec["prompts"][0] == rec["even_inner"]["1"]
+    print(f"\nCHAOS 2 left kidney, ranked {rec['ranked']}, blind {rec['blind']}, prompts {rec['prompts']}")
+
+
+def test_interactive_command_writes_json_plot_and_section(tmp_path: Path, capsys) -> None:
+    out, png, md = tmp_path / "i.json", tmp_path / "i.png", tmp_path / "R.md"
+    rc = cli.main(["evaluate", "--protocol", "interactive", "--dataset", "chaos", "--cases", "2", "--organs", "3",
+                   "--rounds", "1", "--prompts-from", "neighbour", "--quiet", "--json", str(out), "--plot", str(png),
+                   "--markdown", str(md)])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["chaos"]["cases"] == 1 and len(doc["records"]) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "<!-- interactive:start -->" in text and "Targets:" in text
+
+
+def test_review_out_file_and_bad_paths(tmp_path: Path, data_dir: Path, capsys) -> None:
+    lab = volumes.read_label(data_dir / "chaos_mr_t2spir" / "label_2.nii.gz")
+    ref = lab.array == LEFT_KIDNEY
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    sup = np.zeros(ref.shape, np.uint8)
+    sup[zs[len(zs) // 2]] = ref[zs[len(zs) // 2]]
+    support = volumes.write_label(tmp_path / "s.nii.gz", sup, lab.geometry)
+    image = data_dir / "chaos_mr_t2spir" / "image_2.nii.gz"
+    base = ["segment", str(image), "-o", str(tmp_path / "o.nii.gz"), "--support-mask", str(support), "--quiet"]
+    assert cli.main([*base, "--review-out", str(tmp_path / "review.json")]) == 0
+    doc = json.loads((tmp_path / "review.json").read_text())
+    idx = [s["index"] for s in doc["slices"]]
+    assert idx and zs[len(zs) // 2] not in idx and all(set(s) == {"index", "score", "reason"} for s in doc["slices"])
+    capsys.readouterr()
+    same = tmp_path / "p.mrk.json"
+    for bad, fragment, extra in ((tmp_path / "missing" / "r.json", "does not exist", []),
+                                 (tmp_path / "r.txt", "must end in .json", []),
+                                 (same, "another output", ["--prompts-out", str(same)])):
+        (tmp_path / "o.nii.gz").unlink(missing_ok=True)
+        rc = cli.main([*base, *extra, "--review-out", str(bad)])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("fob: error:")]
+        assert rc == 2 and len(lines) == 1 and fragment in lines[0] and "--review-out" in lines[0], err
+        assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_three_annotated_slices_beat_one(kidney: Loop) -> None:
+    one = job_for(kidney, [(kidney.first + kidney.last) // 2]).run()
+    three = job_for(kidney, inner_slices(kidney.first, kidney.last, 3)).run()
+    assert dice(three.mask, kidney.ref) > dice(one.mask, kidney.ref)
+
+
+def test_config_round_trip() -> None:
+    cfg = P.config_for_modality(None, "mr")
+    assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
