@@ -173,10 +173,8 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
             # The same chain ran here before, from the same annotation: its slices come out the same.
             rep = dataclasses.replace(earlier[0], flags=list(earlier[0].flags))
             if rep.source == "skipped":
-                run.reports[z] = rep
-                run.tick(f"slice {z}: chain ends")
-                run.notes.append(f"chain from slice {z0} stops before slice {z}: "
-                                 f"{next(f for f in rep.flags if f.startswith('chain-end'))[len('chain-end: '):]}")
+                end = next(f for f in rep.flags if f.startswith("chain-end"))
+                run.end_chain(z, rep, None, f"chain from slice {z0} stops before slice {z}: {end.split(': ', 1)[1]}")
                 break
             m = earlier[1]
             run.accept(z, m, rep, earlier[2])
@@ -201,11 +199,7 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
             rep.flags.append(f"review: {end.split(': ', 1)[1]} (kept: the organ reaches annotated slice {nxt})")
             end = None
         if end is not None:
-            rep.flags.append(end)
-            rep.source = "skipped"
-            run.reports[z] = rep
-            run.tick(f"slice {z}: chain ends")
-            run.notes.append(f"chain from slice {z0} stops before slice {z}: {end.split(': ', 1)[1]}")
+            run.end_chain(z, rep, end, f"chain from slice {z0} stops before slice {z}: {end.split(': ', 1)[1]}")
             break
         run.accept(z, m, rep, ps)
         run.tick(f"slice {z}")
@@ -265,10 +259,8 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
         rep = SliceReport(z0, "neighbour", support_index=mid.index, score=score,
                           prior="stored" if ps.prior_mask is not None else "none")
         if m.sum() < run.config.min_area:
-            rep.flags.append("chain-end: mask vanished at the seed slice")
-            run.reports[z0] = rep
-            run.tick(f"slice {z0}: empty")
-            run.notes.append(f"the seed slice {z0} gave no mask; nothing segmented")
+            run.end_chain(z0, rep, "chain-end: mask vanished at the seed slice",
+                          f"the seed slice {z0} gave no mask; nothing segmented")
             return
         run.accept(z0, m, rep, ps)
         run.tick(f"slice {z0}")

@@ -131,6 +131,15 @@ class Runner:
         ):
             self.on_slice(int(z), np.array(mask, dtype=bool, copy=True))
 
+    def end_chain(self, z: int, rep: SliceReport, flag: str | None, note: str) -> None:
+        """Slice z is not accepted: a chain ends there (`flag` added to its report, `note` to the run's)."""
+        if flag is not None:
+            rep.flags.append(flag)
+        rep.source = "skipped"
+        self.reports[z] = rep
+        self.tick(f"slice {z}: chain ends")
+        self.notes.append(note)
+
     def drop(self, z: int, flag: str | None = None) -> None:
         """Forget slice z's result (it becomes "skipped"); its prompts stay if it was segmented."""
         put_slice(self.mask, self.axis, z, np.zeros(self.hw, bool))
