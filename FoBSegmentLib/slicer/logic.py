@@ -41,7 +41,9 @@ from FoBSegmentLib.slicer.mrml import (
     engine_volume,
     resolve_axis,
     segment_mask,
+    segmentation_fingerprint,
     set_segment_mask,
+    set_segment_slice,
     slice_at_world_point,
 )
 from FoBSegmentLib.slicer.parameters import (
@@ -53,14 +55,39 @@ from FoBSegmentLib.slicer.parameters import (
 )
 from FoBSegmentLib.slicer.worker import CancelCheck, ProgressCallback, PropagationJob, SliceCallback
 
-__all__ = ["FoBSegmentLogic", "PropagationJob"]
+__all__ = ["FoBSegmentLogic", "PropagationJob", "UndoMarks"]
+
+
+TAINTED = "changed by someone else during the action"
+
+
+@dataclasses.dataclass
+class UndoMarks:
+    """Fingerprints (`mrml.segmentation_fingerprint`) beside one segmentation's undo history, one pair
+    per undoable FoB action: the segmentation just before it and as it left it (TAINTED when something
+    else changed it during the action). `redo`: the pairs of undone actions; `restored`: the segmentation
+    right after the last undo (a redo is refused once it changed)."""
+
+    before: list[str] = dataclasses.field(default_factory=list)
+    after: list[str] = dataclasses.field(default_factory=list)
+    redo: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    restored: str | None = None
+
+    def saved(self, before: str, limit: int) -> None:
+        # a new action starts a new branch: the undone ones cannot be redone
+        self.before.append(before)
+        self.after.append("")
+        del self.before[:-limit], self.after[:-limit]
+        self.redo.clear()
 
 
 class FoBSegmentLogic:
     """The module's Logic. Usable from the Python console, tests and the widget.
 
-    undo_callback: when given (the widget passes the Segment Editor's `saveStateForUndo`), it is called
-    once before each write instead of the Logic's own `vtkSegmentationHistory`.
+    undo_callback(segmentation): when given (the widget passes the Segment Editor's `saveStateForUndo`),
+    it is called once before each FoB write, besides the Logic's own `vtkSegmentationHistory`, so every
+    FoB action is one step of the editor's Undo too. FoB's own `undo` refuses when the segmentation
+    changed after FoB's last write (see `undo`).
     """
 
     def __init__(self, scene, undo_callback: Callable[[], None] | None = None, max_undo_states: int = 10) -> None:
@@ -71,6 +98,7 @@ class FoBSegmentLogic:
         self._segmenters: dict[tuple[str, str, str], Any] = {}
         self._images: dict[str, tuple[tuple, Any]] = {}
         self._generators: dict[tuple[str, str], Any] = {}
+        self._undo_marks: dict[str, UndoMarks] = {}
 
     # --- parameters --------------------------------------------------------------------------------
 
@@ -245,29 +273,107 @@ class FoBSegmentLogic:
             hist.SetMaximumNumberOfStates(self.max_undo_states)
             hist.SetSegmentation(segmentation.GetSegmentation())
             self._histories[key] = hist
+            self._undo_marks[key] = UndoMarks()
         return hist
 
     def save_state_for_undo(self, segmentation) -> None:
-        """One undo state, taken before a user action modifies the segmentation."""
+        """One undo state, taken before a user action modifies the segmentation: in the Logic's own
+        history (what `undo` restores) and, when given, through `undo_callback(segmentation)` (the widget
+        passes the Segment Editor's `saveStateForUndo`, so the step is also in the editor's own Undo)."""
+        hist = self._history(segmentation)
+        hist.SaveState()
+        self._undo_marks[segmentation.GetID()].saved(segmentation_fingerprint(segmentation), self.max_undo_states)
         if self.undo_callback is not None:
-            self.undo_callback()
-        else:
-            self._history(segmentation).SaveState()
+            self.undo_callback(segmentation)
         if self.scene.GetUndoFlag():
             self.scene.SaveStateForUndo()
 
-    def undo(self, segmentation) -> bool:
-        """Undo the last FoB action on the segmentation (the Logic's own history); False when none."""
+    def _wrote(self, segmentation) -> None:
+        """Record the segmentation as FoB's last write left it (see `undo`)."""
+        marks = self._undo_marks.get(segmentation.GetID())
+        if marks is not None and marks.after and marks.after[-1] != TAINTED:
+            marks.after[-1] = segmentation_fingerprint(segmentation)
+            marks.redo.clear()
+
+    def _check_unchanged(self, segmentation) -> None:
+        """Before a further write of the same action (a live run's next slice): when something else changed
+        the segmentation since FoB's previous write, the action's undo state predates that edit and
+        restoring it would discard it; the action can no longer be undone by FoB."""
+        marks = self._undo_marks.get(segmentation.GetID())
+        if marks is not None and marks.after and marks.after[-1] != segmentation_fingerprint(segmentation):
+            marks.after[-1] = TAINTED
+
+    def can_undo(self, segmentation) -> tuple[bool, str]:
+        """(whether `undo` would restore the state before FoB's last action, the reason when not)."""
         hist = self._history(segmentation)
-        if not hist.IsRestorePreviousStateAvailable():
+        marks = self._undo_marks[segmentation.GetID()]
+        if not hist.IsRestorePreviousStateAvailable() or not marks.after:
+            return False, "nothing to undo"
+        if marks.after[-1] == TAINTED or marks.after[-1] != segmentation_fingerprint(segmentation):
+            return False, (
+                f"{segmentation.GetName()} was changed after FoB's last action (e.g. in the Segment Editor); "
+                "FoB's Undo would discard that work: use the Segment Editor's Undo instead"
+            )
+        return True, ""
+
+    def undo(self, segmentation) -> bool:
+        """Undo the last FoB action on the segmentation (the Logic's own history); False when there is none.
+
+        Raises ValueError, changing nothing, when the segmentation was changed since FoB's last write
+        (painted in the Segment Editor, another segment added, the editor's own Undo used): restoring
+        FoB's state would silently discard that work.
+        """
+        ok, why = self.can_undo(segmentation)
+        if not ok:
+            if why == "nothing to undo":
+                return False
+            raise ValueError(why)
+        hist = self._history(segmentation)
+        if not hist.RestorePreviousState():
             return False
-        return bool(hist.RestorePreviousState())
+        marks = self._undo_marks[segmentation.GetID()]
+        before = marks.before.pop()
+        marks.redo.append((before, marks.after.pop()))
+        marks.restored = segmentation_fingerprint(segmentation)
+        # The restored state is what the segmentation was before the action. It is the previous FoB action's
+        # result only if nothing was edited in between; else undoing that one too would discard the edit.
+        if marks.after:
+            marks.after[-1] = marks.restored if marks.after[-1] == before else TAINTED
+        return True
 
     def redo(self, segmentation) -> bool:
+        """Redo the FoB action `undo` took back; False when there is none or the segmentation changed since."""
         hist = self._history(segmentation)
-        if not hist.IsRestoreNextStateAvailable():
+        marks = self._undo_marks[segmentation.GetID()]
+        if not hist.IsRestoreNextStateAvailable() or not marks.redo:
             return False
-        return bool(hist.RestoreNextState())
+        if marks.restored != segmentation_fingerprint(segmentation):
+            return False
+        if not hist.RestoreNextState():
+            return False
+        marks.redo.pop()
+        marks.before.append(marks.restored)  # what the redone action now starts from
+        marks.after.append(segmentation_fingerprint(segmentation))
+        return True
+
+    def release(self) -> None:
+        """Free what the Logic holds for the current scene (call on scene close): the prepared float32
+        volume copies, the undo histories, the segmenters (SAM models and their embeddings) and the FoB
+        generators; the GPU memory torch cached for them is returned to the driver."""
+        for hist in self._histories.values():
+            hist.RemoveAllStates()
+        self._histories.clear()
+        self._undo_marks.clear()
+        self._images.clear()
+        self._segmenters.clear()
+        self._generators.clear()
+        import gc
+        import sys
+
+        gc.collect()
+        torch = sys.modules.get("torch")  # never imported here just to free memory
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def write_slices(
         self, volume, segmentation, segment_id: str, masks: dict[int, np.ndarray], axis: int | None = None
@@ -282,6 +388,7 @@ class FoBSegmentLogic:
             return
         self.save_state_for_undo(segmentation)
         set_segment_mask(segmentation, segment_id, volume, current)
+        self._wrote(segmentation)
 
     # --- segmenting ----------------------------------------------------------------------------------
 
@@ -466,36 +573,42 @@ class FoBSegmentLogic:
         slice already held exactly this mask (nothing written).
         """
         volume, segmentation = self._job_nodes(job)
-        current = segment_mask(segmentation, job.segment_id, volume)
-        new = np.asarray(mask, bool)
-        if np.array_equal(take_slice(current, job.axis, int(z)), new):
-            return False
+        z, new = int(z), np.asarray(mask, bool)
         if job.live_before is None:
+            current = segment_mask(segmentation, job.segment_id, volume)  # once per run: what a rollback restores
+            if np.array_equal(take_slice(current, job.axis, z), new):
+                return False
             self.save_state_for_undo(segmentation)
-            job.live_before = current.copy()
-        put_slice(current, job.axis, int(z), new)
-        job.live_slices.add(int(z))
-        set_segment_mask(segmentation, job.segment_id, volume, current)
+            job.live_before = current
+        else:
+            shown = job.live_shown.get(z)
+            if np.array_equal(shown if shown is not None else take_slice(job.live_before, job.axis, z), new):
+                return False
+            self._check_unchanged(segmentation)
+        # one slice's extent, not the volume: a live run must not rewrite 200 slices per slice
+        set_segment_slice(segmentation, job.segment_id, volume, job.axis, z, new)
+        job.live_slices.add(z)
+        job.live_shown[z] = new.copy()
+        self._wrote(segmentation)
         return True
 
     def rollback_propagation(self, job: PropagationJob) -> bool:
         """Main thread, after a cancelled or failed live run: remove what `apply_slice_result` wrote.
 
-        With the Logic's own history this is an Undo of the run's single state (Redo brings the partial
-        result back); with an external `undo_callback` the written slices get their previous voxels back.
+        When nothing else changed the segmentation meanwhile this is an Undo of the run's single state
+        (Redo brings the partial result back); otherwise (e.g. the user painted during the run) only the
+        slices the run wrote get their previous voxels back, and the user's edits stay.
         Returns False when nothing had been written.
         """
         if job.live_before is None:
             return False
         volume, segmentation = self._job_nodes(job)
         before, written = job.live_before, sorted(job.live_slices)
-        job.live_before, job.live_slices = None, set()
-        if self.undo_callback is None and self.undo(segmentation):
+        job.live_before, job.live_slices, job.live_shown = None, set(), {}
+        if self.can_undo(segmentation)[0] and self.undo(segmentation):
             return True
-        current = segment_mask(segmentation, job.segment_id, volume)
         for z in written:
-            put_slice(current, job.axis, z, take_slice(before, job.axis, z))
-        set_segment_mask(segmentation, job.segment_id, volume, current)
+            set_segment_slice(segmentation, job.segment_id, volume, job.axis, z, take_slice(before, job.axis, z))
         return True
 
     def apply_propagation(self, job: PropagationJob, result, show_prompts: bool = True) -> list[int]:
@@ -514,10 +627,12 @@ class FoBSegmentLogic:
         else:
             for z in job.live_slices - set(masks):
                 masks[z] = take_slice(job.live_before, job.axis, z).astype(bool)
+            self._check_unchanged(segmentation)
             current = segment_mask(segmentation, job.segment_id, volume)
             if write_binary_slices(current, job.axis, masks).changed_voxels():
                 set_segment_mask(segmentation, job.segment_id, volume, current)
-            job.live_before, job.live_slices = None, set()
+                self._wrote(segmentation)
+            job.live_before, job.live_slices, job.live_shown = None, set(), {}
         if show_prompts and result.prompts:
             self.show_prompts(volume, segmentation, job.segment_id, result.prompts, job.axis)
             point_lists.set_propagation_record(self.scene, volume, segmentation, job.segment_id, result.record)

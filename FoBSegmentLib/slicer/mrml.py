@@ -211,3 +211,49 @@ def set_segment_mask(segmentation, segment_id: str, volume, mask: np.ndarray) ->
         image, segmentation, segment_id, logic.MODE_REPLACE, image.GetExtent(), False, (segment_id,)
     ):
         raise ValueError(f"could not write segment {segment_id!r} of {segmentation.GetName()}")
+
+
+def segmentation_fingerprint(segmentation) -> str:
+    """A fingerprint of a segmentation's binary labelmaps: its segment ids and label values, and each
+    layer's identity and modification time. Painting, erasing, adding or removing a segment, an undo of
+    the Segment Editor: every change of a labelmap changes it; display settings do not. It is cheap (no
+    voxel is read), so it can be taken after each live slice; a labelmap marked modified without a
+    changed voxel also counts as a change, the safe side for `FoBSegmentLogic.undo`."""
+    seg = segmentation.GetSegmentation()
+    rep = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    parts = [f"{seg.GetNthSegmentID(n)}={seg.GetNthSegment(n).GetLabelValue()}" for n in range(seg.GetNumberOfSegments())]
+    for layer in range(seg.GetNumberOfLayers(rep)):
+        image = seg.GetLayerDataObject(layer, rep)
+        parts.append("-" if image is None else f"{image.GetAddressAsString('vtkObject')}@{image.GetMTime()}")
+    return ";".join(parts)
+
+
+def set_segment_slice(segmentation, segment_id: str, volume, axis: int, index: int, mask: np.ndarray) -> None:
+    """Replace one slice of a segment by an (H, W) bool mask (`take_slice`'s frame along `axis` of the
+    volume's [k, j, i] grid); the rest of the segment and the other segments are not touched.
+
+    Only that slice's extent is sent to Slicer, so a live propagation's per-slice write costs one slice,
+    not a read and a rewrite of the whole volume.
+    """
+    geom, _ = volume_geometry(volume)
+    slab = np.expand_dims(np.asarray(mask, bool), axis)  # inverse of np.take(..., axis): the slice as a slab
+    shape = list(geom.array_shape)
+    shape[axis] = 1
+    if slab.shape != tuple(shape):
+        raise ValueError(f"slice mask shape {np.asarray(mask).shape} does not match the volume's slices along axis {axis}")
+    if not 0 <= index < geom.array_shape[axis]:
+        raise ValueError(f"slice {index} is outside 0..{geom.array_shape[axis] - 1} along axis {axis}")
+    lo = [0, 0, 0]  # (k, j, i) offset of the slab
+    lo[axis] = int(index)
+    nk, nj, ni = slab.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(lo[2], lo[2] + ni - 1, lo[1], lo[1] + nj - 1, lo[0], lo[0] + nk - 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(slab.astype(np.uint8).reshape(-1), deep=True))
+    image.SetImageToWorldMatrix(vtk_matrix(relative_transform(segmentation, volume) @ geom.ijk_to_ras_matrix()))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    # MODE_REPLACE would replace the whole segment by this one slice; min then max within the slab's
+    # extent clears what the mask clears and sets what it sets, and leaves every other voxel as it was.
+    for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
+        if not logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, mode, image.GetExtent(), False,
+                                                (segment_id,)):
+            raise ValueError(f"could not write slice {index} of segment {segment_id!r} of {segmentation.GetName()}")

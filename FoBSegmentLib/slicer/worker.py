@@ -37,9 +37,10 @@ class PropagationJob:
     segment_id: str
     engine: Job
     # Main thread only (apply_slice_result): the segment on the volume grid before the first live slice
-    # was written (None = nothing written live yet) and the slices written live so far.
+    # was written (None = nothing written live yet), the slices written live so far and their last masks.
     live_before: np.ndarray | None = field(default=None, repr=False)
     live_slices: set[int] = field(default_factory=set)
+    live_shown: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def axis(self) -> int:
