@@ -32,7 +32,7 @@ import numpy as np
 import slicer
 
 from FoBSegmentLib.io.coords import put_slice, slice_axes, take_slice
-from FoBSegmentLib.job import JobSettings, build_job, load_components, prepare_image
+from FoBSegmentLib.job import JobSettings, PreparedImage, build_job, load_components, prepare_image
 from FoBSegmentLib.labelmap import nonempty_slices, write_binary_slices
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation import PropagationConfig
@@ -45,6 +45,8 @@ from FoBSegmentLib.slicer.mrml import (
     set_segment_mask,
     set_segment_slice,
     slice_at_world_point,
+    slice_center_world,
+    view_slice,
 )
 from FoBSegmentLib.slicer.parameters import (
     NODE_REFERENCES,
@@ -128,24 +130,39 @@ class FoBSegmentLogic:
         """The array axis to slice along: `axis` if given (>= 0), else the volume's axial axis."""
         return resolve_axis(volume, axis)
 
-    def prepared_image(self, volume, settings: JobSettings | None = None, what: str = "image"):
-        """The node's voxels prepared as `fob segment` prepares a file (`job.prepare_image`: modality,
-        normalisation, slicing axis), cached per image version and settings."""
+    def image_source(self, volume, settings: JobSettings | None = None,
+                     what: str = "image") -> Callable[[], PreparedImage]:
+        """Main thread: what `prepared_image` needs from the node, as a function that prepares it on any
+        thread. Normalising a large volume takes seconds, so the widget calls the function on its worker;
+        here only the voxels are copied (nothing at all when the cache holds this image version)."""
         settings = settings or JobSettings()
         image = volume.GetImageData()
         if image is None:
             raise ValueError(f"{volume.GetName()} has no image data")
-        key = (volume.GetID(), int(image.GetMTime()), settings.modality, settings.window)
-        cached = self._images.get(volume.GetID())
-        if cached is None or cached[0] != key:
-            # Cached with the default axis: normalising a large volume takes seconds, choosing an axis not.
-            cached = (key, prepare_image(engine_volume(volume), dataclasses.replace(settings, axis=None), what))
-            self._images[volume.GetID()] = cached
-        prepared = cached[1]
-        if settings.axis is not None and settings.axis != prepared.axis:
+        if settings.axis is not None:
             slice_axes(settings.axis)
-            prepared = dataclasses.replace(prepared, axis=int(settings.axis))
-        return prepared
+        vid = volume.GetID()
+        key = (vid, int(image.GetMTime()), settings.modality, settings.window)
+        cached = self._images.get(vid)
+        raw = None if cached is not None and cached[0] == key else engine_volume(volume)
+
+        def get() -> PreparedImage:
+            if raw is None:
+                prepared = cached[1]
+            else:
+                # Cached with the default axis: normalising takes seconds, choosing an axis not.
+                prepared = prepare_image(raw, dataclasses.replace(settings, axis=None), what)
+                self._images[vid] = (key, prepared)
+            if settings.axis is not None and settings.axis != prepared.axis:
+                prepared = dataclasses.replace(prepared, axis=int(settings.axis))
+            return prepared
+
+        return get
+
+    def prepared_image(self, volume, settings: JobSettings | None = None, what: str = "image") -> PreparedImage:
+        """The node's voxels prepared as `fob segment` prepares a file (`job.prepare_image`: modality,
+        normalisation, slicing axis), cached per image version and settings."""
+        return self.image_source(volume, settings, what)()
 
     def normalised_image(self, volume) -> np.ndarray:
         """The volume's voxels normalised to [0, 1] exactly as `fob segment` does."""
@@ -158,6 +175,18 @@ class FoBSegmentLogic:
     def current_slice(self, volume, ras_world: tuple[float, float, float], axis: int | None = None) -> int:
         """Nearest slice index along the axis to a world RAS point (e.g. a slice view's centre)."""
         return slice_at_world_point(volume, ras_world, self.slice_axis(volume, axis))
+
+    def view_slice(self, volume, views: dict[str, np.ndarray], axis: int | None = None,
+                   preferred: str | None = None) -> tuple[str, int]:
+        """(view name, slice index along the axis) of the 2D view that shows voxel slices along the job's
+        axis, `preferred` (the view the user last worked in) first: the widget's "current slice", right
+        whether the job slices along k, j or i and whichever of Red, Yellow, Green the user works in.
+        views: {name: SliceToRAS 4x4 in world RAS}. Raises ValueError when no view qualifies."""
+        return view_slice(volume, views, self.slice_axis(volume, axis), preferred)
+
+    def slice_center(self, volume, index: int, axis: int | None = None) -> np.ndarray:
+        """World RAS (3,) of the centre of slice `index` (where the widget jumps a view to show it)."""
+        return slice_center_world(volume, self.slice_axis(volume, axis), int(index))
 
     def get_segmenter(self, name: str = "auto", device: str = "auto", checkpoint: str | None = None):
         """A cached segmenter (`FoBSegmentLib.segmenters.get_segmenter`), so SAM embeddings stay cached
@@ -411,7 +440,29 @@ class FoBSegmentLogic:
         again; nothing else changes. Without a record each slice is segmented from its points alone.
         slices: None = all reviewed slices (all slices with prompts when none is reviewed). Returns
         {slice: (H, W) bool mask} of the slices written. One undo state; other segments are untouched.
+
+        begin_segment (main thread) + task.compute (any thread; the widget's worker) + apply_segment
+        (main thread), on the calling thread.
         """
+        task = self.begin_segment(volume, segmentation, segment_id, slices, segmenter, device, axis, checkpoint)
+        return self.apply_segment(task, task.compute())
+
+    def begin_segment(
+        self,
+        volume,
+        segmentation,
+        segment_id: str,
+        slices: list[int] | None = None,
+        segmenter: str = "auto",
+        device: str = "auto",
+        axis: int | None = None,
+        checkpoint: str | None = None,
+    ) -> worker.SegmentTask:
+        """Main thread: read the prompts, the record and the segment out of MRML (see `segment_slices`);
+        the returned task's `compute(progress=None, cancel=None)` normalises the volume, loads the
+        segmenter and segments without touching MRML. Bad input raises ValueError here, before any work."""
+        from FoBSegmentLib.propagation import PropagationCancelled
+
         ax = self.slice_axis(volume, axis)
         prompts = self.read_prompts(volume, segmentation, segment_id, ax)
         record = point_lists.propagation_record(self.scene, segmentation, segment_id)
@@ -421,48 +472,68 @@ class FoBSegmentLogic:
         if slices is None:
             reviewed = self.reviewed_slices(volume, segmentation, segment_id)
             slices = reviewed or sorted(prompts)
+        slices = [int(s) for s in slices]
         missing = [s for s in slices if s not in prompts and s not in recorded]
         if missing:
             raise ValueError(f"no prompts on slice(s) {', '.join(map(str, missing))}; predict or place points first")
-        if record is not None:
-            return self._replay(volume, segmentation, segment_id, prompts, record,
-                                self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint))
-        image = self.normalised_image(volume)
-        seg = self.get_segmenter(segmenter, device, checkpoint)
-        masks = {}
-        for s in slices:
-            try:
-                masks[int(s)] = np.asarray(seg.segment(take_slice(image, ax, int(s)), prompts[s]).mask, bool)
-            except ValueError as exc:
-                raise ValueError(f"slice {s}: {exc}") from None
-        self.write_slices(volume, segmentation, segment_id, masks, ax)
-        return masks
+        settings = self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint)
+        image = self.image_source(volume, settings)
+        current = segment_mask(segmentation, segment_id, volume) if record is not None else None
 
-    def _replay(self, volume, segmentation, segment_id: str, prompts: dict[int, PromptSet], record: dict,
-                settings: JobSettings) -> dict[int, np.ndarray]:
-        """Replay the lists' propagation record with their current points (see `segment_slices`)."""
+        def compute(progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
+            if record is not None:
+                return self._replay(image(), current, prompts, record, settings, progress, cancel)
+            normalised = image().normalised
+            seg = self.get_segmenter(segmenter, device, checkpoint)
+            masks = {}
+            for n, s in enumerate(slices):
+                if cancel is not None and cancel():
+                    raise PropagationCancelled("cancelled")
+                try:
+                    masks[s] = np.asarray(seg.segment(take_slice(normalised, ax, s), prompts[s]).mask, bool)
+                except ValueError as exc:
+                    raise ValueError(f"slice {s}: {exc}") from None
+                if progress is not None:
+                    progress(n + 1, len(slices), f"slice {s}")
+            return worker.SegmentOutcome(masks)
+
+        return worker.SegmentTask(volume.GetID(), segmentation.GetID(), segment_id, ax, slices, compute)
+
+    def apply_segment(self, task: worker.SegmentTask, outcome: worker.SegmentOutcome) -> dict[int, np.ndarray]:
+        """Main thread: write a computed `SegmentTask` (one undo state), show the points a replay moved
+        and store its record. Returns the masks written."""
+        volume = self.scene.GetNodeByID(task.volume_id)
+        segmentation = self.scene.GetNodeByID(task.segmentation_id)
+        if volume is None or segmentation is None:
+            raise ValueError("the volume or segmentation being segmented was removed from the scene")
+        self.write_slices(volume, segmentation, task.segment_id, outcome.masks, task.axis)
+        if outcome.prompts:
+            self.show_prompts(volume, segmentation, task.segment_id, outcome.prompts, task.axis)
+        if outcome.record is not None:
+            point_lists.set_propagation_record(self.scene, volume, segmentation, task.segment_id, outcome.record)
+        return outcome.masks
+
+    def _replay(self, query: PreparedImage, current: np.ndarray, prompts: dict[int, PromptSet], record: dict,
+                settings: JobSettings, progress: ProgressCallback | None = None,
+                cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
+        """Replay the lists' propagation record with their current points (see `segment_slices`); no MRML.
+        current: the segment on the volume's [k, j, i] grid when the task began."""
         from FoBSegmentLib.propagation.document import prompt_fingerprint
 
-        query = self.prepared_image(volume, settings)
-        current = segment_mask(segmentation, segment_id, volume)
         support = np.zeros_like(current)
         for z in record["annotated"]:
             put_slice(support, query.axis, int(z), take_slice(current, query.axis, int(z)))
         comps = load_components(settings, replaying=True,
                                 segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint))
         job = build_job(query, support, settings, components=comps, support_name="the annotated slices")
-        result = job.with_prompts(prompts, record).run()
+        result = job.with_prompts(prompts, record).run(progress=progress, cancel=cancel)
         annotated = {int(z) for z in record["annotated"]}
         touched = ({int(e["index"]) for e in record["slices"]} | set(result.order)) - annotated
         masks = {z: take_slice(result.mask, query.axis, z).astype(bool) for z in sorted(touched)}
         changed = {z: m for z, m in masks.items() if not np.array_equal(m, take_slice(current, query.axis, z))}
-        self.write_slices(volume, segmentation, segment_id, changed, query.axis)
         old = {int(e["index"]): e["prompts"] for e in record["slices"]}
         redone = {z: ps for z, ps in result.prompts.items() if old.get(z) != prompt_fingerprint(ps)}
-        if redone:
-            self.show_prompts(volume, segmentation, segment_id, redone, query.axis)
-        point_lists.set_propagation_record(self.scene, volume, segmentation, segment_id, result.record)
-        return changed
+        return worker.SegmentOutcome(changed, redone, result.record)
 
     # --- prediction and propagation -----------------------------------------------------------------
 
@@ -517,7 +588,11 @@ class FoBSegmentLogic:
             self._generators[key] = comps.generator
         return comps
 
-    def prepare_propagation(
+    def prepare_propagation(self, volume, segmentation, segment_id: str, **kwargs) -> PropagationJob:
+        """`begin_propagation(...)()` on the calling thread (scripts, tests)."""
+        return self.begin_propagation(volume, segmentation, segment_id, **kwargs)()
+
+    def begin_propagation(
         self,
         volume,
         segmentation,
@@ -527,17 +602,19 @@ class FoBSegmentLogic:
         support_segment_id: str | None = None,
         generator=None,
         **settings_kwargs,
-    ) -> PropagationJob:
-        """Copy what a propagation needs out of MRML (main thread) and build the job with the engine's
-        one job builder (`job.build_job`), exactly as `fob segment` does. The support is the segment
-        itself (same volume) or another volume's segment (cross-patient).
+    ) -> Callable[[], PropagationJob]:
+        """Main thread: copy what a propagation needs out of MRML; returns build() that builds the job with
+        the engine's one job builder (`job.build_job`), exactly as `fob segment` does. build() normalises
+        the volume and loads the model and the segmenter (seconds: the widget calls it on its worker) and
+        touches no MRML. The support is the segment itself (same volume) or another volume's segment
+        (cross-patient). Bad input raises ValueError here.
 
         settings_kwargs: see `job_settings`. generator: an already loaded FoB generator (anything with
         `.predict(support_image, support_mask, query_image) -> PromptSet`); otherwise the settings'
         model (a file) or the shipped default is loaded.
         """
         settings = self.job_settings(**settings_kwargs)
-        query = self.prepared_image(volume, settings)
+        query = self.image_source(volume, settings)
         same_volume = support_volume is None or support_volume is volume
         support = None
         if same_volume:
@@ -545,13 +622,18 @@ class FoBSegmentLogic:
         else:
             if support_segmentation is None or not support_segment_id:
                 raise ValueError("a support volume needs its segmentation and segment")
-            support = self.prepared_image(support_volume, dataclasses.replace(settings, axis=None), "support image")
+            support = self.image_source(support_volume, dataclasses.replace(settings, axis=None), "support image")
             s_mask = segment_mask(support_segmentation, support_segment_id, support_volume)
         if not s_mask.any():
             raise ValueError("the support segment is empty: outline the organ on at least one slice")
-        engine = build_job(query, s_mask, settings, support=support, components=self._components(settings, generator),
-                           support_name="the support segment")
-        return PropagationJob(volume.GetID(), segmentation.GetID(), segment_id, engine)
+        ids = (volume.GetID(), segmentation.GetID(), segment_id)
+
+        def build() -> PropagationJob:
+            engine = build_job(query(), s_mask, settings, support=support() if support is not None else None,
+                               components=self._components(settings, generator), support_name="the support segment")
+            return PropagationJob(*ids, engine)
+
+        return build
 
     # Worker-thread computations (no MRML; see `worker`), static so the widget runs them on its thread.
     run_propagation = staticmethod(worker.run_propagation)

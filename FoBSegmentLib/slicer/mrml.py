@@ -20,7 +20,9 @@ from FoBSegmentLib.io.coords import (
     Geometry,
     geometry_from_ijk_to_ras,
     ijk_to_slice_xy,
+    ijk_to_world_ras,
     slice_axes,
+    slice_xy_to_ijk,
     world_ras_to_ijk,
 )
 
@@ -108,6 +110,46 @@ def slice_at_world_point(volume, ras_world: tuple[float, float, float], axis: in
     if not 0 <= index < geom.array_shape[axis]:
         raise ValueError(f"the slice view is not on the volume (slice {index} of 0..{geom.array_shape[axis] - 1})")
     return index
+
+
+def slice_center_world(volume, axis: int, index: int) -> np.ndarray:
+    """World RAS (3,) of the centre of slice `index` along `axis` (where a view jumps to show it)."""
+    geom, p2w = volume_geometry(volume)
+    rows, cols = slice_axes(axis)
+    shape = geom.array_shape
+    centre_xy = np.array([[(shape[cols] - 1) / 2.0, (shape[rows] - 1) / 2.0]])  # (x, y) = (column, row)
+    return ijk_to_world_ras(slice_xy_to_ijk(centre_xy, axis, int(index)), geom, p2w)[0]
+
+
+def view_slice(volume, views: dict[str, np.ndarray], axis: int, preferred: str | None = None,
+               tolerance_deg: float = 1.0) -> tuple[str, int]:
+    """The slice shown by a 2D view that shows voxel slices along `axis`, e.g. the view the user works in.
+
+    views: {view name: its SliceToRAS 4x4 (world RAS; column 2 is the view's normal, column 3 a point of
+    the view's plane)}; preferred: the view to take when it qualifies (the one the user last used), else
+    the first that does. Returns (view name, slice index). Raises ValueError when no view's plane is a
+    voxel slice along `axis` (e.g. all views are oblique to it) or the slice is outside the volume.
+    """
+    geom, p2w = volume_geometry(volume)
+    # the axis' world direction: from the centre of slice 0 to the centre of slice 1
+    last = min(1, geom.array_shape[axis] - 1)
+    along = slice_center_world(volume, axis, last) - slice_center_world(volume, axis, 0)
+    if not np.any(along):  # a single slice: its normal from the slice's (x, y) directions
+        pts = ijk_to_world_ras(slice_xy_to_ijk(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), axis, 0), geom, p2w)
+        along = np.cross(pts[1] - pts[0], pts[2] - pts[0])
+    along = along / np.linalg.norm(along)
+    names = ([preferred] if preferred in views else []) + [n for n in views if n != preferred]
+    cos_min = np.cos(np.deg2rad(tolerance_deg))
+    for name in names:
+        m = np.asarray(views[name], float)
+        normal = m[:3, 2] / np.linalg.norm(m[:3, 2])
+        if abs(float(normal @ along)) >= cos_min:
+            return name, slice_at_world_point(volume, tuple(m[:3, 3]), axis)
+    axis_name = "kji"[axis]
+    raise ValueError(
+        f"no slice view shows voxel slices along {axis_name}: rotate a view to the volume's planes "
+        "(slice view menu > Rotate to volume plane) or choose another slice axis"
+    )
 
 
 def volume_array(volume) -> np.ndarray:

@@ -8,6 +8,7 @@ Frames: `job.image` is the normalised [k, j, i] volume, sliced along `job.axis`;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,16 @@ from FoBSegmentLib.propagation import (
     assign_supports,
 )
 
-__all__ = ["CancelCheck", "ProgressCallback", "PropagationJob", "SliceCallback", "compute_prompts", "run_propagation"]
+__all__ = [
+    "CancelCheck",
+    "ProgressCallback",
+    "PropagationJob",
+    "SegmentOutcome",
+    "SegmentTask",
+    "SliceCallback",
+    "compute_prompts",
+    "run_propagation",
+]
 
 
 @dataclass
@@ -73,6 +83,31 @@ class PropagationJob:
     @property
     def notes(self) -> list[str]:
         return self.engine.notes
+
+
+@dataclass
+class SegmentOutcome:
+    """What segmenting some slices produced (worker), for `FoBSegmentLogic.apply_segment` (main thread).
+
+    masks: {slice: (H, W) bool} to write (along the task's axis); prompts: {slice: PromptSet} whose
+    points a replay moved (chained slices), to show; record: the new propagation record, or None."""
+
+    masks: dict[int, np.ndarray]
+    prompts: dict[int, PromptSet] = field(default_factory=dict)
+    record: dict | None = None
+
+
+@dataclass
+class SegmentTask:
+    """Segmenting slices from the point lists' prompts, read out of MRML on the main thread
+    (`FoBSegmentLogic.begin_segment`); `compute(progress, cancel)` needs no MRML (worker thread)."""
+
+    volume_id: str
+    segmentation_id: str
+    segment_id: str
+    axis: int
+    slices: list[int]
+    compute: Callable[..., SegmentOutcome] = field(repr=False)
 
 
 def run_propagation(
