@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 
+PROMPT_CHUNK = 8  # slices per model call in compute_prompts
+
+
 @dataclass
 class PropagationJob:
     """An engine job plus where its result goes in the scene; built on the main thread, run anywhere."""
@@ -145,9 +148,14 @@ def compute_prompts(
     groups: dict[int, list[int]] = {}
     for z in query:
         groups.setdefault(id(assign[z]), []).append(z)
+    # Chunks, so that progress is reported and Cancel is honoured every few slices (also for one slice:
+    # the first model call can take seconds), at the price of encoding a support once per chunk.
+    chunks = [zs[i : i + PROMPT_CHUNK] for zs in groups.values() for i in range(0, len(zs), PROMPT_CHUNK)]
     prompts: dict[int, PromptSet] = {}
     done = 0
-    for zs in groups.values():
+    if progress is not None:
+        progress(0, len(query), "predicting prompts")
+    for zs in chunks:
         if cancel is not None and cancel():
             raise PropagationCancelled("cancelled")
         sup = assign[zs[0]]
