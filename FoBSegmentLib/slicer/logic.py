@@ -147,8 +147,11 @@ class FoBSegmentLogic:
         raw = None if cached is not None and cached[0] == key else engine_volume(volume)
 
         def get() -> PreparedImage:
+            again = self._images.get(vid)
             if raw is None:
                 prepared = cached[1]
+            elif again is not None and again[0] == key:
+                prepared = again[1]  # another task of the same run normalised this version meanwhile
             else:
                 # Cached with the default axis: normalising takes seconds, choosing an axis not.
                 prepared = prepare_image(raw, dataclasses.replace(settings, axis=None), what)
@@ -405,9 +408,11 @@ class FoBSegmentLogic:
             torch.cuda.empty_cache()
 
     def write_slices(
-        self, volume, segmentation, segment_id: str, masks: dict[int, np.ndarray], axis: int | None = None
+        self, volume, segmentation, segment_id: str, masks: dict[int, np.ndarray], axis: int | None = None,
+        undo_state: bool = True,
     ) -> None:
-        """Replace slices of one segment with (H, W) masks; one undo state for the whole call."""
+        """Replace slices of one segment with (H, W) masks; one undo state for the whole call (none with
+        undo_state=False: the caller saved the state of a larger action)."""
         if not masks:
             return
         ax = self.slice_axis(volume, axis)
@@ -415,7 +420,8 @@ class FoBSegmentLogic:
         edit = write_binary_slices(current, ax, masks)
         if edit.changed_voxels() == 0:
             return
-        self.save_state_for_undo(segmentation)
+        if undo_state:
+            self.save_state_for_undo(segmentation)
         set_segment_mask(segmentation, segment_id, volume, current)
         self._wrote(segmentation)
 
@@ -693,7 +699,63 @@ class FoBSegmentLogic:
             set_segment_slice(segmentation, job.segment_id, volume, job.axis, z, take_slice(before, job.axis, z))
         return True
 
-    def apply_propagation(self, job: PropagationJob, result, show_prompts: bool = True) -> list[int]:
+    # --- several organs in one go ----------------------------------------------------------------------
+
+    def outlined_segments(self, volume, segmentation) -> list[str]:
+        """IDs of the segmentation's segments that hold an outline (a non-empty mask on the volume's grid)."""
+        seg = segmentation.GetSegmentation()
+        ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
+        return [sid for sid in ids if segment_mask(segmentation, sid, volume).any()]
+
+    def begin_propagation_many(self, volume, segmentation, segment_ids: list[str],
+                               **kwargs) -> Callable[[], list[PropagationJob]]:
+        """Main thread: `begin_propagation` for each segment (each is its own support, propagated into
+        itself); the returned build() builds every job (worker). The volume is normalised once."""
+        if not segment_ids:
+            raise ValueError("no segment holds an outline: outline at least one organ on one slice")
+        builds = [self.begin_propagation(volume, segmentation, sid, **kwargs) for sid in segment_ids]
+        return lambda: [build() for build in builds]
+
+    @staticmethod
+    def run_propagation_many(jobs: list[PropagationJob], progress: ProgressCallback | None = None,
+                             cancel: CancelCheck | None = None) -> list:
+        """Worker: run the jobs one after the other; progress counts the steps of all of them."""
+        results = []
+        for n, job in enumerate(jobs):
+            name = f"segment {n + 1} of {len(jobs)}"
+
+            def step(done: int, total: int, text: str = "", n: int = n, name: str = name) -> None:
+                if progress is not None:
+                    progress(n * total + done, len(jobs) * total, f"{name}: {text}")
+
+            results.append(worker.run_propagation(job, step, cancel))
+        return results
+
+    def apply_propagation_many(self, jobs: list[PropagationJob], results: list) -> dict[str, list[int]]:
+        """Main thread: write every segment's propagation as ONE undo step. Returns {segment id: slices}."""
+        if not jobs:
+            return {}
+        _, segmentation = self._job_nodes(jobs[0])
+        self.save_state_for_undo(segmentation)
+        written = {job.segment_id: self.apply_propagation(job, result, undo_state=False)
+                   for job, result in zip(jobs, results)}
+        self._wrote(segmentation)
+        return written
+
+    def propagate_many(self, volume, segmentation, segment_ids: list[str] | None = None,
+                       progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
+                       **kwargs) -> dict[str, Any]:
+        """Propagate several organs in one go (scripts, tests): each outlined segment (default: every
+        segment holding an outline) into itself, one undo step for the whole run. Returns {segment id:
+        PropagationResult}. Cancelled or failed: nothing is written."""
+        ids = self.outlined_segments(volume, segmentation) if segment_ids is None else list(segment_ids)
+        jobs = self.begin_propagation_many(volume, segmentation, ids, **kwargs)()
+        results = self.run_propagation_many(jobs, progress, cancel)
+        self.apply_propagation_many(jobs, results)
+        return {job.segment_id: result for job, result in zip(jobs, results)}
+
+    def apply_propagation(self, job: PropagationJob, result, show_prompts: bool = True,
+                          undo_state: bool = True) -> list[int]:
         """Write a finished propagation into its segment (one undo state) and show the prompts it used.
 
         Only slices the propagation produced are written; annotated slices stay as drawn. Returns them.
@@ -705,7 +767,7 @@ class FoBSegmentLogic:
         produced = [z for z, r in sorted(result.slices.items()) if r.source not in ("skipped", "annotation")]
         masks = {z: take_slice(result.mask, job.axis, z).astype(bool) for z in produced}
         if job.live_before is None:
-            self.write_slices(volume, segmentation, job.segment_id, masks, job.axis)
+            self.write_slices(volume, segmentation, job.segment_id, masks, job.axis, undo_state)
         else:
             for z in job.live_slices - set(masks):
                 masks[z] = take_slice(job.live_before, job.axis, z).astype(bool)
