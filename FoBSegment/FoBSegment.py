@@ -454,8 +454,8 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _removeShortcuts(self) -> None:
         for shortcut in self._shortcuts:
-            shortcut.disconnect("activated()")
-            shortcut.setParent(None)
+            shortcut.setEnabled(False)  # at once; the object goes with the next event loop turn
+            shortcut.deleteLater()
         self._shortcuts = []
 
     def _placePoint(self, role: str) -> None:
@@ -703,9 +703,15 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._controller.busy or not self._needPackages():
             return
         build = None
+        many = kind == "propagate" and self.ui.allSegmentsCheckBox.checked
         with slicer.util.tryWithErrorDisplay(f"FoBSegment: {kind} could not start.", waitCursor=True):
             volume, seg, sid = self._inputs()
-            build = self.logic.engine.begin_propagation(volume, seg, sid, **self._engineKwargs())
+            engine = self.logic.engine
+            if many:
+                kwargs = {k: v for k, v in self._engineKwargs().items() if not k.startswith("support_")}
+                build = engine.begin_propagation_many(volume, seg, engine.outlined_segments(volume, seg), **kwargs)
+            else:
+                build = engine.begin_propagation(volume, seg, sid, **self._engineKwargs())
         if build is None:
             return
         engine_class = type(self.logic.engine)
@@ -713,6 +719,9 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def work(progress, cancel, emit):
             # No Qt and no MRML here: only numpy/torch on the job's copies.
             progress(0, 1, "preparing the volume and the models")
+            if many:  # written at the end, one undo step; nothing is written when cancelled
+                jobs = build()
+                return jobs, engine_class.run_propagation_many(jobs, progress=progress, cancel=cancel)
             job = build()
             emit("job", job)
             if kind == "predict":
@@ -796,6 +805,18 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._status(
                         f"Prompts predicted on {len(shown)} slice(s). Drag, add or delete points; mark slices "
                         "reviewed; then Segment." + _notes(self._job)
+                    )
+            elif kind == "propagate" and isinstance(result, tuple):  # several organs
+                with slicer.util.tryWithErrorDisplay("FoBSegment: writing the result failed.", waitCursor=True):
+                    jobs, results = result
+                    written = engine.apply_propagation_many(jobs, results)
+                    segmentation = slicer.mrmlScene.GetNodeByID(jobs[0].segmentation_id)
+                    names = {j.segment_id: segmentation.GetSegmentation().GetSegment(j.segment_id).GetName()
+                             for j in jobs}
+                    self.ui.show3DButton.checked = True
+                    self._status(
+                        "Propagated " + ", ".join(f"{names[s]} ({len(z)} slices)" for s, z in written.items())
+                        + " in one undo step." + "".join(_notes(j) for j in jobs)
                     )
             elif kind == "propagate":
                 with slicer.util.tryWithErrorDisplay("FoBSegment: writing the result failed.", waitCursor=True):
