@@ -181,3 +181,17 @@ def test_release_frees_the_caches_of_a_closed_scene(s: Scene) -> None:
     s.logic.release()
     assert not (s.logic._images or s.logic._segmenters or s.logic._histories or s.logic._generators)
     assert not s.logic.undo(s.seg), "nothing to undo after release"
+
+
+def test_show_3d_and_display_changes_are_not_edits(s: Scene) -> None:
+    """After a propagation the widget shows the segmentation in 3D (closed surface); hiding a segment or
+    changing its colour is no edit either: FoB's Undo must still work after those."""
+    s.seg.CreateDefaultDisplayNodes()
+    z = s.slices[3]
+    s.fob_writes(z)
+    assert s.seg.CreateClosedSurfaceRepresentation()
+    s.seg.GetDisplayNode().SetSegmentVisibility(s.other_id, False)
+    s.seg.GetSegmentation().GetSegment(s.liver_id).SetColor(0.2, 0.9, 0.1)
+    assert s.logic.can_undo(s.seg) == (True, "")
+    assert s.logic.undo(s.seg)
+    assert not s.mask(s.liver_id).any()
