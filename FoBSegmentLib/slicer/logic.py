@@ -40,10 +40,12 @@ from FoBSegmentLib.slicer import point_lists, worker
 from FoBSegmentLib.slicer.mrml import (
     engine_volume,
     resolve_axis,
+    segment_editor_logic,
     segment_mask,
     segmentation_fingerprint,
     set_segment_mask,
     set_segment_slice,
+    set_segment_slice_masked,
     slice_at_world_point,
     slice_center_world,
     view_slice,
@@ -51,6 +53,7 @@ from FoBSegmentLib.slicer.mrml import (
 from FoBSegmentLib.slicer.parameters import (
     NODE_REFERENCES,
     FoBParameters,
+    Masking,
     find_parameter_node,
     read_parameters,
     write_parameters,
@@ -90,11 +93,17 @@ class FoBSegmentLogic:
     it is called once before each FoB write, besides the Logic's own `vtkSegmentationHistory`, so every
     FoB action is one step of the editor's Undo too. FoB's own `undo` refuses when the segmentation
     changed after FoB's last write (see `undo`).
+
+    masking: None (scripts, tests: FoB writes its segment only, overlap with other segments allowed), or
+    the Segment Editor's settings (`parameters.Masking`; the widget reads them before each action):
+    editable area, editable intensity range and "modify other segments" then apply to FoB's writes.
     """
 
-    def __init__(self, scene, undo_callback: Callable[[], None] | None = None, max_undo_states: int = 10) -> None:
+    def __init__(self, scene, undo_callback: Callable[[Any], None] | None = None, max_undo_states: int = 10,
+                 masking: Masking | None = None) -> None:
         self.scene = scene
         self.undo_callback = undo_callback
+        self.masking = masking
         self.max_undo_states = int(max_undo_states)
         self._histories: dict[str, Any] = {}
         self._segmenters: dict[tuple[str, str, str], Any] = {}
@@ -422,8 +431,31 @@ class FoBSegmentLogic:
             return
         if undo_state:
             self.save_state_for_undo(segmentation)
-        set_segment_mask(segmentation, segment_id, volume, current)
+        changed = {z: m for z, m in edit.after.items() if not np.array_equal(m, edit.before[z])}
+        self._put(volume, segmentation, segment_id, ax, changed, current)
         self._wrote(segmentation)
+
+    def _editor(self, segmentation, volume):
+        """The Segment Editor logic applying `masking`, None when FoB writes directly (no masking set, or
+        settings that restrict nothing, or a Slicer without that logic)."""
+        if self.masking is None or self.masking.everywhere:
+            return None
+        return segment_editor_logic(self.masking, segmentation, volume)
+
+    def _put(self, volume, segmentation, segment_id: str, axis: int, masks: dict[int, np.ndarray],
+             whole: np.ndarray | None = None) -> None:
+        """Write slices of one segment (no undo state): through the Segment Editor's masking when set,
+        slice by slice; else in one write of `whole` (the segment with the slices already put) when
+        given, else slice by slice."""
+        editor = self._editor(segmentation, volume)
+        if editor is not None:
+            for z, m in sorted(masks.items()):
+                set_segment_slice_masked(editor, segmentation, segment_id, volume, axis, z, m)
+        elif whole is not None:
+            set_segment_mask(segmentation, segment_id, volume, whole)
+        else:
+            for z, m in sorted(masks.items()):
+                set_segment_slice(segmentation, segment_id, volume, axis, z, m)
 
     # --- segmenting ----------------------------------------------------------------------------------
 
@@ -674,7 +706,7 @@ class FoBSegmentLogic:
                 return False
             self._check_unchanged(segmentation)
         # one slice's extent, not the volume: a live run must not rewrite 200 slices per slice
-        set_segment_slice(segmentation, job.segment_id, volume, job.axis, z, new)
+        self._put(volume, segmentation, job.segment_id, job.axis, {z: new})
         job.live_slices.add(z)
         job.live_shown[z] = new.copy()
         self._wrote(segmentation)
@@ -773,8 +805,10 @@ class FoBSegmentLogic:
                 masks[z] = take_slice(job.live_before, job.axis, z).astype(bool)
             self._check_unchanged(segmentation)
             current = segment_mask(segmentation, job.segment_id, volume)
-            if write_binary_slices(current, job.axis, masks).changed_voxels():
-                set_segment_mask(segmentation, job.segment_id, volume, current)
+            edit = write_binary_slices(current, job.axis, masks)
+            changed = {z: m for z, m in edit.after.items() if not np.array_equal(m, edit.before[z])}
+            if changed:
+                self._put(volume, segmentation, job.segment_id, job.axis, changed, current)
                 self._wrote(segmentation)
             job.live_before, job.live_slices, job.live_shown = None, set(), {}
         if show_prompts and result.prompts:

@@ -299,3 +299,58 @@ def set_segment_slice(segmentation, segment_id: str, volume, axis: int, index: i
         if not logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, mode, image.GetExtent(), False,
                                                 (segment_id,)):
             raise ValueError(f"could not write slice {index} of segment {segment_id!r} of {segmentation.GetName()}")
+
+
+def segment_editor_logic(masking, segmentation, volume):
+    """A `vtkSlicerSegmentEditorLogic` that edits `segmentation` with the Segment Editor's masking settings
+    `masking` (a `parameters.Masking`), on a private editor node: the user's own Segment Editor node and its
+    source volume are not touched. None when this Slicer has no such class (the caller then writes
+    without masking)."""
+    logic_class = getattr(slicer, "vtkSlicerSegmentEditorLogic", None)
+    if logic_class is None:
+        return None
+    scene = segmentation.GetScene()
+    node = slicer.vtkMRMLSegmentEditorNode()
+    node.SetMaskMode(int(masking.mask_mode))
+    if masking.mask_segment_id:
+        node.SetMaskSegmentID(masking.mask_segment_id)
+    node.SetOverwriteMode(int(masking.overwrite_mode))
+    if masking.intensity_range is not None:
+        node.SetSourceVolumeIntensityMask(True)
+        node.SetSourceVolumeIntensityMaskRange(float(masking.intensity_range[0]), float(masking.intensity_range[1]))
+    logic = logic_class()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(node)
+    logic.SetSegmentationNode(segmentation)
+    logic.SetSourceVolumeNode(volume)
+    return logic, node
+
+
+def set_segment_slice_masked(editor, segmentation, segment_id: str, volume, axis: int, index: int,
+                             mask: np.ndarray) -> None:
+    """`set_segment_slice` through the Segment Editor's logic (`segment_editor_logic`): only the editable
+    voxels of the slice change (editable area, editable intensity range), and the voxels set are removed
+    from the other segments as "Modify other segments" says (overwrite all / visible / none)."""
+    logic, _node = editor
+    geom, _ = volume_geometry(volume)
+    m = np.asarray(mask, bool)
+    shape = list(geom.array_shape)
+    shape[axis] = 1
+    if np.expand_dims(m, axis).shape != tuple(shape):
+        raise ValueError(f"slice mask shape {m.shape} does not match the volume's slices along axis {axis}")
+    lo = [0, 0, 0]
+    lo[axis] = int(index)
+    to_seg = vtk_matrix(relative_transform(segmentation, volume) @ geom.ijk_to_ras_matrix())
+    extent = (lo[2], lo[2] + shape[2] - 1, lo[1], lo[1] + shape[1] - 1, lo[0], lo[0] + shape[0] - 1)
+
+    def slab(values: np.ndarray):
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*extent)
+        image.GetPointData().SetScalars(
+            numpy_support.numpy_to_vtk(np.expand_dims(values, axis).astype(np.uint8).reshape(-1), deep=True))
+        image.SetImageToWorldMatrix(to_seg)
+        return image
+
+    # Set mode would replace the whole segment; remove what the mask clears, then add what it sets.
+    logic.ModifySegmentByLabelmap(segmentation, segment_id, slab(~m), logic.ModificationModeRemove, extent, False, False)
+    logic.ModifySegmentByLabelmap(segmentation, segment_id, slab(m), logic.ModificationModeAdd, extent, False, False)
