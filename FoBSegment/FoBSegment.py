@@ -101,6 +101,21 @@ def _segmentEditorSaveState(segmentation) -> None:
     editor.saveStateForUndo()
 
 
+def _segmentEditorMasking():
+    """The Segment Editor's masking settings (editable area, editable intensity range, modify other
+    segments) as FoBSegmentLib's `Masking`, so FoB's writes follow them; None without a Segment Editor."""
+    try:
+        node = slicer.modules.segmenteditor.widgetRepresentation().self().editor.mrmlSegmentEditorNode()
+    except AttributeError:
+        return None
+    if node is None:
+        return None
+    _ensure_engine_on_path()
+    from FoBSegmentLib.slicer.parameters import Masking
+
+    return Masking.from_editor_node(node)
+
+
 def _predictionReports(job, shown) -> dict:
     """Review-panel reports of a prediction (no segmentation yet): the annotated and the predicted slices."""
     reports = {int(z): types.SimpleNamespace(source="prompts", flags=[]) for z in shown}
@@ -744,6 +759,8 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._start(kind, work)
 
     def _start(self, kind: str, work) -> None:
+        # read now, on the main thread: the results are written with the settings of when the run began
+        self.logic.engine.masking = _segmentEditorMasking()
         self._controller.start(kind, work)
         self.ui.progressBar.visible = True
         self.ui.progressBar.maximum = 0  # busy indicator until the first progress message

@@ -435,23 +435,18 @@ class FoBSegmentLogic:
         self._put(volume, segmentation, segment_id, ax, changed, current)
         self._wrote(segmentation)
 
-    def _editor(self, segmentation, volume):
-        """The Segment Editor logic applying `masking`, None when FoB writes directly (no masking set, or
-        settings that restrict nothing, or a Slicer without that logic)."""
-        if self.masking is None or self.masking.everywhere:
-            return None
-        return segment_editor_logic(self.masking, segmentation, volume)
-
     def _put(self, volume, segmentation, segment_id: str, axis: int, masks: dict[int, np.ndarray],
              whole: np.ndarray | None = None) -> None:
-        """Write slices of one segment (no undo state): through the Segment Editor's masking when set,
-        slice by slice; else in one write of `whole` (the segment with the slices already put) when
-        given, else slice by slice."""
-        editor = self._editor(segmentation, volume)
-        if editor is not None:
-            for z, m in sorted(masks.items()):
-                set_segment_slice_masked(editor, segmentation, segment_id, volume, axis, z, m)
-        elif whole is not None:
+        """Write slices of one segment (no undo state): through the Segment Editor's masking when set
+        (and restricting something), slice by slice; else in one write of `whole` (the segment with the
+        slices already put) when given, else slice by slice."""
+        if self.masking is not None and not self.masking.everywhere:
+            with segment_editor_logic(self.masking, segmentation, volume) as editor:
+                if editor is not None:
+                    for z, m in sorted(masks.items()):
+                        set_segment_slice_masked(editor, segmentation, segment_id, volume, axis, z, m)
+                    return
+        if whole is not None:
             set_segment_mask(segmentation, segment_id, volume, whole)
         else:
             for z, m in sorted(masks.items()):

@@ -11,6 +11,10 @@ Matrices are only read from MRML here; the conversions themselves are in `FoBSeg
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import numpy as np
 import slicer
 import vtk
@@ -301,37 +305,50 @@ def set_segment_slice(segmentation, segment_id: str, volume, axis: int, index: i
             raise ValueError(f"could not write slice {index} of segment {segment_id!r} of {segmentation.GetName()}")
 
 
-def segment_editor_logic(masking, segmentation, volume):
+@contextmanager
+def segment_editor_logic(masking, segmentation, volume) -> Iterator[Any]:
     """A `vtkSlicerSegmentEditorLogic` that edits `segmentation` with the Segment Editor's masking settings
     `masking` (a `parameters.Masking`), on a private editor node: the user's own Segment Editor node and its
-    source volume are not touched. None when this Slicer has no such class (the caller then writes
-    without masking)."""
+    source volume are not touched. Yields None when this Slicer has no such class (the caller then writes
+    without masking). The private node has to be in the scene while it is used (the logic finds the mask
+    segment through it); it is hidden, not saved, and removed afterwards."""
     logic_class = getattr(slicer, "vtkSlicerSegmentEditorLogic", None)
     if logic_class is None:
-        return None
+        yield None
+        return
     scene = segmentation.GetScene()
     node = slicer.vtkMRMLSegmentEditorNode()
-    node.SetMaskMode(int(masking.mask_mode))
-    if masking.mask_segment_id:
-        node.SetMaskSegmentID(masking.mask_segment_id)
-    node.SetOverwriteMode(int(masking.overwrite_mode))
-    if masking.intensity_range is not None:
-        node.SetSourceVolumeIntensityMask(True)
-        node.SetSourceVolumeIntensityMaskRange(float(masking.intensity_range[0]), float(masking.intensity_range[1]))
-    logic = logic_class()
-    logic.SetMRMLScene(scene)
-    logic.SetSegmentEditorNode(node)
-    logic.SetSegmentationNode(segmentation)
-    logic.SetSourceVolumeNode(volume)
-    return logic, node
+    node.SetHideFromEditors(True)
+    node.SetSaveWithScene(False)
+    node.SetName(scene.GenerateUniqueName("FoBSegment masking"))
+    scene.AddNode(node)
+    try:
+        if masking.mask_segment_id:
+            node.SetMaskSegmentID(masking.mask_segment_id)
+        node.SetMaskMode(int(masking.mask_mode))
+        node.SetOverwriteMode(int(masking.overwrite_mode))
+        if masking.intensity_range is not None:
+            node.SetSourceVolumeIntensityMask(True)
+            node.SetSourceVolumeIntensityMaskRange(float(masking.intensity_range[0]),
+                                                   float(masking.intensity_range[1]))
+        logic = logic_class()
+        logic.SetMRMLScene(scene)
+        logic.SetSegmentEditorNode(node)
+        logic.SetSegmentationNode(segmentation)
+        logic.SetSourceVolumeNode(volume)
+        # the editable area is computed from the segments as they are now (as an effect does when it starts)
+        if not (logic.ResetModifierLabelmapToDefault() and logic.UpdateMaskLabelmap()):
+            raise ValueError(f"the Segment Editor's masking settings cannot be applied to {segmentation.GetName()}")
+        yield logic
+    finally:
+        scene.RemoveNode(node)
 
 
-def set_segment_slice_masked(editor, segmentation, segment_id: str, volume, axis: int, index: int,
+def set_segment_slice_masked(logic, segmentation, segment_id: str, volume, axis: int, index: int,
                              mask: np.ndarray) -> None:
     """`set_segment_slice` through the Segment Editor's logic (`segment_editor_logic`): only the editable
     voxels of the slice change (editable area, editable intensity range), and the voxels set are removed
     from the other segments as "Modify other segments" says (overwrite all / visible / none)."""
-    logic, _node = editor
     geom, _ = volume_geometry(volume)
     m = np.asarray(mask, bool)
     shape = list(geom.array_shape)
