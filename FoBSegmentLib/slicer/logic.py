@@ -38,7 +38,7 @@ from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation import PropagationConfig
 from FoBSegmentLib.slicer import point_lists, worker
 from FoBSegmentLib.slicer.mrml import (
-    engine_volume,
+    engine_volume_source,
     resolve_axis,
     segment_editor_logic,
     segment_mask,
@@ -153,7 +153,7 @@ class FoBSegmentLogic:
         vid = volume.GetID()
         key = (vid, int(image.GetMTime()), settings.modality, settings.window)
         cached = self._images.get(vid)
-        raw = None if cached is not None and cached[0] == key else engine_volume(volume)
+        raw = None if cached is not None and cached[0] == key else engine_volume_source(volume)
 
         def get() -> PreparedImage:
             again = self._images.get(vid)
@@ -163,7 +163,7 @@ class FoBSegmentLogic:
                 prepared = again[1]  # another task of the same run normalised this version meanwhile
             else:
                 # Cached with the default axis: normalising takes seconds, choosing an axis not.
-                prepared = prepare_image(raw, dataclasses.replace(settings, axis=None), what)
+                prepared = prepare_image(raw(), dataclasses.replace(settings, axis=None), what)
                 self._images[vid] = (key, prepared)
             if settings.axis is not None and settings.axis != prepared.axis:
                 prepared = dataclasses.replace(prepared, axis=int(settings.axis))

@@ -88,17 +88,27 @@ def engine_volume(volume):
     """The node as the engine's `io.volumes.Volume` (what `fob segment` reads from a file): its voxels
     as float32 [k, j, i] (a single-slice colour image as (H, W, 3)), its geometry in the node's local
     frame (LPS inside `Geometry`), its name as path; no modality hint (like a NIfTI file)."""
+    return engine_volume_source(volume)()
+
+
+def engine_volume_source(volume):
+    """`engine_volume` in two halves: the MRML reads (geometry, one copy of the voxels in their own type)
+    now, on the calling (main) thread; the float32 conversion in the returned function, on any thread."""
     from pathlib import Path
 
     from FoBSegmentLib.io.volumes import Volume
 
     geom, _ = volume_geometry(volume)
     arr = volume_array(volume)
-    if arr.ndim == 4 and arr.shape[0] == 1 and arr.shape[-1] == 3:
-        return Volume(arr[0].astype(np.float32), geom, Path(volume.GetName()), "rgb", is_2d=True)
-    if arr.ndim == 4:
-        arr = arr[..., 0]
-    return Volume(arr.astype(np.float32), geom, Path(volume.GetName()), None, is_2d=arr.shape[0] == 1)
+    name = Path(volume.GetName())
+
+    def build() -> Volume:
+        if arr.ndim == 4 and arr.shape[0] == 1 and arr.shape[-1] == 3:
+            return Volume(arr[0].astype(np.float32), geom, name, "rgb", is_2d=True)
+        a = arr[..., 0] if arr.ndim == 4 else arr
+        return Volume(a.astype(np.float32), geom, name, None, is_2d=a.shape[0] == 1)
+
+    return build
 
 
 def slice_at_world_point(volume, ras_world: tuple[float, float, float], axis: int) -> int:
