@@ -147,7 +147,8 @@ class FoBSegment(ScriptedLoadableModule):
             "Outline an organ on one slice with the Segment Editor, then let FoB predict background (red) and "
             "foreground (green) points on the other slices. Drag, add or delete points, mark slices reviewed, "
             "and segment them with SAM or a weight-free segmenter, or propagate across the volume. "
-            "See docs/SLICER.md in the extension's repository."
+            "Shortcuts: Shift+B / Shift+F place a background / foreground point, Shift+N accepts the current "
+            "slice and shows the next one to check. See docs/SLICER.md in the extension's repository."
         )
         self.parent.acknowledgementText = (
             "FoB (Focus on Background) prompting for few-shot medical segmentation. SAM weights are distributed "
