@@ -210,6 +210,13 @@ def test_review_rows_follow_the_ranking() -> None:
         review_rows(REPORTS, [{"index": "12"}])
 
 
-def test_shortcuts_leave_slicers_single_keys_alone() -> None:
+def test_shortcuts_leave_slicers_single_keys_alone_and_are_documented() -> None:
+    from pathlib import Path
+
     assert len(set(SHORTCUTS.values())) == len(SHORTCUTS)
     assert all("+" in key for key in SHORTCUTS.values()), "b / f step slices in Slicer's views"
+    root = Path(__file__).resolve().parent.parent
+    for text in ((root / "docs" / "SLICER.md").read_text(encoding="utf-8"),
+                 (root / "FoBSegment" / "FoBSegment.py").read_text(encoding="utf-8"),
+                 (root / "FoBSegment" / "Resources" / "UI" / "FoBSegment.ui").read_text(encoding="utf-8")):
+        assert all(key in text for key in SHORTCUTS.values())
