@@ -850,15 +850,17 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     )
             else:
                 with slicer.util.tryWithErrorDisplay("FoBSegment: writing the slices failed.", waitCursor=True):
-                    written, asked = set(), set()
+                    written, asked, notes = set(), set(), []
                     for task, outcome in zip(self._tasks, result):
                         written |= set(engine.apply_segment(task, outcome))
                         asked |= set(task.slices)
+                        notes += [n for n in outcome.notes if n not in notes]
                     chained = written - asked
                     self._refreshReview()
                     self._status(
                         f"Slice(s) {', '.join(map(str, sorted(asked)))} segmented (one undo step)."
                         + (f" {len(chained)} slice(s) chained from them updated." if chained else "")
+                        + "".join(f" {n}" for n in notes)
                     )
         finally:
             self._programmaticEdit = False

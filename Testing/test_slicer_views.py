@@ -140,3 +140,7 @@ def test_segmenting_runs_its_slow_part_off_the_main_thread(mrml, data_dir: Path)
     assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), got), "worker and one-call paths agree"
     with pytest.raises(ValueError, match="no prompts on slice"):
         logic.begin_segment(vol, seg, sid, [z0 + 9], segmenter="grabcut")
+    # what `auto` chose is reported with the outcome (the widget shows it in the status line)
+    outcome = logic.begin_segment(vol, seg, sid, [z0 + 1], segmenter="auto", device="cpu").compute()
+    assert outcome.notes and outcome.notes[0].startswith("auto: ")
+    assert logic.begin_segment(vol, seg, sid, [z0 + 1], segmenter="grabcut").compute().notes == []

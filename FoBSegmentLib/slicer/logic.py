@@ -528,7 +528,8 @@ class FoBSegmentLogic:
                     raise ValueError(f"slice {s}: {exc}") from None
                 if progress is not None:
                     progress(n + 1, len(slices), f"slice {s}")
-            return worker.SegmentOutcome(masks)
+            choice = getattr(seg, "auto_choice", None)
+            return worker.SegmentOutcome(masks, notes=[choice] if choice else [])
 
         return worker.SegmentTask(volume.GetID(), segmentation.GetID(), segment_id, ax, slices, compute)
 
@@ -566,7 +567,7 @@ class FoBSegmentLogic:
         changed = {z: m for z, m in masks.items() if not np.array_equal(m, take_slice(current, query.axis, z))}
         old = {int(e["index"]): e["prompts"] for e in record["slices"]}
         redone = {z: ps for z, ps in result.prompts.items() if old.get(z) != prompt_fingerprint(ps)}
-        return worker.SegmentOutcome(changed, redone, result.record)
+        return worker.SegmentOutcome(changed, redone, result.record, list(job.notes))
 
     # --- prediction and propagation -----------------------------------------------------------------
 

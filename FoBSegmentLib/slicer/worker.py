@@ -93,11 +93,13 @@ class SegmentOutcome:
     """What segmenting some slices produced (worker), for `FoBSegmentLogic.apply_segment` (main thread).
 
     masks: {slice: (H, W) bool} to write (along the task's axis); prompts: {slice: PromptSet} whose
-    points a replay moved (chained slices), to show; record: the new propagation record, or None."""
+    points a replay moved (chained slices), to show; record: the new propagation record, or None;
+    notes: what the person should know (e.g. `auto` fell back to graphcut without torch)."""
 
     masks: dict[int, np.ndarray]
     prompts: dict[int, PromptSet] = field(default_factory=dict)
     record: dict | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. which segmenter `auto` chose, and why
 
 
 @dataclass
