@@ -87,7 +87,8 @@ def test_current_slice_is_the_aligned_views_slice(mrml, axis: int) -> None:  # n
         logic.view_slice(vol, {"Red": red_axial}, axis)
 
 
-def test_segmenting_runs_its_slow_part_off_the_main_thread(mrml, data_dir: Path) -> None:  # noqa: F811
+def test_segmenting_runs_its_slow_part_off_the_main_thread(mrml, data_dir: Path, monkeypatch,  # noqa: F811
+                                                           tmp_path: Path) -> None:
     """begin_* (main thread) copies MRML only; the returned computation normalises, loads the segmenter
     and segments on a worker thread; apply writes. The result equals the one-call path."""
     scene, logics = mrml
@@ -140,7 +141,9 @@ def test_segmenting_runs_its_slow_part_off_the_main_thread(mrml, data_dir: Path)
     assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), got), "worker and one-call paths agree"
     with pytest.raises(ValueError, match="no prompts on slice"):
         logic.begin_segment(vol, seg, sid, [z0 + 9], segmenter="grabcut")
-    # what `auto` chose is reported with the outcome (the widget shows it in the status line)
+    # what `auto` chose is reported with the outcome (the widget shows it in the status line); an empty
+    # cache, so that a SAM checkpoint on the machine running the tests is not loaded
+    monkeypatch.setenv("FOB_CACHE", str(tmp_path))
     outcome = logic.begin_segment(vol, seg, sid, [z0 + 1], segmenter="auto", device="cpu").compute()
     assert outcome.notes and outcome.notes[0].startswith("auto: ")
     assert logic.begin_segment(vol, seg, sid, [z0 + 1], segmenter="grabcut").compute().notes == []
