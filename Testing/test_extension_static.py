@@ -192,32 +192,57 @@ def _cmake_extension_vars() -> dict[str, str]:
     return {m.group(1): m.group(2) for m in re.finditer(r'set\(EXTENSION_(\w+)\s+"([^"]*)"\)', text)}
 
 
-def _s4ext() -> dict[str, str]:
-    out = {}
-    for line in (ROOT / "FoBExtension.s4ext").read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            out[key] = value.strip()
-    return out
+def test_cmake_and_the_extensions_index_entry_agree() -> None:
+    """FoBSegment.json is the catalog entry the current Extensions Index uses (one JSON per extension,
+    named like the CMake project; the legacy .s4ext is gone); it and CMakeLists.txt must agree."""
+    import json
 
-
-def test_cmake_and_s4ext_metadata_agree() -> None:
-    cm, s4 = _cmake_extension_vars(), _s4ext()
+    cm = _cmake_extension_vars()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    project = re.search(r"project\((\w+)\)", text).group(1)
+    entry_path = ROOT / f"{project}.json"
+    assert entry_path.is_file(), f"the Extensions Index entry must be named after project({project})"
+    assert not list(ROOT.glob("*.s4ext")), "the legacy .s4ext description is not used by the current index"
+    entry = json.loads(entry_path.read_text(encoding="utf-8"))
+    # the schema allows no other properties (additionalProperties: false); these three are required
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision", "scm_type",
+               "scm_url", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
+                        r"slicer-extension-catalog-entry-schema-v1\.0\.\d\.json#", entry["$schema"])
+    assert entry["build_dependencies"] == cm["DEPENDS"].split() and "PyTorch" in entry["build_dependencies"]
+    assert entry["category"] == cm["CATEGORY"] and entry["build_subdirectory"] == cm["BUILD_SUBDIRECTORY"]
+    assert entry["scm_url"].removesuffix(".git") == cm["HOMEPAGE"]
     required = ["HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS",
                 "BUILD_SUBDIRECTORY"]
     for key in required:
         assert cm.get(key), f"CMakeLists.txt lacks EXTENSION_{key}"
-        assert s4.get(key.lower()) == cm[key], f"{key}: s4ext {s4.get(key.lower())!r} != CMake {cm[key]!r}"
-    assert "PyTorch" in cm["DEPENDS"].split()
-    assert s4["scmurl"].removesuffix(".git") == cm["HOMEPAGE"]
-    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for needed in ("find_package(Slicer REQUIRED)", "add_subdirectory(FoBSegment)", "Slicer_EXTENSION_CPACK"):
         assert needed in text
     # the URLs point at files that exist in this repository
     for url in [cm["ICONURL"], *cm["SCREENSHOTURLS"].split()]:
         rel = url.split("/main/", 1)[1]
         assert (ROOT / rel).is_file(), f"{url} -> {rel} missing"
+
+
+def test_self_test_data_is_shipped_small_and_attributed() -> None:
+    """The registered ctest (FoBSegmentTest) runs on Testing/Data, which the build machines have: the
+    files exist, are small, carry CHAOS's attribution, and the ctest is pointed at them."""
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    names = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and t.id in ("TEST_IMAGE", "TEST_LABEL")}
+    data = ROOT / "Testing" / "Data"
+    files = [data / names["TEST_IMAGE"], data / names["TEST_LABEL"]]
+    assert all(f.is_file() for f in files)
+    assert sum(f.stat().st_size for f in files) < 400_000, "test data in the repository stays a few hundred KB"
+    readme = (data / "README.md").read_text(encoding="utf-8")
+    assert "CC BY-SA 4.0" in readme and "Kavur" in readme and names["TEST_IMAGE"] in readme
+    test_src = ast.get_source_segment(MODULE.read_text(encoding="utf-8"),
+                                      next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "FoBSegmentTest"))
+    assert "shared_data_dir" not in test_src and "FOB_DATA" not in test_src, "the ctest must not need ../shared/data"
+    cmake = (ROOT / "FoBSegment" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"set_tests_properties\(py_\$\{MODULE_NAME\} PROPERTIES ENVIRONMENT "
+                     r"\"FOB_TEST_DATA=\$\{PROJECT_SOURCE_DIR\}/Testing/Data\"\)", cmake)
 
 
 def test_module_cmake_lists_existing_files_and_installs_the_engine() -> None:

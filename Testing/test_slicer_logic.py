@@ -393,12 +393,15 @@ def _load_module_with_stand_ins(monkeypatch):
     return module
 
 
-def test_module_test_body_runs_headless(mrml, data_dir: Path, monkeypatch) -> None:  # noqa: F811
-    """FoBSegmentTest (the in-Slicer test) run here with stand-ins for the Qt-only base classes, so its
-    scenario (real volume, support slice, predict/edit/segment/undo/propagate, Dice) is exercised in CI."""
+def test_module_test_body_runs_headless(mrml, data_dir: Path, monkeypatch, tmp_path: Path) -> None:  # noqa: F811
+    """FoBSegmentTest (the in-Slicer test, the registered ctest) run here with stand-ins for the Qt-only base
+    classes, so its scenario (real volume, support slice, predict/edit/segment/undo/propagate, Dice, the
+    undo refused after a paint) is exercised in CI. It must not need ../shared/data (extension build
+    machines do not have it): the shared data is hidden here."""
     import unittest
 
-    monkeypatch.setenv("FOB_DATA", str(data_dir))
+    monkeypatch.setenv("FOB_DATA", str(tmp_path / "no-shared-data"))
+    monkeypatch.delenv("FOB_TEST_DATA", raising=False)
     module = _load_module_with_stand_ins(monkeypatch)
     # the thin Logic hands out the engine bound to the current scene
     assert module.FoBSegmentLogic().engine.scene is slicer.mrmlScene

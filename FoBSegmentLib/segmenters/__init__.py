@@ -5,7 +5,7 @@
     result.mask  # (H, W) bool      result.score  # float      result.logits  # (H, W) float32 or None
 
 `auto` picks SAM when a checkpoint is available locally (the one passed, else one already in the
-weights cache: ViT-H, then ViT-L, then ViT-B), otherwise `graphcut`: GrabCut (the best weight-free
+weights cache: ViT-H, then ViT-L, then ViT-B) and torch and segment-anything import, otherwise `graphcut`: GrabCut (the best weight-free
 segmenter for a slice with prompts only, Testing/test_segmenters_quality.py) that switches to a
 shape-prior graph cut along a propagation chain (segmenters/graphcut.py, docs/RESULTS.md). It logs
 its choice and stores it in `seg.auto_choice`.
@@ -94,10 +94,24 @@ def get_segmenter(
     raise ValueError(f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTER_NAMES)}")
 
 
+def _missing_sam_packages() -> list[str]:
+    """The pip names of SAM's packages that cannot be imported (each import is tried: a package present
+    but broken, e.g. a torch built for another Python, counts as missing)."""
+    import importlib
+
+    missing = []
+    for module, package in (("torch", "torch"), ("segment_anything", "segment-anything")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
 def _auto(checkpoint: str | Path | None, device: str, cache_dir: str | Path | None,
           options: dict[str, object]) -> Segmenter:
     seg: Segmenter
-    if checkpoint is not None:
+    if checkpoint is not None and not _missing_sam_packages():
         from FoBSegmentLib.segmenters.sam import NAME_TO_VARIANT, infer_sam_arch, load_state_dict
 
         variant = infer_sam_arch(load_state_dict(checkpoint), source=Path(checkpoint).name).variant()
@@ -111,9 +125,15 @@ def _auto(checkpoint: str | Path | None, device: str, cache_dir: str | Path | No
         problems = []
         chosen = None
         for sam_name in SAM_NAMES:
-            path = weights.checkpoint_for(sam_name, cache_dir)
+            path = Path(checkpoint) if checkpoint is not None else weights.checkpoint_for(sam_name, cache_dir)
             if path is None:
                 continue
+            missing = _missing_sam_packages()  # only now: importing torch takes seconds
+            if missing:
+                # A SAM checkpoint without torch / segment-anything (e.g. Slicer before the PyTorch
+                # extension is installed) must not make `auto` fail: it is the weight-free segmenter then.
+                problems.append(f"{path.name} found but SAM needs {' and '.join(missing)}, not installed")
+                break
             try:
                 chosen = get_segmenter(sam_name, path, device, cache_dir, **options)
             except ValueError as exc:

@@ -3,8 +3,10 @@
     parameters   the one parameter definition (FoBParameters) of the Logic and the widget's wrapper
     mrml         MRML <-> numpy: parent transforms, volume geometry and voxels, segment masks
     point_lists  prompts as markups point lists; a control point's slice
-    worker       PropagationJob and what a worker thread computes from it (no MRML)
+    worker       PropagationJob, SegmentTask and what a worker thread computes from them (no MRML)
     logic        FoBSegmentLogic, the orchestration
+    controller   the widget's state without Qt: the worker and its queue, button states, edit debounce
+    review       the review panel's rows (slice states, the engine's ranking) and the shortcuts
 
 Names are loaded on first use, so `FoBSegmentLib.slicer.parameters` stays importable without Slicer
 (the widget imports it before the engine's packages are installed). Inside this package `import slicer`

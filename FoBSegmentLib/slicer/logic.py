@@ -32,45 +32,84 @@ import numpy as np
 import slicer
 
 from FoBSegmentLib.io.coords import put_slice, slice_axes, take_slice
-from FoBSegmentLib.job import JobSettings, build_job, load_components, prepare_image
+from FoBSegmentLib.job import JobSettings, PreparedImage, build_job, load_components, prepare_image
 from FoBSegmentLib.labelmap import nonempty_slices, write_binary_slices
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation import PropagationConfig
 from FoBSegmentLib.slicer import point_lists, worker
 from FoBSegmentLib.slicer.mrml import (
-    engine_volume,
+    engine_volume_source,
     resolve_axis,
+    segment_editor_logic,
     segment_mask,
+    segmentation_fingerprint,
     set_segment_mask,
+    set_segment_slice,
+    set_segment_slice_masked,
     slice_at_world_point,
+    slice_center_world,
+    view_slice,
 )
 from FoBSegmentLib.slicer.parameters import (
     NODE_REFERENCES,
     FoBParameters,
+    Masking,
     find_parameter_node,
     read_parameters,
     write_parameters,
 )
 from FoBSegmentLib.slicer.worker import CancelCheck, ProgressCallback, PropagationJob, SliceCallback
 
-__all__ = ["FoBSegmentLogic", "PropagationJob"]
+__all__ = ["FoBSegmentLogic", "PropagationJob", "UndoMarks"]
+
+
+TAINTED = "changed by someone else during the action"
+
+
+@dataclasses.dataclass
+class UndoMarks:
+    """Fingerprints (`mrml.segmentation_fingerprint`) beside one segmentation's undo history, one pair
+    per undoable FoB action: the segmentation just before it and as it left it (TAINTED when something
+    else changed it during the action). `redo`: the pairs of undone actions; `restored`: the segmentation
+    right after the last undo (a redo is refused once it changed)."""
+
+    before: list[str] = dataclasses.field(default_factory=list)
+    after: list[str] = dataclasses.field(default_factory=list)
+    redo: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    restored: str | None = None
+
+    def saved(self, before: str, limit: int) -> None:
+        # a new action starts a new branch: the undone ones cannot be redone
+        self.before.append(before)
+        self.after.append("")
+        del self.before[:-limit], self.after[:-limit]
+        self.redo.clear()
 
 
 class FoBSegmentLogic:
     """The module's Logic. Usable from the Python console, tests and the widget.
 
-    undo_callback: when given (the widget passes the Segment Editor's `saveStateForUndo`), it is called
-    once before each write instead of the Logic's own `vtkSegmentationHistory`.
+    undo_callback(segmentation): when given (the widget passes the Segment Editor's `saveStateForUndo`),
+    it is called once before each FoB write, besides the Logic's own `vtkSegmentationHistory`, so every
+    FoB action is one step of the editor's Undo too. FoB's own `undo` refuses when the segmentation
+    changed after FoB's last write (see `undo`).
+
+    masking: None (scripts, tests: FoB writes its segment only, overlap with other segments allowed), or
+    the Segment Editor's settings (`parameters.Masking`; the widget reads them before each action):
+    editable area, editable intensity range and "modify other segments" then apply to FoB's writes.
     """
 
-    def __init__(self, scene, undo_callback: Callable[[], None] | None = None, max_undo_states: int = 10) -> None:
+    def __init__(self, scene, undo_callback: Callable[[Any], None] | None = None, max_undo_states: int = 10,
+                 masking: Masking | None = None) -> None:
         self.scene = scene
         self.undo_callback = undo_callback
+        self.masking = masking
         self.max_undo_states = int(max_undo_states)
         self._histories: dict[str, Any] = {}
         self._segmenters: dict[tuple[str, str, str], Any] = {}
         self._images: dict[str, tuple[tuple, Any]] = {}
         self._generators: dict[tuple[str, str], Any] = {}
+        self._undo_marks: dict[str, UndoMarks] = {}
 
     # --- parameters --------------------------------------------------------------------------------
 
@@ -100,24 +139,42 @@ class FoBSegmentLogic:
         """The array axis to slice along: `axis` if given (>= 0), else the volume's axial axis."""
         return resolve_axis(volume, axis)
 
-    def prepared_image(self, volume, settings: JobSettings | None = None, what: str = "image"):
-        """The node's voxels prepared as `fob segment` prepares a file (`job.prepare_image`: modality,
-        normalisation, slicing axis), cached per image version and settings."""
+    def image_source(self, volume, settings: JobSettings | None = None,
+                     what: str = "image") -> Callable[[], PreparedImage]:
+        """Main thread: what `prepared_image` needs from the node, as a function that prepares it on any
+        thread. Normalising a large volume takes seconds, so the widget calls the function on its worker;
+        here only the voxels are copied (nothing at all when the cache holds this image version)."""
         settings = settings or JobSettings()
         image = volume.GetImageData()
         if image is None:
             raise ValueError(f"{volume.GetName()} has no image data")
-        key = (volume.GetID(), int(image.GetMTime()), settings.modality, settings.window)
-        cached = self._images.get(volume.GetID())
-        if cached is None or cached[0] != key:
-            # Cached with the default axis: normalising a large volume takes seconds, choosing an axis not.
-            cached = (key, prepare_image(engine_volume(volume), dataclasses.replace(settings, axis=None), what))
-            self._images[volume.GetID()] = cached
-        prepared = cached[1]
-        if settings.axis is not None and settings.axis != prepared.axis:
+        if settings.axis is not None:
             slice_axes(settings.axis)
-            prepared = dataclasses.replace(prepared, axis=int(settings.axis))
-        return prepared
+        vid = volume.GetID()
+        key = (vid, int(image.GetMTime()), settings.modality, settings.window)
+        cached = self._images.get(vid)
+        raw = None if cached is not None and cached[0] == key else engine_volume_source(volume)
+
+        def get() -> PreparedImage:
+            again = self._images.get(vid)
+            if raw is None:
+                prepared = cached[1]
+            elif again is not None and again[0] == key:
+                prepared = again[1]  # another task of the same run normalised this version meanwhile
+            else:
+                # Cached with the default axis: normalising takes seconds, choosing an axis not.
+                prepared = prepare_image(raw(), dataclasses.replace(settings, axis=None), what)
+                self._images[vid] = (key, prepared)
+            if settings.axis is not None and settings.axis != prepared.axis:
+                prepared = dataclasses.replace(prepared, axis=int(settings.axis))
+            return prepared
+
+        return get
+
+    def prepared_image(self, volume, settings: JobSettings | None = None, what: str = "image") -> PreparedImage:
+        """The node's voxels prepared as `fob segment` prepares a file (`job.prepare_image`: modality,
+        normalisation, slicing axis), cached per image version and settings."""
+        return self.image_source(volume, settings, what)()
 
     def normalised_image(self, volume) -> np.ndarray:
         """The volume's voxels normalised to [0, 1] exactly as `fob segment` does."""
@@ -130,6 +187,18 @@ class FoBSegmentLogic:
     def current_slice(self, volume, ras_world: tuple[float, float, float], axis: int | None = None) -> int:
         """Nearest slice index along the axis to a world RAS point (e.g. a slice view's centre)."""
         return slice_at_world_point(volume, ras_world, self.slice_axis(volume, axis))
+
+    def view_slice(self, volume, views: dict[str, np.ndarray], axis: int | None = None,
+                   preferred: str | None = None) -> tuple[str, int]:
+        """(view name, slice index along the axis) of the 2D view that shows voxel slices along the job's
+        axis, `preferred` (the view the user last worked in) first: the widget's "current slice", right
+        whether the job slices along k, j or i and whichever of Red, Yellow, Green the user works in.
+        views: {name: SliceToRAS 4x4 in world RAS}. Raises ValueError when no view qualifies."""
+        return view_slice(volume, views, self.slice_axis(volume, axis), preferred)
+
+    def slice_center(self, volume, index: int, axis: int | None = None) -> np.ndarray:
+        """World RAS (3,) of the centre of slice `index` (where the widget jumps a view to show it)."""
+        return slice_center_world(volume, self.slice_axis(volume, axis), int(index))
 
     def get_segmenter(self, name: str = "auto", device: str = "auto", checkpoint: str | None = None):
         """A cached segmenter (`FoBSegmentLib.segmenters.get_segmenter`), so SAM embeddings stay cached
@@ -245,34 +314,114 @@ class FoBSegmentLogic:
             hist.SetMaximumNumberOfStates(self.max_undo_states)
             hist.SetSegmentation(segmentation.GetSegmentation())
             self._histories[key] = hist
+            self._undo_marks[key] = UndoMarks()
         return hist
 
     def save_state_for_undo(self, segmentation) -> None:
-        """One undo state, taken before a user action modifies the segmentation."""
+        """One undo state, taken before a user action modifies the segmentation: in the Logic's own
+        history (what `undo` restores) and, when given, through `undo_callback(segmentation)` (the widget
+        passes the Segment Editor's `saveStateForUndo`, so the step is also in the editor's own Undo)."""
+        hist = self._history(segmentation)
+        hist.SaveState()
+        self._undo_marks[segmentation.GetID()].saved(segmentation_fingerprint(segmentation), self.max_undo_states)
         if self.undo_callback is not None:
-            self.undo_callback()
-        else:
-            self._history(segmentation).SaveState()
+            self.undo_callback(segmentation)
         if self.scene.GetUndoFlag():
             self.scene.SaveStateForUndo()
 
-    def undo(self, segmentation) -> bool:
-        """Undo the last FoB action on the segmentation (the Logic's own history); False when none."""
+    def _wrote(self, segmentation) -> None:
+        """Record the segmentation as FoB's last write left it (see `undo`)."""
+        marks = self._undo_marks.get(segmentation.GetID())
+        if marks is not None and marks.after and marks.after[-1] != TAINTED:
+            marks.after[-1] = segmentation_fingerprint(segmentation)
+            marks.redo.clear()
+
+    def _check_unchanged(self, segmentation) -> None:
+        """Before a further write of the same action (a live run's next slice): when something else changed
+        the segmentation since FoB's previous write, the action's undo state predates that edit and
+        restoring it would discard it; the action can no longer be undone by FoB."""
+        marks = self._undo_marks.get(segmentation.GetID())
+        if marks is not None and marks.after and marks.after[-1] != segmentation_fingerprint(segmentation):
+            marks.after[-1] = TAINTED
+
+    def can_undo(self, segmentation) -> tuple[bool, str]:
+        """(whether `undo` would restore the state before FoB's last action, the reason when not)."""
         hist = self._history(segmentation)
-        if not hist.IsRestorePreviousStateAvailable():
+        marks = self._undo_marks[segmentation.GetID()]
+        if not hist.IsRestorePreviousStateAvailable() or not marks.after:
+            return False, "nothing to undo"
+        if marks.after[-1] == TAINTED or marks.after[-1] != segmentation_fingerprint(segmentation):
+            return False, (
+                f"{segmentation.GetName()} was changed after FoB's last action (e.g. in the Segment Editor); "
+                "FoB's Undo would discard that work: use the Segment Editor's Undo instead"
+            )
+        return True, ""
+
+    def undo(self, segmentation) -> bool:
+        """Undo the last FoB action on the segmentation (the Logic's own history); False when there is none.
+
+        Raises ValueError, changing nothing, when the segmentation was changed since FoB's last write
+        (painted in the Segment Editor, another segment added, the editor's own Undo used): restoring
+        FoB's state would silently discard that work.
+        """
+        ok, why = self.can_undo(segmentation)
+        if not ok:
+            if why == "nothing to undo":
+                return False
+            raise ValueError(why)
+        hist = self._history(segmentation)
+        if not hist.RestorePreviousState():
             return False
-        return bool(hist.RestorePreviousState())
+        marks = self._undo_marks[segmentation.GetID()]
+        before = marks.before.pop()
+        marks.redo.append((before, marks.after.pop()))
+        marks.restored = segmentation_fingerprint(segmentation)
+        # The restored state is what the segmentation was before the action. It is the previous FoB action's
+        # result only if nothing was edited in between; else undoing that one too would discard the edit.
+        if marks.after:
+            marks.after[-1] = marks.restored if marks.after[-1] == before else TAINTED
+        return True
 
     def redo(self, segmentation) -> bool:
+        """Redo the FoB action `undo` took back; False when there is none or the segmentation changed since."""
         hist = self._history(segmentation)
-        if not hist.IsRestoreNextStateAvailable():
+        marks = self._undo_marks[segmentation.GetID()]
+        if not hist.IsRestoreNextStateAvailable() or not marks.redo:
             return False
-        return bool(hist.RestoreNextState())
+        if marks.restored != segmentation_fingerprint(segmentation):
+            return False
+        if not hist.RestoreNextState():
+            return False
+        marks.redo.pop()
+        marks.before.append(marks.restored)  # what the redone action now starts from
+        marks.after.append(segmentation_fingerprint(segmentation))
+        return True
+
+    def release(self) -> None:
+        """Free what the Logic holds for the current scene (call on scene close): the prepared float32
+        volume copies, the undo histories, the segmenters (SAM models and their embeddings) and the FoB
+        generators; the GPU memory torch cached for them is returned to the driver."""
+        for hist in self._histories.values():
+            hist.RemoveAllStates()
+        self._histories.clear()
+        self._undo_marks.clear()
+        self._images.clear()
+        self._segmenters.clear()
+        self._generators.clear()
+        import gc
+        import sys
+
+        gc.collect()
+        torch = sys.modules.get("torch")  # never imported here just to free memory
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def write_slices(
-        self, volume, segmentation, segment_id: str, masks: dict[int, np.ndarray], axis: int | None = None
+        self, volume, segmentation, segment_id: str, masks: dict[int, np.ndarray], axis: int | None = None,
+        undo_state: bool = True,
     ) -> None:
-        """Replace slices of one segment with (H, W) masks; one undo state for the whole call."""
+        """Replace slices of one segment with (H, W) masks; one undo state for the whole call (none with
+        undo_state=False: the caller saved the state of a larger action)."""
         if not masks:
             return
         ax = self.slice_axis(volume, axis)
@@ -280,8 +429,28 @@ class FoBSegmentLogic:
         edit = write_binary_slices(current, ax, masks)
         if edit.changed_voxels() == 0:
             return
-        self.save_state_for_undo(segmentation)
-        set_segment_mask(segmentation, segment_id, volume, current)
+        if undo_state:
+            self.save_state_for_undo(segmentation)
+        changed = {z: m for z, m in edit.after.items() if not np.array_equal(m, edit.before[z])}
+        self._put(volume, segmentation, segment_id, ax, changed, current)
+        self._wrote(segmentation)
+
+    def _put(self, volume, segmentation, segment_id: str, axis: int, masks: dict[int, np.ndarray],
+             whole: np.ndarray | None = None) -> None:
+        """Write slices of one segment (no undo state): through the Segment Editor's masking when set
+        (and restricting something), slice by slice; else in one write of `whole` (the segment with the
+        slices already put) when given, else slice by slice."""
+        if self.masking is not None and not self.masking.everywhere:
+            with segment_editor_logic(self.masking, segmentation, volume) as editor:
+                if editor is not None:
+                    for z, m in sorted(masks.items()):
+                        set_segment_slice_masked(editor, segmentation, segment_id, volume, axis, z, m)
+                    return
+        if whole is not None:
+            set_segment_mask(segmentation, segment_id, volume, whole)
+        else:
+            for z, m in sorted(masks.items()):
+                set_segment_slice(segmentation, segment_id, volume, axis, z, m)
 
     # --- segmenting ----------------------------------------------------------------------------------
 
@@ -304,7 +473,29 @@ class FoBSegmentLogic:
         again; nothing else changes. Without a record each slice is segmented from its points alone.
         slices: None = all reviewed slices (all slices with prompts when none is reviewed). Returns
         {slice: (H, W) bool mask} of the slices written. One undo state; other segments are untouched.
+
+        begin_segment (main thread) + task.compute (any thread; the widget's worker) + apply_segment
+        (main thread), on the calling thread.
         """
+        task = self.begin_segment(volume, segmentation, segment_id, slices, segmenter, device, axis, checkpoint)
+        return self.apply_segment(task, task.compute())
+
+    def begin_segment(
+        self,
+        volume,
+        segmentation,
+        segment_id: str,
+        slices: list[int] | None = None,
+        segmenter: str = "auto",
+        device: str = "auto",
+        axis: int | None = None,
+        checkpoint: str | None = None,
+    ) -> worker.SegmentTask:
+        """Main thread: read the prompts, the record and the segment out of MRML (see `segment_slices`);
+        the returned task's `compute(progress=None, cancel=None)` normalises the volume, loads the
+        segmenter and segments without touching MRML. Bad input raises ValueError here, before any work."""
+        from FoBSegmentLib.propagation import PropagationCancelled
+
         ax = self.slice_axis(volume, axis)
         prompts = self.read_prompts(volume, segmentation, segment_id, ax)
         record = point_lists.propagation_record(self.scene, segmentation, segment_id)
@@ -314,48 +505,69 @@ class FoBSegmentLogic:
         if slices is None:
             reviewed = self.reviewed_slices(volume, segmentation, segment_id)
             slices = reviewed or sorted(prompts)
+        slices = [int(s) for s in slices]
         missing = [s for s in slices if s not in prompts and s not in recorded]
         if missing:
             raise ValueError(f"no prompts on slice(s) {', '.join(map(str, missing))}; predict or place points first")
-        if record is not None:
-            return self._replay(volume, segmentation, segment_id, prompts, record,
-                                self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint))
-        image = self.normalised_image(volume)
-        seg = self.get_segmenter(segmenter, device, checkpoint)
-        masks = {}
-        for s in slices:
-            try:
-                masks[int(s)] = np.asarray(seg.segment(take_slice(image, ax, int(s)), prompts[s]).mask, bool)
-            except ValueError as exc:
-                raise ValueError(f"slice {s}: {exc}") from None
-        self.write_slices(volume, segmentation, segment_id, masks, ax)
-        return masks
+        settings = self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint)
+        image = self.image_source(volume, settings)
+        current = segment_mask(segmentation, segment_id, volume) if record is not None else None
 
-    def _replay(self, volume, segmentation, segment_id: str, prompts: dict[int, PromptSet], record: dict,
-                settings: JobSettings) -> dict[int, np.ndarray]:
-        """Replay the lists' propagation record with their current points (see `segment_slices`)."""
+        def compute(progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
+            if record is not None:
+                return self._replay(image(), current, prompts, record, settings, progress, cancel)
+            normalised = image().normalised
+            seg = self.get_segmenter(segmenter, device, checkpoint)
+            masks = {}
+            for n, s in enumerate(slices):
+                if cancel is not None and cancel():
+                    raise PropagationCancelled("cancelled")
+                try:
+                    masks[s] = np.asarray(seg.segment(take_slice(normalised, ax, s), prompts[s]).mask, bool)
+                except ValueError as exc:
+                    raise ValueError(f"slice {s}: {exc}") from None
+                if progress is not None:
+                    progress(n + 1, len(slices), f"slice {s}")
+            choice = getattr(seg, "auto_choice", None)
+            return worker.SegmentOutcome(masks, notes=[choice] if choice else [])
+
+        return worker.SegmentTask(volume.GetID(), segmentation.GetID(), segment_id, ax, slices, compute)
+
+    def apply_segment(self, task: worker.SegmentTask, outcome: worker.SegmentOutcome) -> dict[int, np.ndarray]:
+        """Main thread: write a computed `SegmentTask` (one undo state), show the points a replay moved
+        and store its record. Returns the masks written."""
+        volume = self.scene.GetNodeByID(task.volume_id)
+        segmentation = self.scene.GetNodeByID(task.segmentation_id)
+        if volume is None or segmentation is None:
+            raise ValueError("the volume or segmentation being segmented was removed from the scene")
+        self.write_slices(volume, segmentation, task.segment_id, outcome.masks, task.axis)
+        if outcome.prompts:
+            self.show_prompts(volume, segmentation, task.segment_id, outcome.prompts, task.axis)
+        if outcome.record is not None:
+            point_lists.set_propagation_record(self.scene, volume, segmentation, task.segment_id, outcome.record)
+        return outcome.masks
+
+    def _replay(self, query: PreparedImage, current: np.ndarray, prompts: dict[int, PromptSet], record: dict,
+                settings: JobSettings, progress: ProgressCallback | None = None,
+                cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
+        """Replay the lists' propagation record with their current points (see `segment_slices`); no MRML.
+        current: the segment on the volume's [k, j, i] grid when the task began."""
         from FoBSegmentLib.propagation.document import prompt_fingerprint
 
-        query = self.prepared_image(volume, settings)
-        current = segment_mask(segmentation, segment_id, volume)
         support = np.zeros_like(current)
         for z in record["annotated"]:
             put_slice(support, query.axis, int(z), take_slice(current, query.axis, int(z)))
         comps = load_components(settings, replaying=True,
                                 segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint))
         job = build_job(query, support, settings, components=comps, support_name="the annotated slices")
-        result = job.with_prompts(prompts, record).run()
+        result = job.with_prompts(prompts, record).run(progress=progress, cancel=cancel)
         annotated = {int(z) for z in record["annotated"]}
         touched = ({int(e["index"]) for e in record["slices"]} | set(result.order)) - annotated
         masks = {z: take_slice(result.mask, query.axis, z).astype(bool) for z in sorted(touched)}
         changed = {z: m for z, m in masks.items() if not np.array_equal(m, take_slice(current, query.axis, z))}
-        self.write_slices(volume, segmentation, segment_id, changed, query.axis)
         old = {int(e["index"]): e["prompts"] for e in record["slices"]}
         redone = {z: ps for z, ps in result.prompts.items() if old.get(z) != prompt_fingerprint(ps)}
-        if redone:
-            self.show_prompts(volume, segmentation, segment_id, redone, query.axis)
-        point_lists.set_propagation_record(self.scene, volume, segmentation, segment_id, result.record)
-        return changed
+        return worker.SegmentOutcome(changed, redone, result.record, list(job.notes))
 
     # --- prediction and propagation -----------------------------------------------------------------
 
@@ -410,7 +622,11 @@ class FoBSegmentLogic:
             self._generators[key] = comps.generator
         return comps
 
-    def prepare_propagation(
+    def prepare_propagation(self, volume, segmentation, segment_id: str, **kwargs) -> PropagationJob:
+        """`begin_propagation(...)()` on the calling thread (scripts, tests)."""
+        return self.begin_propagation(volume, segmentation, segment_id, **kwargs)()
+
+    def begin_propagation(
         self,
         volume,
         segmentation,
@@ -420,17 +636,19 @@ class FoBSegmentLogic:
         support_segment_id: str | None = None,
         generator=None,
         **settings_kwargs,
-    ) -> PropagationJob:
-        """Copy what a propagation needs out of MRML (main thread) and build the job with the engine's
-        one job builder (`job.build_job`), exactly as `fob segment` does. The support is the segment
-        itself (same volume) or another volume's segment (cross-patient).
+    ) -> Callable[[], PropagationJob]:
+        """Main thread: copy what a propagation needs out of MRML; returns build() that builds the job with
+        the engine's one job builder (`job.build_job`), exactly as `fob segment` does. build() normalises
+        the volume and loads the model and the segmenter (seconds: the widget calls it on its worker) and
+        touches no MRML. The support is the segment itself (same volume) or another volume's segment
+        (cross-patient). Bad input raises ValueError here.
 
         settings_kwargs: see `job_settings`. generator: an already loaded FoB generator (anything with
         `.predict(support_image, support_mask, query_image) -> PromptSet`); otherwise the settings'
         model (a file) or the shipped default is loaded.
         """
         settings = self.job_settings(**settings_kwargs)
-        query = self.prepared_image(volume, settings)
+        query = self.image_source(volume, settings)
         same_volume = support_volume is None or support_volume is volume
         support = None
         if same_volume:
@@ -438,13 +656,18 @@ class FoBSegmentLogic:
         else:
             if support_segmentation is None or not support_segment_id:
                 raise ValueError("a support volume needs its segmentation and segment")
-            support = self.prepared_image(support_volume, dataclasses.replace(settings, axis=None), "support image")
+            support = self.image_source(support_volume, dataclasses.replace(settings, axis=None), "support image")
             s_mask = segment_mask(support_segmentation, support_segment_id, support_volume)
         if not s_mask.any():
             raise ValueError("the support segment is empty: outline the organ on at least one slice")
-        engine = build_job(query, s_mask, settings, support=support, components=self._components(settings, generator),
-                           support_name="the support segment")
-        return PropagationJob(volume.GetID(), segmentation.GetID(), segment_id, engine)
+        ids = (volume.GetID(), segmentation.GetID(), segment_id)
+
+        def build() -> PropagationJob:
+            engine = build_job(query(), s_mask, settings, support=support() if support is not None else None,
+                               components=self._components(settings, generator), support_name="the support segment")
+            return PropagationJob(*ids, engine)
+
+        return build
 
     # Worker-thread computations (no MRML; see `worker`), static so the widget runs them on its thread.
     run_propagation = staticmethod(worker.run_propagation)
@@ -466,39 +689,101 @@ class FoBSegmentLogic:
         slice already held exactly this mask (nothing written).
         """
         volume, segmentation = self._job_nodes(job)
-        current = segment_mask(segmentation, job.segment_id, volume)
-        new = np.asarray(mask, bool)
-        if np.array_equal(take_slice(current, job.axis, int(z)), new):
-            return False
+        z, new = int(z), np.asarray(mask, bool)
         if job.live_before is None:
+            current = segment_mask(segmentation, job.segment_id, volume)  # once per run: what a rollback restores
+            if np.array_equal(take_slice(current, job.axis, z), new):
+                return False
             self.save_state_for_undo(segmentation)
-            job.live_before = current.copy()
-        put_slice(current, job.axis, int(z), new)
-        job.live_slices.add(int(z))
-        set_segment_mask(segmentation, job.segment_id, volume, current)
+            job.live_before = current
+        else:
+            shown = job.live_shown.get(z)
+            if np.array_equal(shown if shown is not None else take_slice(job.live_before, job.axis, z), new):
+                return False
+            self._check_unchanged(segmentation)
+        # one slice's extent, not the volume: a live run must not rewrite 200 slices per slice
+        self._put(volume, segmentation, job.segment_id, job.axis, {z: new})
+        job.live_slices.add(z)
+        job.live_shown[z] = new.copy()
+        self._wrote(segmentation)
         return True
 
     def rollback_propagation(self, job: PropagationJob) -> bool:
         """Main thread, after a cancelled or failed live run: remove what `apply_slice_result` wrote.
 
-        With the Logic's own history this is an Undo of the run's single state (Redo brings the partial
-        result back); with an external `undo_callback` the written slices get their previous voxels back.
+        When nothing else changed the segmentation meanwhile this is an Undo of the run's single state
+        (Redo brings the partial result back); otherwise (e.g. the user painted during the run) only the
+        slices the run wrote get their previous voxels back, and the user's edits stay.
         Returns False when nothing had been written.
         """
         if job.live_before is None:
             return False
         volume, segmentation = self._job_nodes(job)
         before, written = job.live_before, sorted(job.live_slices)
-        job.live_before, job.live_slices = None, set()
-        if self.undo_callback is None and self.undo(segmentation):
+        job.live_before, job.live_slices, job.live_shown = None, set(), {}
+        if self.can_undo(segmentation)[0] and self.undo(segmentation):
             return True
-        current = segment_mask(segmentation, job.segment_id, volume)
         for z in written:
-            put_slice(current, job.axis, z, take_slice(before, job.axis, z))
-        set_segment_mask(segmentation, job.segment_id, volume, current)
+            set_segment_slice(segmentation, job.segment_id, volume, job.axis, z, take_slice(before, job.axis, z))
         return True
 
-    def apply_propagation(self, job: PropagationJob, result, show_prompts: bool = True) -> list[int]:
+    # --- several organs in one go ----------------------------------------------------------------------
+
+    def outlined_segments(self, volume, segmentation) -> list[str]:
+        """IDs of the segmentation's segments that hold an outline (a non-empty mask on the volume's grid)."""
+        seg = segmentation.GetSegmentation()
+        ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
+        return [sid for sid in ids if segment_mask(segmentation, sid, volume).any()]
+
+    def begin_propagation_many(self, volume, segmentation, segment_ids: list[str],
+                               **kwargs) -> Callable[[], list[PropagationJob]]:
+        """Main thread: `begin_propagation` for each segment (each is its own support, propagated into
+        itself); the returned build() builds every job (worker). The volume is normalised once."""
+        if not segment_ids:
+            raise ValueError("no segment holds an outline: outline at least one organ on one slice")
+        builds = [self.begin_propagation(volume, segmentation, sid, **kwargs) for sid in segment_ids]
+        return lambda: [build() for build in builds]
+
+    @staticmethod
+    def run_propagation_many(jobs: list[PropagationJob], progress: ProgressCallback | None = None,
+                             cancel: CancelCheck | None = None) -> list:
+        """Worker: run the jobs one after the other; progress counts the steps of all of them."""
+        results = []
+        for n, job in enumerate(jobs):
+            name = f"segment {n + 1} of {len(jobs)}"
+
+            def step(done: int, total: int, text: str = "", n: int = n, name: str = name) -> None:
+                if progress is not None:
+                    progress(n * total + done, len(jobs) * total, f"{name}: {text}")
+
+            results.append(worker.run_propagation(job, step, cancel))
+        return results
+
+    def apply_propagation_many(self, jobs: list[PropagationJob], results: list) -> dict[str, list[int]]:
+        """Main thread: write every segment's propagation as ONE undo step. Returns {segment id: slices}."""
+        if not jobs:
+            return {}
+        _, segmentation = self._job_nodes(jobs[0])
+        self.save_state_for_undo(segmentation)
+        written = {job.segment_id: self.apply_propagation(job, result, undo_state=False)
+                   for job, result in zip(jobs, results)}
+        self._wrote(segmentation)
+        return written
+
+    def propagate_many(self, volume, segmentation, segment_ids: list[str] | None = None,
+                       progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
+                       **kwargs) -> dict[str, Any]:
+        """Propagate several organs in one go (scripts, tests): each outlined segment (default: every
+        segment holding an outline) into itself, one undo step for the whole run. Returns {segment id:
+        PropagationResult}. Cancelled or failed: nothing is written."""
+        ids = self.outlined_segments(volume, segmentation) if segment_ids is None else list(segment_ids)
+        jobs = self.begin_propagation_many(volume, segmentation, ids, **kwargs)()
+        results = self.run_propagation_many(jobs, progress, cancel)
+        self.apply_propagation_many(jobs, results)
+        return {job.segment_id: result for job, result in zip(jobs, results)}
+
+    def apply_propagation(self, job: PropagationJob, result, show_prompts: bool = True,
+                          undo_state: bool = True) -> list[int]:
         """Write a finished propagation into its segment (one undo state) and show the prompts it used.
 
         Only slices the propagation produced are written; annotated slices stay as drawn. Returns them.
@@ -510,14 +795,18 @@ class FoBSegmentLogic:
         produced = [z for z, r in sorted(result.slices.items()) if r.source not in ("skipped", "annotation")]
         masks = {z: take_slice(result.mask, job.axis, z).astype(bool) for z in produced}
         if job.live_before is None:
-            self.write_slices(volume, segmentation, job.segment_id, masks, job.axis)
+            self.write_slices(volume, segmentation, job.segment_id, masks, job.axis, undo_state)
         else:
             for z in job.live_slices - set(masks):
                 masks[z] = take_slice(job.live_before, job.axis, z).astype(bool)
+            self._check_unchanged(segmentation)
             current = segment_mask(segmentation, job.segment_id, volume)
-            if write_binary_slices(current, job.axis, masks).changed_voxels():
-                set_segment_mask(segmentation, job.segment_id, volume, current)
-            job.live_before, job.live_slices = None, set()
+            edit = write_binary_slices(current, job.axis, masks)
+            changed = {z: m for z, m in edit.after.items() if not np.array_equal(m, edit.before[z])}
+            if changed:
+                self._put(volume, segmentation, job.segment_id, job.axis, changed, current)
+                self._wrote(segmentation)
+            job.live_before, job.live_slices, job.live_shown = None, set(), {}
         if show_prompts and result.prompts:
             self.show_prompts(volume, segmentation, job.segment_id, result.prompts, job.axis)
             point_lists.set_propagation_record(self.scene, volume, segmentation, job.segment_id, result.record)

@@ -11,6 +11,10 @@ Matrices are only read from MRML here; the conversions themselves are in `FoBSeg
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import numpy as np
 import slicer
 import vtk
@@ -20,7 +24,9 @@ from FoBSegmentLib.io.coords import (
     Geometry,
     geometry_from_ijk_to_ras,
     ijk_to_slice_xy,
+    ijk_to_world_ras,
     slice_axes,
+    slice_xy_to_ijk,
     world_ras_to_ijk,
 )
 
@@ -82,17 +88,27 @@ def engine_volume(volume):
     """The node as the engine's `io.volumes.Volume` (what `fob segment` reads from a file): its voxels
     as float32 [k, j, i] (a single-slice colour image as (H, W, 3)), its geometry in the node's local
     frame (LPS inside `Geometry`), its name as path; no modality hint (like a NIfTI file)."""
+    return engine_volume_source(volume)()
+
+
+def engine_volume_source(volume):
+    """`engine_volume` in two halves: the MRML reads (geometry, one copy of the voxels in their own type)
+    now, on the calling (main) thread; the float32 conversion in the returned function, on any thread."""
     from pathlib import Path
 
     from FoBSegmentLib.io.volumes import Volume
 
     geom, _ = volume_geometry(volume)
     arr = volume_array(volume)
-    if arr.ndim == 4 and arr.shape[0] == 1 and arr.shape[-1] == 3:
-        return Volume(arr[0].astype(np.float32), geom, Path(volume.GetName()), "rgb", is_2d=True)
-    if arr.ndim == 4:
-        arr = arr[..., 0]
-    return Volume(arr.astype(np.float32), geom, Path(volume.GetName()), None, is_2d=arr.shape[0] == 1)
+    name = Path(volume.GetName())
+
+    def build() -> Volume:
+        if arr.ndim == 4 and arr.shape[0] == 1 and arr.shape[-1] == 3:
+            return Volume(arr[0].astype(np.float32), geom, name, "rgb", is_2d=True)
+        a = arr[..., 0] if arr.ndim == 4 else arr
+        return Volume(a.astype(np.float32), geom, name, None, is_2d=a.shape[0] == 1)
+
+    return build
 
 
 def slice_at_world_point(volume, ras_world: tuple[float, float, float], axis: int) -> int:
@@ -108,6 +124,46 @@ def slice_at_world_point(volume, ras_world: tuple[float, float, float], axis: in
     if not 0 <= index < geom.array_shape[axis]:
         raise ValueError(f"the slice view is not on the volume (slice {index} of 0..{geom.array_shape[axis] - 1})")
     return index
+
+
+def slice_center_world(volume, axis: int, index: int) -> np.ndarray:
+    """World RAS (3,) of the centre of slice `index` along `axis` (where a view jumps to show it)."""
+    geom, p2w = volume_geometry(volume)
+    rows, cols = slice_axes(axis)
+    shape = geom.array_shape
+    centre_xy = np.array([[(shape[cols] - 1) / 2.0, (shape[rows] - 1) / 2.0]])  # (x, y) = (column, row)
+    return ijk_to_world_ras(slice_xy_to_ijk(centre_xy, axis, int(index)), geom, p2w)[0]
+
+
+def view_slice(volume, views: dict[str, np.ndarray], axis: int, preferred: str | None = None,
+               tolerance_deg: float = 1.0) -> tuple[str, int]:
+    """The slice shown by a 2D view that shows voxel slices along `axis`, e.g. the view the user works in.
+
+    views: {view name: its SliceToRAS 4x4 (world RAS; column 2 is the view's normal, column 3 a point of
+    the view's plane)}; preferred: the view to take when it qualifies (the one the user last used), else
+    the first that does. Returns (view name, slice index). Raises ValueError when no view's plane is a
+    voxel slice along `axis` (e.g. all views are oblique to it) or the slice is outside the volume.
+    """
+    geom, p2w = volume_geometry(volume)
+    # the axis' world direction: from the centre of slice 0 to the centre of slice 1
+    last = min(1, geom.array_shape[axis] - 1)
+    along = slice_center_world(volume, axis, last) - slice_center_world(volume, axis, 0)
+    if not np.any(along):  # a single slice: its normal from the slice's (x, y) directions
+        pts = ijk_to_world_ras(slice_xy_to_ijk(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), axis, 0), geom, p2w)
+        along = np.cross(pts[1] - pts[0], pts[2] - pts[0])
+    along = along / np.linalg.norm(along)
+    names = ([preferred] if preferred in views else []) + [n for n in views if n != preferred]
+    cos_min = np.cos(np.deg2rad(tolerance_deg))
+    for name in names:
+        m = np.asarray(views[name], float)
+        normal = m[:3, 2] / np.linalg.norm(m[:3, 2])
+        if abs(float(normal @ along)) >= cos_min:
+            return name, slice_at_world_point(volume, tuple(m[:3, 3]), axis)
+    axis_name = "kji"[axis]
+    raise ValueError(
+        f"no slice view shows voxel slices along {axis_name}: rotate a view to the volume's planes "
+        "(slice view menu > Rotate to volume plane) or choose another slice axis"
+    )
 
 
 def volume_array(volume) -> np.ndarray:
@@ -211,3 +267,117 @@ def set_segment_mask(segmentation, segment_id: str, volume, mask: np.ndarray) ->
         image, segmentation, segment_id, logic.MODE_REPLACE, image.GetExtent(), False, (segment_id,)
     ):
         raise ValueError(f"could not write segment {segment_id!r} of {segmentation.GetName()}")
+
+
+def segmentation_fingerprint(segmentation) -> str:
+    """A fingerprint of a segmentation's binary labelmaps: its segment ids and label values, and each
+    layer's identity and modification time. Painting, erasing, adding or removing a segment, an undo of
+    the Segment Editor: every change of a labelmap changes it; display settings do not. It is cheap (no
+    voxel is read), so it can be taken after each live slice; a labelmap marked modified without a
+    changed voxel also counts as a change, the safe side for `FoBSegmentLogic.undo`."""
+    seg = segmentation.GetSegmentation()
+    rep = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    parts = [f"{seg.GetNthSegmentID(n)}={seg.GetNthSegment(n).GetLabelValue()}" for n in range(seg.GetNumberOfSegments())]
+    for layer in range(seg.GetNumberOfLayers(rep)):
+        image = seg.GetLayerDataObject(layer, rep)
+        parts.append("-" if image is None else f"{image.GetAddressAsString('vtkObject')}@{image.GetMTime()}")
+    return ";".join(parts)
+
+
+def set_segment_slice(segmentation, segment_id: str, volume, axis: int, index: int, mask: np.ndarray) -> None:
+    """Replace one slice of a segment by an (H, W) bool mask (`take_slice`'s frame along `axis` of the
+    volume's [k, j, i] grid); the rest of the segment and the other segments are not touched.
+
+    Only that slice's extent is sent to Slicer, so a live propagation's per-slice write costs one slice,
+    not a read and a rewrite of the whole volume.
+    """
+    geom, _ = volume_geometry(volume)
+    slab = np.expand_dims(np.asarray(mask, bool), axis)  # inverse of np.take(..., axis): the slice as a slab
+    shape = list(geom.array_shape)
+    shape[axis] = 1
+    if slab.shape != tuple(shape):
+        raise ValueError(f"slice mask shape {np.asarray(mask).shape} does not match the volume's slices along axis {axis}")
+    if not 0 <= index < geom.array_shape[axis]:
+        raise ValueError(f"slice {index} is outside 0..{geom.array_shape[axis] - 1} along axis {axis}")
+    lo = [0, 0, 0]  # (k, j, i) offset of the slab
+    lo[axis] = int(index)
+    nk, nj, ni = slab.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(lo[2], lo[2] + ni - 1, lo[1], lo[1] + nj - 1, lo[0], lo[0] + nk - 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(slab.astype(np.uint8).reshape(-1), deep=True))
+    image.SetImageToWorldMatrix(vtk_matrix(relative_transform(segmentation, volume) @ geom.ijk_to_ras_matrix()))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    # MODE_REPLACE would replace the whole segment by this one slice; min then max within the slab's
+    # extent clears what the mask clears and sets what it sets, and leaves every other voxel as it was.
+    for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
+        if not logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, mode, image.GetExtent(), False,
+                                                (segment_id,)):
+            raise ValueError(f"could not write slice {index} of segment {segment_id!r} of {segmentation.GetName()}")
+
+
+@contextmanager
+def segment_editor_logic(masking, segmentation, volume) -> Iterator[Any]:
+    """A `vtkSlicerSegmentEditorLogic` that edits `segmentation` with the Segment Editor's masking settings
+    `masking` (a `parameters.Masking`), on a private editor node: the user's own Segment Editor node and its
+    source volume are not touched. Yields None when this Slicer has no such class (the caller then writes
+    without masking). The private node has to be in the scene while it is used (the logic finds the mask
+    segment through it); it is hidden, not saved, and removed afterwards."""
+    logic_class = getattr(slicer, "vtkSlicerSegmentEditorLogic", None)
+    if logic_class is None:
+        yield None
+        return
+    scene = segmentation.GetScene()
+    node = slicer.vtkMRMLSegmentEditorNode()
+    node.SetHideFromEditors(True)
+    node.SetSaveWithScene(False)
+    node.SetName(scene.GenerateUniqueName("FoBSegment masking"))
+    scene.AddNode(node)
+    try:
+        if masking.mask_segment_id:
+            node.SetMaskSegmentID(masking.mask_segment_id)
+        node.SetMaskMode(int(masking.mask_mode))
+        node.SetOverwriteMode(int(masking.overwrite_mode))
+        if masking.intensity_range is not None:
+            node.SetSourceVolumeIntensityMask(True)
+            node.SetSourceVolumeIntensityMaskRange(float(masking.intensity_range[0]),
+                                                   float(masking.intensity_range[1]))
+        logic = logic_class()
+        logic.SetMRMLScene(scene)
+        logic.SetSegmentEditorNode(node)
+        logic.SetSegmentationNode(segmentation)
+        logic.SetSourceVolumeNode(volume)
+        # the editable area is computed from the segments as they are now (as an effect does when it starts)
+        if not (logic.ResetModifierLabelmapToDefault() and logic.UpdateMaskLabelmap()):
+            raise ValueError(f"the Segment Editor's masking settings cannot be applied to {segmentation.GetName()}")
+        yield logic
+    finally:
+        scene.RemoveNode(node)
+
+
+def set_segment_slice_masked(logic, segmentation, segment_id: str, volume, axis: int, index: int,
+                             mask: np.ndarray) -> None:
+    """`set_segment_slice` through the Segment Editor's logic (`segment_editor_logic`): only the editable
+    voxels of the slice change (editable area, editable intensity range), and the voxels set are removed
+    from the other segments as "Modify other segments" says (overwrite all / visible / none)."""
+    geom, _ = volume_geometry(volume)
+    m = np.asarray(mask, bool)
+    shape = list(geom.array_shape)
+    shape[axis] = 1
+    if np.expand_dims(m, axis).shape != tuple(shape):
+        raise ValueError(f"slice mask shape {m.shape} does not match the volume's slices along axis {axis}")
+    lo = [0, 0, 0]
+    lo[axis] = int(index)
+    to_seg = vtk_matrix(relative_transform(segmentation, volume) @ geom.ijk_to_ras_matrix())
+    extent = (lo[2], lo[2] + shape[2] - 1, lo[1], lo[1] + shape[1] - 1, lo[0], lo[0] + shape[0] - 1)
+
+    def slab(values: np.ndarray):
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*extent)
+        image.GetPointData().SetScalars(
+            numpy_support.numpy_to_vtk(np.expand_dims(values, axis).astype(np.uint8).reshape(-1), deep=True))
+        image.SetImageToWorldMatrix(to_seg)
+        return image
+
+    # Set mode would replace the whole segment; remove what the mask clears, then add what it sets.
+    logic.ModifySegmentByLabelmap(segmentation, segment_id, slab(~m), logic.ModificationModeRemove, extent, False, False)
+    logic.ModifySegmentByLabelmap(segmentation, segment_id, slab(m), logic.ModificationModeAdd, extent, False, False)

@@ -58,6 +58,33 @@ class FoBParameters:
     numForegroundPoints: int = _int(4, 0, 16, "foreground points per slice")
 
 
+@dataclass(frozen=True)
+class Masking:
+    """The Segment Editor's masking settings FoB's writes follow (`FoBSegmentLogic.masking`), read from a
+    `vtkMRMLSegmentEditorNode` by the widget. Values are that node's enums: mask_mode
+    (vtkMRMLSegmentationNode.EditAllowedEverywhere = 0, InsideAllSegments, InsideVisibleSegments,
+    OutsideAllSegments, OutsideVisibleSegments, InsideSingleSegment with mask_segment_id),
+    overwrite_mode (OverwriteAllSegments = 0, OverwriteVisibleSegments = 1, OverwriteNone = 2),
+    intensity_range (low, high) of the source volume, None = no intensity mask."""
+
+    mask_mode: int = 0
+    mask_segment_id: str = ""
+    overwrite_mode: int = 2
+    intensity_range: tuple[float, float] | None = None
+
+    @classmethod
+    def from_editor_node(cls, node) -> Masking:
+        rng = None
+        if node.GetSourceVolumeIntensityMask():
+            rng = tuple(float(v) for v in node.GetSourceVolumeIntensityMaskRange())
+        return cls(int(node.GetMaskMode()), node.GetMaskSegmentID() or "", int(node.GetOverwriteMode()), rng)
+
+    @property
+    def everywhere(self) -> bool:
+        """True when these settings restrict nothing (FoB's plain write gives the same result)."""
+        return self.mask_mode == 0 and self.overwrite_mode == 2 and self.intensity_range is None
+
+
 def _parse(f, text: str) -> int | str | None:
     """The field's value from its stored text, None when unparsable or out of range."""
     if f.type in ("int", int):

@@ -8,6 +8,7 @@ Frames: `job.image` is the normalised [k, j, i] volume, sliced along `job.axis`;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,19 @@ from FoBSegmentLib.propagation import (
     assign_supports,
 )
 
-__all__ = ["CancelCheck", "ProgressCallback", "PropagationJob", "SliceCallback", "compute_prompts", "run_propagation"]
+__all__ = [
+    "CancelCheck",
+    "ProgressCallback",
+    "PropagationJob",
+    "SegmentOutcome",
+    "SegmentTask",
+    "SliceCallback",
+    "compute_prompts",
+    "run_propagation",
+]
+
+
+PROMPT_CHUNK = 8  # slices per model call in compute_prompts
 
 
 @dataclass
@@ -37,9 +50,10 @@ class PropagationJob:
     segment_id: str
     engine: Job
     # Main thread only (apply_slice_result): the segment on the volume grid before the first live slice
-    # was written (None = nothing written live yet) and the slices written live so far.
+    # was written (None = nothing written live yet), the slices written live so far and their last masks.
     live_before: np.ndarray | None = field(default=None, repr=False)
     live_slices: set[int] = field(default_factory=set)
+    live_shown: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def axis(self) -> int:
@@ -72,6 +86,33 @@ class PropagationJob:
     @property
     def notes(self) -> list[str]:
         return self.engine.notes
+
+
+@dataclass
+class SegmentOutcome:
+    """What segmenting some slices produced (worker), for `FoBSegmentLogic.apply_segment` (main thread).
+
+    masks: {slice: (H, W) bool} to write (along the task's axis); prompts: {slice: PromptSet} whose
+    points a replay moved (chained slices), to show; record: the new propagation record, or None;
+    notes: what the person should know (e.g. `auto` fell back to graphcut without torch)."""
+
+    masks: dict[int, np.ndarray]
+    prompts: dict[int, PromptSet] = field(default_factory=dict)
+    record: dict | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. which segmenter `auto` chose, and why
+
+
+@dataclass
+class SegmentTask:
+    """Segmenting slices from the point lists' prompts, read out of MRML on the main thread
+    (`FoBSegmentLogic.begin_segment`); `compute(progress, cancel)` needs no MRML (worker thread)."""
+
+    volume_id: str
+    segmentation_id: str
+    segment_id: str
+    axis: int
+    slices: list[int]
+    compute: Callable[..., SegmentOutcome] = field(repr=False)
 
 
 def run_propagation(
@@ -109,9 +150,14 @@ def compute_prompts(
     groups: dict[int, list[int]] = {}
     for z in query:
         groups.setdefault(id(assign[z]), []).append(z)
+    # Chunks, so that progress is reported and Cancel is honoured every few slices (also for one slice:
+    # the first model call can take seconds), at the price of encoding a support once per chunk.
+    chunks = [zs[i : i + PROMPT_CHUNK] for zs in groups.values() for i in range(0, len(zs), PROMPT_CHUNK)]
     prompts: dict[int, PromptSet] = {}
     done = 0
-    for zs in groups.values():
+    if progress is not None:
+        progress(0, len(query), "predicting prompts")
+    for zs in chunks:
         if cancel is not None and cancel():
             raise PropagationCancelled("cancelled")
         sup = assign[zs[0]]
