@@ -839,7 +839,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif kind == "propagate":
                 with slicer.util.tryWithErrorDisplay("FoBSegment: writing the result failed.", waitCursor=True):
                     written = engine.apply_propagation(self._job, result)
-                    # the engine's review ranking ({index, score, reason}, most doubtful first) when it has one
+                    # the engine's review ranking ({index, score, reason}, most doubtful first)
                     self._setReview((result.slices, getattr(result, "review", None), self._job.axis))
                     flagged = result.flagged
                     self.ui.show3DButton.checked = True  # a surface in the 3D view, as the anchors show

@@ -41,17 +41,23 @@ def job_for(loop: Loop, slices: list[int], absent: tuple[int, ...] = ()):
                      absent_slices=absent)
 
 
-def test_a_new_annotation_redoes_only_the_chains_it_changes(kidney: Loop) -> None:
+def test_a_correction_redoes_only_the_chains_it_changes(kidney: Loop) -> None:
     middle = (kidney.first + kidney.last) // 2
     first = job_for(kidney, [middle]).run()
-    extra = kidney.last - 1
-    full = job_for(kidney, [middle, extra]).run()
-    again = job_for(kidney, [middle, extra]).run(previous=first)
+    # An annotated absence above the organ cuts the upper chain only.
+    cut = max(z for z, r in first.slices.items() if r.source == "neighbour") - 1
+    full = job_for(kidney, [middle], absent=(cut,)).run()
+    again = job_for(kidney, [middle], absent=(cut,)).run(previous=first)
     assert np.array_equal(full.mask, again.mask)  # reuse changes nothing
     assert again.segmented_count < full.segmented_count, (again.segmented_count, full.segmented_count)
-    # the chain below the middle annotation runs as before: taken over, not segmented again
     below = [z for z, r in again.slices.items() if z < middle and r.source == "neighbour"]
     assert below and all(again.slices[z].chain == first.slices[z].chain for z in below)
+    # A new slice showing the organ changes the appearance learnt from the annotations: every chain
+    # can change, so nothing is taken over, and the result is still the full propagation's.
+    extra = kidney.last - 1
+    full2 = job_for(kidney, [middle, extra]).run()
+    again2 = job_for(kidney, [middle, extra]).run(previous=first)
+    assert np.array_equal(full2.mask, again2.mask) and again2.segmented_count == full2.segmented_count
 
 
 def test_an_annotated_absence_stops_the_chain(kidney: Loop) -> None:
@@ -149,3 +155,20 @@ def test_three_annotated_slices_beat_one(kidney: Loop) -> None:
 def test_config_round_trip() -> None:
     cfg = P.config_for_modality(None, "mr")
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_a_prompt_correction_segments_only_the_edited_slice_and_its_chain(kidney: Loop) -> None:
+    from FoBSegmentLib.prompts import PromptSet
+
+    middle = (kidney.first + kidney.last) // 2
+    job = job_for(kidney, [middle])
+    first = job.run()
+    z = max(z for z, r in first.slices.items() if r.source == "neighbour")
+    made = P.prompts_from_mask(kidney.ref[z], job.config)
+    prompts = dict(first.prompts)
+    prompts[z] = PromptSet(made.background, made.foreground)
+    fresh = job.with_prompts(prompts, first.record).run()
+    quick = job.with_prompts(prompts, first.record).run(previous=first)
+    assert np.array_equal(fresh.mask, quick.mask)
+    # the slices below the edited one are taken over; only it and the chain beyond it run again
+    assert quick.segmented_count < fresh.segmented_count, (quick.segmented_count, fresh.segmented_count)

@@ -3,9 +3,10 @@
 Synapse CT case 1, liver (54 slices): the job is `fob segment`'s defaults on the 40 slices around
 the liver's middle (`slices=A:B`), annotated on its middle slice. The correction is what the loop
 does: the slice the review ranking puts first is annotated with its reference mask and the volume
-is propagated again, given the previous result (`Job.run(previous=...)`: the chains the new slice
-does not touch are taken over). Timed from the call to the updated result; the full re-propagation
-of the same two annotated slices is measured beside it.
+is propagated again, given the previous result (`Job.run(previous=...)`: the chains the correction
+does not touch are taken over; a slice that shows the organ changes the appearance learnt from the
+annotations, so then every chain runs again, while an annotated absence keeps the chains it does not
+cut). Timed from the call to the updated result; the full re-propagation is measured beside it.
 """
 
 from __future__ import annotations

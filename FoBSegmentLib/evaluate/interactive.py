@@ -151,7 +151,7 @@ def run_prompt_corrections(loop: Loop, components: Any, config: Any, rounds: int
         made = prompts_from_mask(drawn, job.config) if drawn.any() else None
         # No organ on that slice: the person deletes its points (the slice and its chain are cleared).
         prompts[pick] = PromptSet(made.background, made.foreground) if made is not None else PromptSet()
-        result = job.with_prompts(prompts, result.record).run()
+        result = job.with_prompts(prompts, result.record).run(previous=result)
         scores.append(dice(result.mask, loop.ref))
     return scores
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import dequantize_probability, quantize_probability
@@ -157,8 +158,11 @@ def _descendants(entries: dict[int, dict[str, Any]], z: int) -> set[int]:
 
 
 class _Replay:
-    def __init__(self, run: Runner, record: dict[str, Any], supports: list[SupportSlice], same_volume: bool) -> None:
+    def __init__(self, run: Runner, record: dict[str, Any], supports: list[SupportSlice], same_volume: bool,
+                 previous: PropagationResult | None = None) -> None:
         self.run = run
+        # The result this record describes: its unedited slices are taken over, not segmented again.
+        self.previous = previous if previous is not None and previous.record is record else None
         self.record = record
         self.entries = {int(e["index"]): e for e in record["slices"]}
         self.annotated = {s.index for s in supports} if same_volume else set()
@@ -223,7 +227,11 @@ class _Replay:
             return
         ps = self.prompts_for(z, e, points, edited)
         run.check_cancel()
-        m, score = run.segment(z, ps)
+        if not edited and self.previous is not None and self.previous.accepted is not None:
+            m = np.asarray(take_slice(self.previous.accepted, run.axis, z), bool)
+            score = self.previous.slices[z].score
+        else:
+            m, score = run.segment(z, ps)
         source = "edited" if edited else e.get("source", "neighbour")
         rep = SliceReport(z, source, support_index=e.get("support"), parent=parent, prior=e.get("prior", "none"),
                           score=score, flags=[] if edited else list(e.get("flags", [])))
@@ -271,10 +279,13 @@ def replay(
     prompts_in: dict[int, PromptSet],
     supports: list[SupportSlice],
     same_volume: bool,
+    previous: PropagationResult | None = None,
 ) -> tuple[str, tuple[int, int]]:
     """Rebuild a propagation from its record and the (possibly edited) prompts of the file; the
-    runner's config must be the record's. Returns (prompt source, slice range) for the new record."""
-    rep = _Replay(run, check_record(record), supports, same_volume)
+    runner's config must be the record's. previous: the result the record belongs to (its `record`
+    is this record): unedited slices whose parent is unchanged are taken from it. Returns (prompt
+    source, slice range) for the new record."""
+    rep = _Replay(run, check_record(record), supports, same_volume, previous)
     pending = dict(prompts_in)
     n_edited = 0
     for e in record["slices"]:

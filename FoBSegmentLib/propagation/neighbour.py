@@ -47,27 +47,28 @@ def prompts_from_mask(
 
 @dataclass
 class Appearance:
-    """What the chain's intensity rules learnt from the annotated slice showing most of the organ:
-    its 2-98 % intensity range and its median band (both None when unknown)."""
+    """What the chain's intensity rules learnt from the annotated slices: the organ's 2-98 %
+    intensity range and its median band (both None when unknown)."""
 
     irange: tuple[np.ndarray, np.ndarray] | None
     iband: tuple[np.ndarray, np.ndarray] | None
-    model_index: int
 
 
 def learn_appearance(run: Runner, supports: list[SupportSlice]) -> Appearance:
-    """Learn the organ's look from the support showing most of it (a few annotated slices often
-    include the organ's tips, whose handful of pixels give a poor model); a segmenter with
-    `fit_reference` (graphcut) learns from the same slice. Deterministic: a replay re-learns the same."""
+    """Learn the organ's look from every annotated slice that shows it, pooled (more of the organ's
+    texture than any one slice; a tip alone gives a poor model); a segmenter with `fit_reference`
+    (graphcut) learns from the same pixels. Deterministic: a replay re-learns the same."""
     cfg = run.config
-    model = max(supports, key=lambda s: int(s.mask.sum()))
+    shown = [s for s in supports if s.mask.any()]
+    # Side by side: one sample of the organ and its surroundings from every annotated slice.
+    image = np.concatenate([s.image for s in shown], axis=1)
+    mask = np.concatenate([s.mask for s in shown], axis=1)
     fit_reference = getattr(run.segmenter, "fit_reference", None)
     if cfg.shape_prior and fit_reference is not None:
-        fit_reference(model.image, model.mask)
+        fit_reference(image, mask)
     return Appearance(
-        intensity_range(model.image, model.mask),
-        intensity_range(model.image, model.mask, cfg.median_band) if cfg.median_band else None,
-        int(model.index),
+        intensity_range(image, mask),
+        intensity_range(image, mask, cfg.median_band) if cfg.median_band else None,
     )
 
 

@@ -69,22 +69,22 @@ def _inside_absent(rng: tuple[int, int], supports: list[SupportSlice]) -> tuple[
 def _reusable(previous: PropagationResult, supports: list[SupportSlice], cfg: PropagationConfig, axis: int,
               prompts_from: str, same_volume: bool) -> dict:
     """slice -> (report, accepted mask, prompts) of `previous` that a chain may take over unchanged;
-    empty when anything a chain depends on differs (configuration, source, axis, an annotation that
-    both runs share, or the annotated slice the organ's appearance is learnt from)."""
+    empty when anything a chain depends on differs (configuration, source, axis, or the annotated
+    slices that show the organ, from which its appearance is learnt: an added annotated absence keeps
+    the chains it does not cut)."""
     from FoBSegmentLib.io.coords import take_slice
 
     rec = previous.record or {}
     if (not same_volume or previous.accepted is None or previous.axis != axis
             or previous.prompts_from != prompts_from or rec.get("config") != cfg.to_json()):
         return {}
-    before = {z for z, r in previous.slices.items() if r.source == "annotation"}
-    for s in supports:
-        if s.index in before and not np.array_equal(take_slice(previous.accepted, axis, s.index), s.mask):
-            return {}
-    if before:
-        old_model = max(before, key=lambda z: int(take_slice(previous.accepted, axis, z).sum()))
-        new_model = max(supports, key=lambda s: int(s.mask.sum())).index
-        if old_model != new_model:
+    before = {z for z, r in previous.slices.items()
+              if r.source == "annotation" and take_slice(previous.accepted, axis, z).any()}
+    shown = [s for s in supports if s.mask.any()]
+    if before != {s.index for s in shown}:
+        return {}
+    for s in shown:
+        if not np.array_equal(take_slice(previous.accepted, axis, s.index), s.mask):
             return {}
     out = {}
     for z, rep in previous.slices.items():
@@ -141,9 +141,9 @@ def propagate(
         slices come out identical, edited ones and what was chained from them are redone
         (`propagation.document`). Without a record each slice is segmented from its points alone.
         Nothing is predicted either way. `config` should then be the record's.
-    previous: an earlier result of the same job with fewer (or other) annotated slices: the slices
-        of every chain that runs exactly as before (same annotated root, direction, end and target)
-        are taken from it instead of being segmented again (`_reusable`).
+    previous: an earlier result of the same job: the slices of every chain that runs exactly as
+        before (same annotated root, direction, end and target) are taken from it instead of being
+        segmented again (`_reusable`); when replaying `previous.record`, its unedited slices are.
     progress(done, total, text) is called after each slice; cancel() is checked before each slice
         and raises PropagationCancelled when it returns True.
     on_slice(z, mask) is called each time slice z's 2D mask ((H, W) bool, a copy) is accepted, so a
@@ -175,7 +175,7 @@ def propagate(
     if previous is not None and prompts_in is None:
         run.reuse = _reusable(previous, sup, cfg, axis, prompts_from, same_volume)
     if prompts_in is not None and record is not None:
-        source, rng = replay(run, record, prompts_in, sup, same_volume)
+        source, rng = replay(run, record, prompts_in, sup, same_volume, previous)
     elif prompts_in is not None:
         _points_only(run, prompts_in, {s.index for s in annotations})
         source = "prompts-in"

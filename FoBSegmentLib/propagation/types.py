@@ -100,6 +100,13 @@ class PropagationResult:
         return [z for z, r in sorted(self.slices.items()) if any(not f.startswith("chain-end") for f in r.flags)]
 
     @property
+    def review(self) -> list[dict]:
+        """The review ranking (`propagation.review`): [{"index", "score", "reason"}], most doubtful first."""
+        from FoBSegmentLib.propagation.review import review_ranking
+
+        return [item.to_json() for item in review_ranking(self)]
+
+    @property
     def segmented(self) -> tuple[int, int] | None:
         zs = [z for z, r in self.slices.items() if r.area > 0]
         return (min(zs), max(zs)) if zs else None
