@@ -176,3 +176,67 @@ def read_reference(path: str | os.PathLike, query, label: int | None) -> np.ndar
     if not (arr == label).any():
         raise ValueError(f"label {label} is not present in the reference {Path(path).name}")
     return arr == label
+
+
+@dataclass
+class ReportRequest:
+    """`fob segment --report`: checked before the job runs, written after it (`write`)."""
+
+    path: Path
+    reference: np.ndarray | None = None
+    reference_name: str = ""
+    outputs: tuple = ()
+    info: MontageInfo | None = None
+    dice: float | None = None
+
+    def write(self, outcome) -> MontageInfo:
+        """Draw the montage of `outcome`; if that fails, the job's outputs go too (all or nothing)."""
+        try:
+            if self.reference is not None:
+                from FoBSegmentLib.labelmap import dice
+
+                self.dice = float(dice(np.asarray(outcome.result.mask) > 0, self.reference))
+            self.info = montage_of_outcome(self.path, outcome, self.reference, self.dice)
+        except BaseException:
+            for p in (outcome.output, outcome.prompts_out):
+                if p is not None and Path(p).is_file():
+                    Path(p).unlink()
+            raise
+        return self.info
+
+
+def check_report_request(req, report: str | os.PathLike | None, reference: str | os.PathLike | None,
+                         reference_label: int | None) -> ReportRequest:
+    """Check `--report` / `--reference` of a `files.SegmentRequest` before any work: a writable .png
+    that is no input or output, a reference on the image's grid holding the organ's label."""
+    from FoBSegmentLib.atomic import check_writable
+    from FoBSegmentLib.errors import SettingError
+
+    if report is None:
+        raise SettingError("reference", "is drawn in the montage: give --report REPORT.png too")
+    path = Path(report)
+    if not path.name.lower().endswith(".png"):
+        raise SettingError("report", f"{path} must end in .png")
+    others = [req.image, req.support_mask, req.support_image, req.prompts_in, req.output, req.prompts_out, reference]
+    for other in others:
+        if other is not None and Path(other).resolve() == path.resolve():
+            raise SettingError("report", f"{path} is also an input or an output")
+    check_writable(path, "--report")
+    if reference is None:
+        if reference_label is not None:
+            raise SettingError("reference_label", "needs --reference")
+        return ReportRequest(path)
+    from FoBSegmentLib.files import binary_support
+    from FoBSegmentLib.io import volumes
+
+    label = reference_label
+    if label is None:
+        # The organ's value in the support mask: the usual case is a reference with the same labels.
+        _, label = binary_support(volumes.read_label(req.support_mask).array, req.support_label, Path(req.support_mask))
+    try:
+        ref = read_reference(reference, volumes.read_volume(req.image), label)
+    except ValueError as exc:
+        if "not present" in str(exc) and reference_label is None:
+            raise SettingError("reference_label", f"needed: {exc}") from None
+        raise
+    return ReportRequest(path, ref, Path(reference).name, ())
