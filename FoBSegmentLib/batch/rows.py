@@ -78,7 +78,7 @@ def run_row(row: BatchRow, outdir: str, cancel_event: str | None = None, torch_t
     out_dir = Path(outdir)
     status: dict[str, Any] = {
         "format": STATUS_FORMAT, "row": row.number, "name": row.name, "key": row.key(),
-        "image": row.request["image"], "output": str(row.output), "host": os.uname().nodename,
+        "image": row.request["image"], "output": str(row.output), "host": os.uname().nodename, "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     t0 = time.perf_counter()
