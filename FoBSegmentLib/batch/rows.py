@@ -82,6 +82,7 @@ def run_row(row: BatchRow, outdir: str, cancel_event: str | None = None, torch_t
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     t0 = time.perf_counter()
+    status["t_start"] = time.time()  # epoch seconds: the cohort's span across workers (benchmark)
     montage = row.montage_path(out_dir)
     try:
         outcome = segment_files(SegmentRequest(**row.request), cancel=_cancel_check(cancel_event))
@@ -116,5 +117,7 @@ def run_row(row: BatchRow, outdir: str, cancel_event: str | None = None, torch_t
         status.update(status="failed", error=one_line(exc), error_type=type(exc).__name__,
                       seconds=round(time.perf_counter() - t0, 2))
     status["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    status["row_seconds"] = round(time.perf_counter() - t0, 3)  # with the montage and the Dice
+    status["t_end"] = time.time()
     write_text_atomic(row.status_path(out_dir), json.dumps(status, indent=1) + "\n", make_parents=False)
     return status
