@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from FoBSegmentLib.batch.manifest import BatchRow
 from FoBSegmentLib.batch.rows import is_finished, one_line, read_status, run_row
 
-# A cancelled cohort waits this long for its running rows to notice; a row polls every 0.5 s, so
+# A cancelled cohort waits this long for its running rows to notice; a row polls every second, so
 # only a row inside one slow call (a model load, a SAM encoder pass) can take longer.
 CANCEL_GRACE_S = 60.0
 
@@ -49,17 +49,34 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def worker_environment(torch_threads: int = 1) -> dict[str, str]:
+    """The environment a worker process must start with (Dask's `pre-spawn-environ`: read by the C
+    libraries at process start, so it cannot be set later).
+
+    Dask's default sets MALLOC_TRIM_THRESHOLD_=65536 so idle workers give memory back; that also
+    freezes glibc's mmap threshold at 128 KiB, so every temporary slice array is a fresh mmap whose
+    pages fault in again: measured 1.7-1.9x slower per volume than the same row without Dask
+    (docs/BENCHMARKS.md, "Cohorts on Dask"). A row's memory is freed when the row ends anyway.
+    """
+    threads = str(max(1, torch_threads))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+            "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def start_local_cluster(workers: int, torch_threads: int = 1):
     """A LocalCluster on 127.0.0.1 (no dashboard, nothing reachable from outside): `workers`
-    processes with one Dask thread each; OpenMP capped to `torch_threads` before torch loads."""
+    processes with one Dask thread each, started with `worker_environment`."""
     import logging
 
+    import dask
     from distributed import LocalCluster
 
-    threads = str(max(1, torch_threads))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                        dashboard_address=None, silence_logs=logging.ERROR, env=env)
+    # The workers' sampling profiler (every 10 ms, for the dashboard nobody opens here) costs CPU
+    # on every row; measured with it off: docs/BENCHMARKS.md.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment(torch_threads),
+                          "distributed.worker.profile.enabled": False}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                            dashboard_address=None, silence_logs=logging.ERROR)
 
 
 class Progress:
@@ -207,13 +224,15 @@ def _run_on_client(client, todo: list[BatchRow], out: Path, torch_threads: int, 
     if on_submitted is not None:
         on_submitted()
     pending = dict(futures)
+    running, asked = 0, 0.0
     try:
         while pending:
             for key in [k for k, (_, f) in pending.items() if f.done()]:
                 row, fut = pending.pop(key)
                 _collect(row, fut, out, summary)
-            running = _running(client, pending)
-            bar.update(summary.done, summary.failed, running)
+            if time.monotonic() - asked >= 1.0:  # a scheduler round trip: once a second is enough
+                running, asked = _running(client, pending), time.monotonic()
+            bar.update(summary.done, summary.failed, min(running, len(pending)))
             if pending:
                 time.sleep(0.2)
         bar.update(summary.done, summary.failed, 0, force=True)
