@@ -49,6 +49,18 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Dask's bookkeeping runs beside the rows on the same cores. Its defaults suit an interactive
+# dashboard: a sampling profiler every 10 ms and memory / system monitors every 0.1-0.5 s. Rows last
+# seconds, so they are slowed: an idle 1-worker cluster used 0.046 cores with the defaults, 0.017
+# with these (docs/BENCHMARKS.md, "Cohorts on Dask").
+LOCAL_CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.tick.interval": "100ms",
+}
+
+
 def worker_environment(torch_threads: int = 1) -> dict[str, str]:
     """The environment a worker process must start with (Dask's `pre-spawn-environ`: read by the C
     libraries at process start, so it cannot be set later).
@@ -71,10 +83,7 @@ def start_local_cluster(workers: int, torch_threads: int = 1):
     import dask
     from distributed import LocalCluster
 
-    # The workers' sampling profiler (every 10 ms, for the dashboard nobody opens here) costs CPU
-    # on every row; measured with it off: docs/BENCHMARKS.md.
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment(torch_threads),
-                          "distributed.worker.profile.enabled": False}):
+    with dask.config.set(LOCAL_CLUSTER_CONFIG | {"distributed.nanny.pre-spawn-environ": worker_environment(torch_threads)}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                             dashboard_address=None, silence_logs=logging.ERROR)
 
