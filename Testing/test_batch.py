@@ -9,15 +9,12 @@ any machine; each floor sits below the measured value printed by the test.
 
 from __future__ import annotations
 
-import _thread
 import csv
 import json
 import re
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from test_cli_segment import one_slice_support
 
@@ -156,40 +153,46 @@ def test_bad_manifests_are_refused_before_any_work(cohort, capsys) -> None:
     _expect_refused(cohort, capsys, "image,support_mask\n", "has no row")
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(cohort, capsys) -> None:
-    """Ctrl-C (SIGINT to the client, as when the workers run elsewhere) once the first row is done:
-    no partial file, every label map has its 'done' record beside it, the report exists; the next run
-    finishes the cohort without redoing the finished rows."""
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(cohort) -> None:
+    """Ctrl-C in a terminal (SIGINT to the whole process group: the command and its Dask workers)
+    once the first row is done: exit code 130 and one line, no traceback, no partial file, every label
+    map has its 'done' record beside it, the report exists; the next run finishes the cohort without
+    redoing the finished rows."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
     from FoBSegmentLib.batch.manifest import read_manifest
     from FoBSegmentLib.batch.run import run_batch
 
     out = cohort["out"]
-    out.mkdir()
-    rows = [r for r in read_manifest(cohort["manifest"], out) if r.name != "broken"]
     # Six rows, so that some are still queued or running when the first one finishes.
-    extra = write_manifest(cohort["dir"] / "six.csv", [
+    six = write_manifest(cohort["dir"] / "six.csv", [
         *cohort["rows"][:3], *({**r, "name": r["name"] + "_again"} for r in cohort["rows"][:3])])
-    rows = read_manifest(extra, out)
-
-    def interrupt_after_first_row() -> None:
-        def watch() -> None:
-            deadline = time.monotonic() + 120
-            while not list(out.glob("*.status.json")) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            _thread.interrupt_main()
-
-        threading.Thread(target=watch, daemon=True).start()
-
-    with pytest.raises(KeyboardInterrupt):
-        run_batch(rows, out, workers=2, on_submitted=interrupt_after_first_row, progress=False)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "FoBSegmentLib.cli", "batch", str(six), "-o", str(out),
+                             "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*.status.json")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        so, se = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, se
+    assert se.strip().splitlines()[-1] == "fob: cancelled" and "Traceback" not in se, se
+    rows = read_manifest(six, out)
     done = {k for k, v in statuses(out).items() if v["status"] == "done"}
     assert done and len(done) < len(rows)
+    assert {k for k, v in statuses(out).items()} == done  # no row recorded as failed by the stop
     assert {p.name[: -len(".nii.gz")] for p in out.glob("*.nii.gz")} == done
     assert not list(out.glob(".*"))
-    assert (out / "report.html").is_file()
+    assert report_rows(out)[:2] == (len(rows), len(done))
     first_times = {k: (out / f"{k}.nii.gz").stat().st_mtime_ns for k in done}
     summary = run_batch(rows, out, workers=2, progress=False)
     assert summary.skipped == len(done) and summary.done == len(rows) - len(done) and summary.failed == 0
     assert {k: (out / f"{k}.nii.gz").stat().st_mtime_ns for k in done} == first_times
-    mask_a = (out / "chaos8_spleen.nii.gz").read_bytes()
-    assert np.frombuffer(mask_a, np.uint8).size > 0

@@ -57,7 +57,10 @@ def _cancel_check(event_name: str | None):
         now = time.monotonic()
         if not last[1] and now - last[0] >= CANCEL_POLL_S:
             last[0] = now
-            last[1] = event.is_set()
+            try:
+                last[1] = event.is_set()
+            except Exception:  # noqa: BLE001 - the scheduler is gone: nobody will take the result
+                last[1] = True
         return last[1]
 
     return cancelled

@@ -10,7 +10,9 @@ writing anything, the pending ones are cancelled, and the report shows what had 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -83,9 +85,20 @@ def start_local_cluster(workers: int, torch_threads: int = 1):
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set(LOCAL_CLUSTER_CONFIG | {"distributed.nanny.pre-spawn-environ": worker_environment(torch_threads)}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                            dashboard_address=None, silence_logs=logging.ERROR)
+    # Ctrl-C in a terminal reaches every process of the foreground group, the workers too: they would
+    # die mid-row with tracebacks. Spawned with SIGINT ignored (inherited; Python keeps an ignored
+    # SIGINT ignored), they leave Ctrl-C to this process, which stops the rows through the cancel
+    # Event. (A Ctrl-C during these 1-2 s of start-up is lost.)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        with dask.config.set(LOCAL_CLUSTER_CONFIG
+                             | {"distributed.nanny.pre-spawn-environ": worker_environment(torch_threads)}):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                dashboard_address=None, silence_logs=logging.ERROR)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 class Progress:
