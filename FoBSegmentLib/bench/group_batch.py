@@ -90,6 +90,13 @@ def _system_busy_s() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def _own_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -160,6 +167,9 @@ def measure_dask(rows: list, out: Path, workers: int) -> dict[str, Any]:
             "cpu_per_volume_s": round(dask_cpu / len(rows), 3),
             "row_cpu_s_mean": round(float(np.mean([s["row_cpu_seconds"] for s in statuses])), 3),
             "other_processes_cores": round(max(0.0, others) / cohort, 2),
+            # What the cohort could use at most (the cores other processes left) and what it used.
+            "cores_left_by_others": round(_usable_cores() - max(0.0, others) / cohort, 2),
+            "cores_used": round(dask_cpu / cohort, 2),
             "rows_per_worker": sorted(np.unique([s["pid"] for s in statuses], return_counts=True)[1].tolist())}
 
 
@@ -220,7 +230,8 @@ def format_result(r: dict[str, Any]) -> str:
                      f"({m['cohort_s']} s), {m['volumes_per_min_end_to_end']} end to end "
                      f"(cluster start {m['start_s']} s, warm-up {m['warmup_s']} s); {m['cpu_per_volume_s']} CPU s per "
                      f"volume; rows per worker {m['rows_per_worker']}; other processes used "
-                     f"{m['other_processes_cores']} cores meanwhile")
+                     f"{m['other_processes_cores']} cores meanwhile, the cohort {m['cores_used']} of the "
+                     f"{m['cores_left_by_others']} they left")
     if "speedup_2_vs_1" in r:
         lines.append(f"  2 workers / 1 worker: x{r['speedup_2_vs_1']} (cohort), x{r['speedup_2_vs_1_end_to_end']} "
                      f"(end to end); target >= 1.7: {'PASS' if r['speedup_target_met'] else 'FAIL'}")
