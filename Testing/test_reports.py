@@ -122,6 +122,10 @@ def test_evaluate_plots_from_the_protocol_records(tmp_path: Path, capsys) -> Non
     assert [p.name for p in paths] == ["propagation.dice_by_organ.png", "propagation.dice_by_annotated.png"]
     for p in paths:
         _picture(p)
+    # Nothing scored (every method skipped): no plot, and no error after the tables were written.
+    assert write_evaluation_plots([{**r, "dice": None} for r in records], tmp_path / "none.json") == []
+    assert not list(tmp_path.glob("none*"))
+    from FoBSegmentLib.reports.plots import plot_dice_by_organ
+
     with pytest.raises(ValueError, match="nothing to plot"):
-        write_evaluation_plots([{**r, "dice": None} for r in records], tmp_path / "none.json")
-    assert not (tmp_path / "none.dice_by_organ.png").exists()
+        plot_dice_by_organ([], tmp_path / "x.png")

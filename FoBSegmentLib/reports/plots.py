@@ -114,8 +114,11 @@ def plot_dice_by_annotated(records: Iterable[dict], path: str | os.PathLike) -> 
 
 
 def write_evaluation_plots(records: Iterable[dict], table_path: str | os.PathLike) -> list[Path]:
-    """Both plots next to the evaluation's table `table_path` (its name without .json/.md + suffixes)."""
+    """Both plots next to the evaluation's table `table_path` (its name without .json/.md + suffixes);
+    none (an empty list) when no record has a Dice, e.g. every method skipped."""
     recs = list(records)
+    if not _scored(recs):
+        return []
     stem = _stem(Path(table_path))
     return [
         plot_dice_by_organ(recs, stem.with_name(stem.name + ".dice_by_organ.png")),
