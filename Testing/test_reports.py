@@ -114,7 +114,7 @@ def test_evaluate_plots_from_the_protocol_records(tmp_path: Path, capsys) -> Non
 
     table = tmp_path / "propagation.json"
     rc = cli.main(["evaluate", "--protocol", "propagation", "--dataset", "chaos", "--cases", "2", "5",
-                   "--organs", "2", "3", "--methods", "copy", "fill3", "neighbour", "--json", str(table), "--quiet"])
+                   "--organs", "2", "3", "--methods", "copy", "fill3", "--json", str(table), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     records = json.loads(table.read_text())["records"]
     assert {len(r["annotated"]) for r in records} == {1, 3}

@@ -102,8 +102,12 @@ def plot_dice_by_annotated(records: Iterable[dict], path: str | os.PathLike) -> 
         means = [float(np.mean(by_n[n])) for n in ns]
         lo = [means[i] - min(by_n[n]) for i, n in enumerate(ns)]
         hi = [max(by_n[n]) - means[i] for i, n in enumerate(ns)]
-        ax.errorbar(ns, means, yerr=[lo, hi], marker="o", capsize=3, color=PALETTE[mi % len(PALETTE)], label=m)
+        # Methods side by side around each count, so their bars do not hide each other.
+        shift = (mi - (len(methods) - 1) / 2) * 0.08
+        ax.errorbar([n + shift for n in ns], means, yerr=[lo, hi], marker="o", capsize=3,
+                    color=PALETTE[mi % len(PALETTE)], label=m)
     ax.set_xticks(sorted(counts_all))
+    ax.set_xlim(min(counts_all) - 0.5, max(counts_all) + 0.5)
     ax.set_xlabel("annotated slices")
     ax.set_ylabel("3D Dice (mean, min-max)")
     ax.set_ylim(0, 1)
