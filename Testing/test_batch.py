@@ -33,8 +33,9 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture()
 def cohort(tmp_path: Path, data_dir: Path) -> dict:
-    """Three real jobs (CHAOS MR same volume, Synapse CT same volume, CHAOS MR cross-patient) and one
-    row whose image is a truncated real volume. Paths relative to the manifest, as a user writes them."""
+    """Three real jobs (CHAOS MR same volume, Synapse CT same volume, CHAOS MR cross-patient), one row
+    whose image is a truncated real volume, one ISIC dermoscopy picture. Paths relative to the
+    manifest where the inputs sit beside it, as a user writes them."""
     chaos, ct = data_dir / "chaos_mr_t2spir", data_dir / "synapse_ct"
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -52,6 +53,9 @@ def cohort(tmp_path: Path, data_dir: Path) -> dict:
          **common},
         {"name": "broken", "image": "inputs/corrupt.nii.gz", "support_mask": "inputs/sup_chaos8.nii.gz",
          "support_label": 4, "reference": "", **common},
+        # A dermoscopy picture from another image's mask: no name (the file's), no reference, a .png mask.
+        {"image": data_dir / "isic" / "ISIC_0012903.jpg", "support_mask": data_dir / "isic" / "ISIC_0012388_mask.png",
+         "support_image": data_dir / "isic" / "ISIC_0012388.jpg", **common},
     ]
     manifest = write_manifest(tmp_path / "cohort.csv", rows)
     return {"manifest": manifest, "rows": rows, "out": tmp_path / "out", "dir": tmp_path}
@@ -80,10 +84,12 @@ def test_cohort_on_two_workers_resumes_and_isolates_a_failure(cohort, capsys) ->
     out = cohort["out"]
     rc, so, se = run_batch_cli([cohort["manifest"], "-o", out, "--workers", "2"], capsys)
     assert rc == 1, se  # exit code = number of failed rows
-    assert "2 worker(s)" in se and "3 done, 1 failed" in so
+    assert "2 worker(s)" in se and "4 done, 1 failed" in so
     st = statuses(out)
     assert {k: v["status"] for k, v in st.items()} == {
-        "chaos8_spleen": "done", "ct5_lkidney": "done", "chaos5_from8": "done", "broken": "failed"}
+        "chaos8_spleen": "done", "ct5_lkidney": "done", "chaos5_from8": "done", "broken": "failed",
+        "ISIC_0012903": "done"}
+    assert (out / "ISIC_0012903.png").is_file() and st["ISIC_0012903"]["dice"] is None
     assert "cannot read" in st["broken"]["error"] and "corrupt.nii.gz" in st["broken"]["error"]
     assert "\n" not in st["broken"]["error"]
     assert "row 4 (broken) failed: cannot read" in se
@@ -93,10 +99,10 @@ def test_cohort_on_two_workers_resumes_and_isolates_a_failure(cohort, capsys) ->
         print("\n" + ", ".join(f"{k} Dice {st[k]['dice']:.3f}" for k in floors))
     for name, floor in floors.items():
         assert st[name]["dice"] >= floor, (name, st[name]["dice"])
-        assert (out / f"{name}.nii.gz").is_file() and (out / f"{name}.png").is_file()
-    assert not (out / "broken.nii.gz").exists() and not (out / "broken.png").exists()
+        assert (out / f"{name}.nii.gz").is_file() and (out / f"{name}.montage.png").is_file()
+    assert not (out / "broken.nii.gz").exists() and not (out / "broken.montage.png").exists()
     n_rows, n_thumbs, thumbs = report_rows(out)
-    assert (n_rows, n_thumbs) == (4, 3)
+    assert (n_rows, n_thumbs) == (5, 4)
     assert all((out / t).is_file() for t in thumbs)  # relative links: the page opens from disk
     assert (out / "dice.png").is_file() and 'src="dice.png"' in (out / "report.html").read_text()
     assert not list(out.glob(".*"))
@@ -110,15 +116,15 @@ def test_cohort_on_two_workers_resumes_and_isolates_a_failure(cohort, capsys) ->
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
         rc, so, se = run_batch_cli([cohort["manifest"], "-o", out, "--scheduler", cluster.scheduler_address], capsys)
     assert rc == 1, se
-    assert "1 done, 1 failed, 2 skipped" in so, so
+    assert "1 done, 1 failed, 3 skipped" in so, so
     assert {k: (out / f"{k}.nii.gz").stat().st_mtime_ns for k in before} == before
     assert statuses(out)["ct5_lkidney"]["key"] != st["ct5_lkidney"]["key"]
 
     # --force redoes every row.
     rc, so, se = run_batch_cli([cohort["manifest"], "-o", out, "--workers", "2", "--force", "--quiet"], capsys)
-    assert rc == 1 and "3 done, 1 failed, 0 skipped" in so, so
+    assert rc == 1 and "4 done, 1 failed, 0 skipped" in so, so
     assert all((out / f"{k}.nii.gz").stat().st_mtime_ns != v for k, v in before.items())
-    assert report_rows(out)[:2] == (4, 3)
+    assert report_rows(out)[:2] == (5, 4)
 
 
 def _expect_refused(cohort, capsys, rows: list[dict] | str, pattern: str) -> None:
@@ -150,6 +156,8 @@ def test_bad_manifests_are_refused_before_any_work(cohort, capsys) -> None:
                     "row 2: its output sup_chaos8.nii.gz would overwrite an input of row 1")
     _expect_refused(cohort, capsys, [good[0], {**good[1], "slices": "9"}], "row 2: slices: must be 'auto' or 'A:B'")
     _expect_refused(cohort, capsys, [good[0], {**good[1], "window": "40"}], "row 2:")
+    _expect_refused(cohort, capsys, [good[0], {**good[1], "name": "dice", "output": "out/dice.png"}],
+                    "row 2: output dice.png is the cohort's report")
     _expect_refused(cohort, capsys, "image,support_mask\n", "has no row")
 
 

@@ -8,7 +8,7 @@ Columns (header names, any order; empty cells mean "not given"):
     reference      a reference label map of the image: the row's Dice is computed against it
     reference_label  label value of the organ in the reference (default support_label, else any non-zero)
     name           the row's name in OUTDIR (default: the image's file name without its suffix)
-    output         the label map to write (default OUTDIR/<name>.nii.gz)
+    output         the label map to write (default OUTDIR/<name>.nii.gz; OUTDIR/<name>.png for a 2D picture)
     options, as `fob segment` takes them: slices, segmenter, prompts_from, modality, window, axis,
     label_value, largest_component, model, sam_checkpoint, device
 
@@ -36,7 +36,7 @@ COLUMNS = (*REQUIRED, "support_image", "support_label", "reference", "reference_
            "largest_component", "model", "sam_checkpoint", "device")
 # The one file name suffix each kind of output of a row gets in OUTDIR.
 STATUS_SUFFIX = ".status.json"
-MONTAGE_SUFFIX = ".png"
+MONTAGE_SUFFIX = ".montage.png"
 _TRUE = {"1", "true", "yes", "y"}
 _FALSE = {"0", "false", "no", "n", ""}
 
@@ -127,7 +127,11 @@ def _row_request(raw: dict[str, str], base: Path, outdir: Path) -> tuple[str, di
         out = Path(output).expanduser()
         out = out if out.is_absolute() else base / out
     else:
-        out = outdir / f"{name}.nii.gz"
+        from FoBSegmentLib.io.volumes import IMAGE_2D_SUFFIXES
+
+        # A 2D picture's mask is a picture too (as `fob segment` writes it for a .png output).
+        two_d = Path(values["image"]).suffix.lower() in IMAGE_2D_SUFFIXES
+        out = outdir / f"{name}{'.png' if two_d else '.nii.gz'}"
     if out.parent.resolve() != outdir and not out.parent.is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
     req: dict[str, Any] = {
@@ -220,6 +224,9 @@ def _check_collisions(rows: list[BatchRow], manifest: str, outdir: Path) -> None
     written: dict[Path, int] = {}
     names: dict[str, int] = {}
     for row in rows:
+        if row.output in (outdir / "report.html", outdir / "dice.png"):
+            raise ManifestError(f"manifest {manifest} row {row.number}: output {row.output.name} is the cohort's "
+                                "report; give the row another name or output")
         for p in (row.output, row.status_path(outdir), row.montage_path(outdir)):
             if p in written and written[p] != row.number:
                 raise ManifestError(f"manifest {manifest} row {row.number}: writes {p.name} like row {written[p]} "
