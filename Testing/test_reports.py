@@ -19,7 +19,15 @@ from test_cli_segment import one_slice_support
 
 from FoBSegmentLib import cli
 from FoBSegmentLib.files import SegmentRequest, segment_files
-from FoBSegmentLib.reports.montage import choose_slices, montage_of_outcome
+from FoBSegmentLib.reports.montage import (
+    ANNOTATED_COLOUR,
+    BACKGROUND_COLOUR,
+    FOREGROUND_COLOUR,
+    MASK_COLOUR,
+    REFERENCE_COLOUR,
+    choose_slices,
+    montage_of_outcome,
+)
 
 
 def _picture(path: Path) -> np.ndarray:
@@ -39,10 +47,10 @@ def test_segment_report_with_reference(tmp_path: Path, data_dir: Path, capsys) -
     assert rc == 0, se
     assert "wrote" in so and "Dice 0." in so, so
     img = _picture(png)
-    # The reference's orange-free, blue dashed contour and the mask's orange one are both drawn.
-    orange = np.all(np.abs(img.astype(int) - [0xE6, 0x9F, 0x00]) < 40, axis=-1).sum()
-    blue = np.all(np.abs(img.astype(int) - [0x56, 0xB4, 0xE9]) < 40, axis=-1).sum()
-    assert orange > 200 and blue > 200, (orange, blue)
+    # The mask's contour and the reference's are both drawn, and the prompts in their two colours.
+    for colour in (MASK_COLOUR, REFERENCE_COLOUR, FOREGROUND_COLOUR, BACKGROUND_COLOUR, ANNOTATED_COLOUR):
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        assert np.all(np.abs(img.astype(int) - rgb) < 40, axis=-1).sum() > 50, colour
     assert not list(tmp_path.glob(".*part*"))
 
 

@@ -130,8 +130,8 @@ def write_batch_report(outdir: str | os.PathLike, rows: list) -> Path:
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>fob batch report</title>"
         f"<style>{_STYLE}</style><script>{_SORT_JS}</script></head><body>\n"
         f"<h1>fob batch: {len(data)} rows</h1><p>{html.escape(summary)}. Click a column header to sort; "
-        "click a thumbnail for the full montage (mask orange, reference blue dashed, foreground prompts "
-        "green +, background red x, annotated slices framed yellow, flagged slices framed purple).</p>\n"
+        "click a thumbnail for the full montage (mask yellow, reference blue dashed, foreground prompts "
+        "green +, background red x, annotated slices framed blue, flagged slices framed magenta).</p>\n"
         f"{plot}\n<h2>Rows</h2>\n<table id=\"rows\"><thead><tr>{heads}</tr></thead><tbody>\n"
         + "\n".join(body)
         + "\n</tbody></table>\n"

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-# Colours that stay apart for the common colour-vision deficiencies (Okabe-Ito).
-MASK_COLOUR = "#E69F00"  # orange
-REFERENCE_COLOUR = "#56B4E9"  # sky blue
-FOREGROUND_COLOUR = "#009E73"  # green
-BACKGROUND_COLOUR = "#D55E00"  # vermilion
-ANNOTATED_COLOUR = "#F0E442"  # yellow
-FLAGGED_COLOUR = "#CC79A7"  # purple
+# Colours chosen to stay apart on grey MR/CT and on skin pictures, and apart from each other; the
+# two prompt kinds also differ by marker (+ / x), which survives colour-vision deficiencies.
+MASK_COLOUR = "#FFD400"  # yellow
+REFERENCE_COLOUR = "#00B4FF"  # sky blue, dashed
+FOREGROUND_COLOUR = "#00D046"  # green +
+BACKGROUND_COLOUR = "#FF2A2A"  # red x
+ANNOTATED_COLOUR = "#1F3BFF"  # blue frame
+FLAGGED_COLOUR = "#E000E0"  # magenta frame
 
 
 @dataclass
@@ -100,7 +102,11 @@ def write_montage(
     flagged = [z for z in slices if z in flagged_all]
     cols = min(len(slices), 6)
     rows = math.ceil(len(slices) / cols)
-    fig = Figure(figsize=(cols * panel_inches, rows * panel_inches + 0.5), dpi=dpi)
+    # At least 4.5 inches wide: a montage of one or two panels (a 2D picture) has room for its title.
+    title_inches = 0.6
+    panel = max(panel_inches, 4.5 / cols)
+    width, height = cols * panel, rows * panel + title_inches
+    fig = Figure(figsize=(width, height), dpi=dpi)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -109,7 +115,7 @@ def write_montage(
         m = mask[0] if rgb else take_slice(mask, axis, z)
         ax.imshow(_display(img), cmap=None if rgb else "gray", interpolation="nearest")
         if m.any() and not m.all():
-            ax.contour(m.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.0)
+            ax.contour(m.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.3)
         if reference is not None:
             r = reference[0] if rgb else take_slice(reference, axis, z)
             if r.any() and not r.all():
@@ -128,7 +134,7 @@ def write_montage(
         colour = "black"
         if z in annotated:
             label += " annotated"
-            colour = "#8a7a00"
+            colour = ANNOTATED_COLOUR
         if z in flagged:
             reasons = "; ".join(f for f in rep.flags if not f.startswith("chain-end"))
             label += f"\nflag: {reasons}"
@@ -143,12 +149,14 @@ def write_montage(
         ax.set_title(label, fontsize=7, color=colour)
     head = title or "segmentation"
     if dice is not None:
-        head += f"  Dice {dice:.3f}"
-    head += (f"  ({len(slices)} of {len(choose_slices(result, 10**6))} slices; mask orange"
-             + (", reference blue dashed" if reference is not None else "")
-             + "; prompts: + foreground green, x background red)")
-    fig.suptitle(head, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (rows * panel_inches + 0.5)))
+        head += f"   Dice {dice:.3f}"
+    head += f"   {len(slices)} of {len(choose_slices(result, 10**6))} slices"
+    legend = ("mask yellow" + (", reference blue dashed" if reference is not None else "")
+              + "; prompts: + foreground green, x background red; frames: annotated blue, flagged magenta")
+    # About 16 characters of 7-point text per inch: wrap the legend to the figure's width.
+    legend = textwrap.fill(legend, width=max(30, int(width * 16)))
+    fig.suptitle(head + "\n" + legend, fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 1 - title_inches / height))
     target = Path(path)
     with atomic_output(target) as tmp:
         fig.savefig(tmp, format="png")
