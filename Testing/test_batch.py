@@ -204,3 +204,18 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(cohort) -> None:
     summary = run_batch(rows, out, workers=2, progress=False)
     assert summary.skipped == len(done) and summary.done == len(rows) - len(done) and summary.failed == 0
     assert {k: (out / f"{k}.nii.gz").stat().st_mtime_ns for k in done} == first_times
+
+
+@pytest.mark.slow
+def test_unreachable_scheduler_is_one_line_and_leaves_no_folder(cohort, capsys) -> None:
+    """--scheduler with nothing listening (127.0.0.1, a port just closed): after the connect timeout
+    (20 s), one line and no OUTDIR."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, so, se = run_batch_cli([cohort["manifest"], "-o", cohort["out"], "--scheduler", f"tcp://127.0.0.1:{port}"],
+                               capsys)
+    assert rc == 2 and se.strip().splitlines()[-1].startswith("fob: error: cannot reach the Dask scheduler"), se
+    assert not cohort["out"].exists()

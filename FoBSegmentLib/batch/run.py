@@ -215,7 +215,10 @@ def run_batch(
             cluster = start_local_cluster(n, torch_threads)
             client = Client(cluster)
         else:
-            client = Client(scheduler, timeout="30s")
+            try:
+                client = Client(scheduler, timeout="20s")
+            except (OSError, ValueError) as exc:
+                raise OSError(f"cannot reach the Dask scheduler {scheduler}: {one_line(exc)}") from None
         try:
             summary.workers = len(client.scheduler_info().get("workers", {}))
             interrupted = _run_on_client(client, todo, out, torch_threads, summary, bar, on_submitted, Event)

@@ -74,8 +74,13 @@ def run(args: argparse.Namespace) -> int:
         raise
     from FoBSegmentLib.batch.run import run_batch
 
-    summary = run_batch(rows, outdir, scheduler=args.scheduler, workers=args.workers, force=args.force,
-                        torch_threads=args.threads, stream=sys.stderr, progress=not args.quiet)
+    try:
+        summary = run_batch(rows, outdir, scheduler=args.scheduler, workers=args.workers, force=args.force,
+                            torch_threads=args.threads, stream=sys.stderr, progress=not args.quiet)
+    except Exception:
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()  # nothing ran (no cluster, no scheduler): leave no trace
+        raise
     print(f"fob batch: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped (finished "
           f"earlier) of {summary.total} rows in {summary.seconds:.0f} s; report: {summary.report}")
     for number, st in sorted(summary.statuses.items()):
