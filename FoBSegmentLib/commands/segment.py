@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"fob: {message}", file=sys.stderr)
 
     report = None
-    if getattr(args, "report", None) or getattr(args, "reference", None):
+    if any(getattr(args, k, None) is not None for k in ("report", "reference", "reference_label")):
         from FoBSegmentLib.reports.montage import check_report_request
 
         report = check_report_request(req, args.report, args.reference, args.reference_label)

@@ -193,7 +193,6 @@ class ReportRequest:
     path: Path
     reference: np.ndarray | None = None
     reference_name: str = ""
-    outputs: tuple = ()
     info: MontageInfo | None = None
     dice: float | None = None
 
@@ -221,7 +220,7 @@ def check_report_request(req, report: str | os.PathLike | None, reference: str |
     from FoBSegmentLib.errors import SettingError
 
     if report is None:
-        raise SettingError("reference", "is drawn in the montage: give --report REPORT.png too")
+        raise SettingError("report", "needed: --reference and --reference-label are drawn into the montage REPORT.png")
     path = Path(report)
     if not path.name.lower().endswith(".png"):
         raise SettingError("report", f"{path} must end in .png")
@@ -247,4 +246,4 @@ def check_report_request(req, report: str | os.PathLike | None, reference: str |
         if "not present" in str(exc) and reference_label is None:
             raise SettingError("reference_label", f"needed: {exc}") from None
         raise
-    return ReportRequest(path, ref, Path(reference).name, ())
+    return ReportRequest(path, ref, Path(reference).name)
