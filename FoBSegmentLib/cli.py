@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from FoBSegmentLib import __version__
 
 # Order = order in `fob --help`. A module that is missing is skipped so partial installs still work.
-COMMAND_MODULES = ["segment", "demo", "models", "train", "evaluate", "bench"]
+COMMAND_MODULES = ["segment", "batch", "demo", "models", "train", "evaluate", "bench"]
 
 
 class FoBError(Exception):

@@ -5,7 +5,7 @@
                 [--sam-checkpoint PATH] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
                 [--device auto|cpu|cuda|mps] [--prompts-out P.mrk.json] [--prompts-in P.mrk.json]
                 [--prompts-from auto|fob|neighbour|hybrid] [--label-value N] [--largest-component]
-                [--axis 0|1|2] [--quiet]
+                [--axis 0|1|2] [--report REPORT.png [--reference REF [--reference-label N]]] [--quiet]
 """
 
 from __future__ import annotations
@@ -76,6 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--review-out", metavar="REVIEW.json",
                    help="also write which slices to check first: {\"slices\": [{\"index\", \"score\", "
                         "\"reason\"}, ...]}, most doubtful first, from the image and the result only")
+    p.add_argument("--report", metavar="REPORT.png",
+                   help="also write a montage of the segmented slices (every k-th when there are many): mask "
+                        "contour, prompts, annotated and flagged slices marked")
+    p.add_argument("--reference", metavar="REF",
+                   help="with --report: a reference label map of IMAGE, drawn as a second contour, its Dice "
+                        "in the title")
+    p.add_argument("--reference-label", type=_int, metavar="N",
+                   help="label value of the organ in REF (default: the support label)")
     add_segment_arguments(p)
     p.set_defaults(func=run)
 
@@ -142,10 +150,17 @@ def run(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"fob: {message}", file=sys.stderr)
 
+    report = None
+    if any(getattr(args, k, None) is not None for k in ("report", "reference", "reference_label")):
+        from FoBSegmentLib.reports.montage import check_report_request
+
+        report = check_report_request(req, args.report, args.reference, args.reference_label)
     try:
         outcome = segment_files(req, progress=progress, log=log)
     finally:
         progress.close()
+    if report is not None:
+        report.write(outcome)
     res = outcome.result
     seg = res.segmented
     extent = f"slices {seg[0]}..{seg[1]}" if seg else "no slice"
@@ -154,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {outcome.prompts_out} (prompts of {len(res.prompts)} slices)")
     if outcome.review_out is not None:
         print(f"wrote {outcome.review_out} (review ranking)")
+    if report is not None:
+        print(f"wrote {report.path} (montage of {len(report.info.slices)} slices"
+              + (f", Dice {report.dice:.3f} against {report.reference_name})" if report.dice is not None else ")"))
     if res.flagged and not quiet:
         print(f"fob: slices to review: {', '.join(map(str, res.flagged))}", file=sys.stderr)
     return 0

@@ -7,6 +7,8 @@
         # held out: only the volumes that fold 0 of `fob evaluate` never uses as support or query
     fob train ... --fold 0 --setting 2 --exclude-organs 1 --out runs/fold0_organ1.safetensors
         # Setting II for the liver; evaluate with --model 'runs/fold{fold}_organ{organ}.safetensors'
+    torchrun --nproc_per_node 2 -m FoBSegmentLib.cli train --data ... --out runs/ddp.safetensors
+        # DistributedDataParallel: gloo on the CPU, NCCL with one GPU per process; rank 0 writes the files
 
 See FoBSegmentLib/train/loop.py for the files written next to --out.
 """
@@ -101,12 +103,16 @@ def run(args: argparse.Namespace) -> int:
         include_ids={k: [str(i) for i in v] for k, v in include.items()} if include else None, model=model,
     )
     result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if result.get("rank", 0) != 0:
+        return 0  # under torchrun only rank 0 reports (and writes) anything
     first, last = result["first"], result["last"]
     if first and last:
         print(
             f"trained to step {result['step']} in {result['seconds']:.0f} s; "
             f"loss {first['total']:.4f} (step {first['step']}) -> {last['total']:.4f} (step {last['step']})"
         )
+    if result.get("processes", 1) > 1:
+        print(f"{result['processes']} processes (DistributedDataParallel), {args.batch_size} episode(s) each per step")
     print(f"model: {result['files']['model']}")
     print(f"state: {result['files']['state']}  loss log: {result['files']['log']}")
     return 0

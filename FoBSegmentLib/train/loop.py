@@ -14,13 +14,21 @@ Repeatability: one `numpy.random.Generator` (seeded) drives episode sampling and
 thread count) a run resumed at step k continues exactly like an uninterrupted run.
 Mixed precision: on CUDA the forward runs under autocast (bfloat16 where supported, else float16
 with a gradient scaler); on the CPU everything is float32.
+
+Several processes: under `torchrun --nproc_per_node N` (which sets RANK, WORLD_SIZE, LOCAL_RANK and
+the rendezvous address) the model is wrapped in DistributedDataParallel, gloo on the CPU and NCCL on
+GPUs (one GPU per process, `cuda:LOCAL_RANK`). Every rank draws its own episodes (rank 0 with the
+seed's own stream, so a one-process run is unchanged; rank r > 0 with the stream of [seed, r]); the
+gradients are averaged, so one step sees `batch_size` x N episodes. Only rank 0 writes files (model,
+state, loss log, summary); the loss logged is the mean over the ranks; the state keeps every rank's
+episode stream, so a run resumes exactly with the same number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +121,58 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(resolve_device_name(name))
 
 
+@dataclass
+class Distributed:
+    """This process's place in a torchrun group (rank 0 of 1 when not under torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_from_env() -> Distributed:
+    """The group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} is outside WORLD_SIZE {world}")
+    return Distributed(rank, world, local)
+
+
+def _start_group(dist_ctx: Distributed, device: torch.device) -> torch.device:
+    """Join the process group (gloo on the CPU, NCCL on GPUs); the device this rank trains on."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_ctx.local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ValueError(f"training on several processes needs cpu or cuda, not {device.type}")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=dist_ctx.rank, world_size=dist_ctx.world)
+    return device
+
+
+def episode_rng(seed: int, rank: int) -> np.random.Generator:
+    """Rank 0 draws the seed's own stream (a one-process run is unchanged); rank r > 0 its own."""
+    return np.random.default_rng(seed if rank == 0 else [seed, rank])
+
+
 def build_sampler(cfg: TrainConfig, image_size: int, progress: bool = True) -> tuple[Callable, list[str]]:
     """(sample(rng) -> Episode, names of the training items) for the folders of `cfg`."""
     vol_dirs = [d for d in cfg.data if folder_kind(d) == "volumes"]
@@ -172,15 +232,33 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) training. Returns a summary dict (steps done, first/last losses, files, seconds)."""
+    """Run (or resume) training, on one process or as one rank of a torchrun group. Returns a summary
+    dict (steps done, first/last losses, files, seconds, rank, processes)."""
+    files = output_files(cfg.out)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    ctx = distributed_from_env()
+    device = resolve_device(cfg.device)
+    if ctx.active:
+        device = _start_group(ctx, device)
+    try:
+        return _train(cfg, resume, progress and ctx.main, files, device, ctx)
+    finally:
+        if ctx.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, files: dict[str, Path], device: torch.device,
+           ctx: Distributed) -> dict:
     from tqdm import tqdm
 
     from FoBSegmentLib.model import FoBPromptGenerator
 
-    files = output_files(cfg.out)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    if ctx.active:
+        import torch.distributed as dist
     state = None
     if resume:
         if not files["state"].is_file():
@@ -197,11 +275,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         for key in ("data", "setting", "model", "exclude_organs", "exclude_mode", "setting2_labels", "include_ids"):
             if old.get(key) != dataclasses.asdict(cfg).get(key):
                 raise ValueError(f"--resume: {key} differs from the run being resumed ({old.get(key)!r})")
+        if int(state.get("world_size", 1)) != ctx.world:
+            raise ValueError(f"--resume: the run was trained by {int(state.get('world_size', 1))} process(es); "
+                             f"resume it with as many (torchrun --nproc_per_node), not {ctx.world}")
 
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rng = episode_rng(cfg.seed, ctx.rank)
     model = FoBPromptGenerator.from_config(encoder_weights=cfg.encoder_weights, **cfg.model).to(device)
     model.train()
+    net = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every rank built the same initial weights (same torch seed); DDP also broadcasts rank 0's.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     use_amp = device.type == "cuda"
@@ -216,7 +303,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             scaler.load_state_dict(json.loads(state["scaler"]))
         step = int(state["step"])
         elapsed_before = float(state["seconds"])
-        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        rng_states = json.loads(state["numpy_rng_ranks"]) if "numpy_rng_ranks" in state else [state["numpy_rng"]]
+        rng.bit_generator.state = json.loads(rng_states[ctx.rank])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -225,12 +313,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             raise ValueError(f"--resume: the run already reached step {step} (>= --steps {cfg.steps})")
 
     sample, names = build_sampler(cfg, model.config.image_size, progress)
-    files["model"].parent.mkdir(parents=True, exist_ok=True)
-    if state is None and files["log"].exists():
-        files["log"].unlink()
+    if ctx.main:
+        files["model"].parent.mkdir(parents=True, exist_ok=True)
+        if state is None and files["log"].exists():
+            files["log"].unlink()
 
     def checkpoint() -> None:
         nonlocal saved_at
+        rng_states = [json.dumps(rng.bit_generator.state)]
+        if ctx.active:
+            # A collective: every rank reaches the same checkpoints (same step, shared stop decision).
+            rng_states = [None] * ctx.world
+            dist.all_gather_object(rng_states, json.dumps(rng.bit_generator.state))
+        saved_at = step
+        if not ctx.main:
+            return
         model.save(files["model"])
         obj = {
             "format": STATE_FORMAT,
@@ -241,7 +338,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             "scheduler": json.dumps(scheduler.state_dict()),
             "train_config": cfg.to_json(),
             "model_config": model.config.to_json(),
-            "numpy_rng": json.dumps(rng.bit_generator.state),
+            "numpy_rng": rng_states[0],
+            "numpy_rng_ranks": json.dumps(rng_states),
+            "world_size": ctx.world,
             "torch_rng": torch.get_rng_state(),
         }
         if scaler.is_enabled():
@@ -251,11 +350,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         _atomic_torch_save(obj, files["state"])
         summary = {
             "step": step, "steps": cfg.steps, "seconds": round(obj["seconds"], 1), "device": str(device),
-            "torch_threads": torch.get_num_threads(), "train_config": dataclasses.asdict(cfg),
+            "torch_threads": torch.get_num_threads(), "processes": ctx.world, "train_config": dataclasses.asdict(cfg),
             "model_config": model.config.to_dict(), "training_items": names,
         }
         write_text_atomic(files["summary"], json.dumps(summary, indent=1) + "\n")
-        saved_at = step
 
     t0 = time.time()
     saved_at = -1
@@ -263,21 +361,32 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     last: dict | None = None
     skipped = 0
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
-    with open(files["log"], "a") as log:
+    with open(files["log"] if ctx.main else os.devnull, "a") as log:
         while step < cfg.steps:
             episodes = [sample(rng) for _ in range(cfg.batch_size)]
             s_img, s_msk, q_img, q_msk = episode_tensors(episodes, device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                out = model(s_img, s_msk, q_img)
+                out = net(s_img, s_msk, q_img)
             # Losses in float32: the heatmap MSE is ~1e-4 and would lose precision in half.
             out = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
             losses = model.compute_losses(out, q_msk)
             total = losses["total"]
             step += 1
             record = {"step": step, "lr": optimizer.param_groups[0]["lr"]}
-            record.update({k: float(losses[k].detach()) for k in ("total", "heat", "coor", "fore", "rac")})
-            if math.isfinite(record["total"]):
+            terms = ("total", "heat", "coor", "fore", "rac")
+            values = torch.stack([losses[k].detach().float().reshape(()) for k in terms]).cpu()
+            finite = bool(torch.isfinite(values[0]))
+            if ctx.active:
+                # The ranks agree on the step: the mean losses are logged, and one rank's non-finite
+                # loss skips the update everywhere (a rank alone in backward would hang the others).
+                flags = torch.tensor([0.0 if finite else 1.0])
+                dist.all_reduce(values)
+                dist.all_reduce(flags)
+                values /= ctx.world
+                finite = float(flags) == 0.0
+            record.update({k: float(v) for k, v in zip(terms, values)})
+            if finite:
                 scaler.scale(total).backward()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
@@ -296,6 +405,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             bar.update(1)
             bar.set_postfix(loss=f"{record['total']:.3f}")
             out_of_time = cfg.max_minutes > 0 and (time.time() - t0) / 60.0 >= cfg.max_minutes
+            if ctx.active and cfg.max_minutes > 0:
+                stop = torch.tensor([1.0 if out_of_time else 0.0])
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                out_of_time = float(stop) > 0
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                 checkpoint()
             if out_of_time:
@@ -306,6 +419,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     return {
         "step": step, "first": first, "last": last, "skipped": skipped,
         "seconds": round(time.time() - t0, 1), "files": {k: str(v) for k, v in files.items()},
+        "rank": ctx.rank, "processes": ctx.world,
     }
 
 
