@@ -249,6 +249,10 @@ def write_outputs(report: dict, json_path: str | None, markdown_path: str | None
     if json_path:
         write_text_atomic(Path(json_path), json.dumps(report, indent=1) + "\n")
         print(f"wrote {json_path}")
+        from FoBSegmentLib.reports.plots import write_evaluation_plots
+
+        for plot in write_evaluation_plots(report["records"], json_path):
+            print(f"wrote {plot}")
     if markdown_path:
         write_markdown_section(Path(markdown_path), markdown_section(report))
         print(f"wrote the propagation section of {markdown_path}")
