@@ -58,3 +58,40 @@ def mrml() -> Iterator[tuple[object, dict[str, object]]]:
         yield scene, logics
     finally:
         cleanup()
+
+
+def oblique_volume(scene, transform, shape=(12, 14, 16)):
+    """An oblique, anisotropic [k, j, i] int16 volume under a linear parent transform (4x4 numpy)."""
+    import numpy as np
+    import vtk
+
+    from FoBSegmentLib.slicer import mrml as fob_mrml
+
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    image = vtk.vtkImageData()
+    fob_mrml.image_from_array(np.arange(np.prod(shape), dtype=np.int16).reshape(shape), image)
+    vol.SetAndObserveImageData(image)
+    vol.SetSpacing(0.8, 1.1, 2.5)
+    vol.SetOrigin(10.0, -20.0, 5.0)
+    a, b = np.deg2rad(20.0), np.deg2rad(-35.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    directions = np.eye(4)
+    directions[:3, :3] = rz @ rx
+    vol.SetIJKToRASDirectionMatrix(fob_mrml.vtk_matrix(directions))
+    tnode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    tnode.SetMatrixTransformToParent(fob_mrml.vtk_matrix(transform))
+    vol.SetAndObserveTransformNodeID(tnode.GetID())
+    return vol
+
+
+def chaos_volume(scene, logics, data_dir, patient: str = "2"):
+    """A CHAOS MR volume read by Slicer's own reader, and its reference label array on that grid."""
+    from FoBSegmentLib.slicer import mrml as fob_mrml
+
+    folder = data_dir / "chaos_mr_t2spir"
+    vol = logics["volumes"].AddArchetypeVolume(str(folder / f"image_{patient}.nii.gz"), f"chaos{patient}")
+    label = logics["volumes"].AddArchetypeVolume(str(folder / f"label_{patient}.nii.gz"), "reference", 1)
+    reference = fob_mrml.volume_array(label)
+    scene.RemoveNode(label)
+    return vol, reference

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
+from slicer_fixtures import mrml, oblique_volume  # noqa: E402,F401  (pytest fixture)
 
 from FoBSegmentLib.evaluate.metrics import dice  # noqa: E402
 from FoBSegmentLib.io.coords import Geometry, take_slice  # noqa: E402
@@ -669,23 +669,9 @@ def test_widget_parameter_class_is_built_from_the_engine_definition(monkeypatch)
     assert cls.numBackgroundPoints == 16 and cls.promptSource == "auto"
 
 
-def _synthetic_volume(scene, shape=(12, 14, 16)):
-    """An oblique, anisotropic [k, j, i] volume under a linear parent transform."""
-    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synthetic")
-    image = vtk.vtkImageData()
-    fob_mrml.image_from_array(np.arange(np.prod(shape), dtype=np.int16).reshape(shape), image)
-    vol.SetAndObserveImageData(image)
-    vol.SetSpacing(0.8, 1.1, 2.5)
-    vol.SetOrigin(10.0, -20.0, 5.0)
-    a, b = np.deg2rad(20.0), np.deg2rad(-35.0)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
-    directions = np.eye(4)
-    directions[:3, :3] = rz @ rx
-    vol.SetIJKToRASDirectionMatrix(fob_mrml.vtk_matrix(directions))
-    tnode, _ = _transform(scene, 30.0)
-    vol.SetAndObserveTransformNodeID(tnode.GetID())
-    return vol
+def _synthetic_volume(scene):
+    _, matrix = _transform(scene, 30.0)
+    return oblique_volume(scene, matrix)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2], ids=["k", "j", "i"])

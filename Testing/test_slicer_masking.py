@@ -13,7 +13,7 @@ slicer = pytest.importorskip("slicer")
 if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
     pytest.skip("this slicer-core has no vtkSlicerSegmentEditorLogic", allow_module_level=True)
 
-from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
+from slicer_fixtures import chaos_volume, mrml, oblique_volume  # noqa: E402,F401  (pytest fixture)
 
 from FoBSegmentLib.io.coords import put_slice, take_slice  # noqa: E402
 from FoBSegmentLib.labelmap import nonempty_slices  # noqa: E402
@@ -30,11 +30,7 @@ EDITOR = slicer.vtkMRMLSegmentEditorNode
 @pytest.fixture
 def setup(mrml, data_dir: Path):  # noqa: F811
     scene, logics = mrml
-    folder = data_dir / "chaos_mr_t2spir"
-    vol = logics["volumes"].AddArchetypeVolume(str(folder / "image_2.nii.gz"), "chaos2")
-    label = logics["volumes"].AddArchetypeVolume(str(folder / "label_2.nii.gz"), "reference", 1)
-    reference = fob_mrml.volume_array(label)
-    scene.RemoveNode(label)
+    vol, reference = chaos_volume(scene, logics, data_dir)
     logic = FoBSegmentLogic(scene)
     axis = logic.slice_axis(vol)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")

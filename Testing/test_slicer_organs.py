@@ -10,7 +10,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
+from slicer_fixtures import chaos_volume, mrml, oblique_volume  # noqa: E402,F401  (pytest fixture)
 
 from FoBSegmentLib.io.coords import put_slice, take_slice  # noqa: E402
 from FoBSegmentLib.labelmap import dice, nonempty_slices  # noqa: E402
@@ -27,11 +27,7 @@ RANGE_DICE_FLOOR = 0.80
 
 def test_every_outlined_segment_propagates_into_itself_in_one_undo_step(mrml, data_dir: Path) -> None:  # noqa: F811
     scene, logics = mrml
-    folder = data_dir / "chaos_mr_t2spir"
-    vol = logics["volumes"].AddArchetypeVolume(str(folder / "image_2.nii.gz"), "chaos2")
-    label = logics["volumes"].AddArchetypeVolume(str(folder / "label_2.nii.gz"), "reference", 1)
-    reference = fob_mrml.volume_array(label)
-    scene.RemoveNode(label)
+    vol, reference = chaos_volume(scene, logics, data_dir)
     logic = FoBSegmentLogic(scene)
     axis = logic.slice_axis(vol)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "organs")

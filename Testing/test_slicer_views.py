@@ -17,7 +17,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
+from slicer_fixtures import chaos_volume, mrml, oblique_volume  # noqa: E402,F401  (pytest fixture)
 
 from FoBSegmentLib.io.coords import put_slice, take_slice  # noqa: E402
 from FoBSegmentLib.labelmap import nonempty_slices  # noqa: E402
@@ -27,27 +27,11 @@ from FoBSegmentLib.slicer.logic import FoBSegmentLogic  # noqa: E402
 pytestmark = pytest.mark.slicer
 
 
-def _oblique_volume(scene, shape=(12, 14, 16)):
-    """An oblique, anisotropic [k, j, i] volume under a rotating parent transform."""
-    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
-    image = vtk.vtkImageData()
-    fob_mrml.image_from_array(np.arange(np.prod(shape), dtype=np.int16).reshape(shape), image)
-    vol.SetAndObserveImageData(image)
-    vol.SetSpacing(0.8, 1.1, 2.5)
-    vol.SetOrigin(10.0, -20.0, 5.0)
-    a, b = np.deg2rad(20.0), np.deg2rad(-35.0)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
-    directions = np.eye(4)
-    directions[:3, :3] = rz @ rx
-    vol.SetIJKToRASDirectionMatrix(fob_mrml.vtk_matrix(directions))
+def _oblique_volume(scene):
     t = np.eye(4)
     t[:3, :3] = [[np.cos(0.5), -np.sin(0.5), 0], [np.sin(0.5), np.cos(0.5), 0], [0, 0, 1]]
     t[:3, 3] = [20.0, -5.0, 12.0]
-    tnode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
-    tnode.SetMatrixTransformToParent(fob_mrml.vtk_matrix(t))
-    vol.SetAndObserveTransformNodeID(tnode.GetID())
-    return vol
+    return oblique_volume(scene, t)
 
 
 def _view_on(logic: FoBSegmentLogic, vol, axis: int, z: int, offset_mm: float = 0.0) -> np.ndarray:
