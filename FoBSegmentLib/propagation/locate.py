@@ -17,7 +17,8 @@ unit spacing and zero origin, so their physical (x, y) is the (column, row) pixe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cv2
@@ -53,6 +54,21 @@ def _sitk(img: np.ndarray):
     import SimpleITK as sitk
 
     return sitk.GetImageFromArray(np.ascontiguousarray(_grey(img), dtype=np.float32))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """SimpleITK on one thread inside the block: its threaded metric sums change with the work
+    split, and a registration's path with them; one thread makes the located organ reproducible
+    (a replay must give the same mask)."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def register_affine(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray | None = None,
@@ -190,11 +206,13 @@ def locate(
             cache[key] = appearance_match(q, warp(_grey(s.image), tf, q), m)
         return cache[key]
 
+    weights = [float(s.mask.sum()) for s in supports]
     scores: dict[int, float] = {}
     for z in range(max(lo, z0 - half), min(hi, z0 + half) + 1):
         votes = [score_at(j, z + guess(s) - guess(mid)) for j, s in enumerate(supports)]
-        # Prefer slices near the guess among near-equal scores.
-        scores[z] = float(np.mean(votes)) - 0.002 * abs(z - z0)
+        # A support's vote counts by the organ it shows (an organ's tip says little), and among
+        # near-equal scores slices near the guess win.
+        scores[z] = float(np.average(votes, weights=weights)) - 0.002 * abs(z - z0)
     zbest = max(scores, key=lambda z: scores[z])
     mask, _img, conf, _tf = place(slice_of(zbest), mid, register_affine(slice_of(zbest), mid.image, initial=tf0,
                                                                         shrink=(4, 2)))
@@ -226,3 +244,38 @@ def match_supports(slice_of: Callable[[int], np.ndarray], n: int, supports: list
         q = slice_of(int(np.clip(z + (s.index - mid.index), 0, n - 1)))
         out.append(SupportSlice(s.index, match_intensities(q, s.image), s.mask, s.volume_slices))
     return out
+
+
+def located_confidence(notes: list[str]) -> tuple[int, float] | None:
+    """(seed slice, confidence) of a cross-patient propagation, read from its notes; None otherwise."""
+    import re
+
+    for n in notes:
+        hit = re.match(r"cross-patient: .* onto query slice (\d+), confidence (-?[0-9.]+)", n)
+        if hit:
+            return int(hit.group(1)), float(hit.group(2))
+    return None
+
+
+def flag_cross_patient(result) -> list[str]:
+    """Review flags of a cross-patient `PropagationResult` (in place): the seed slice is flagged with
+    the organ's confidence, and every segmented slice when it is low (so they lead the review
+    ranking). Returns the one-line warnings (empty when the organ was found with confidence)."""
+    found = located_confidence(result.notes)
+    if found is None:
+        return []
+    z0, conf = found
+    low = conf < LOW_CONFIDENCE
+    for z, rep in result.slices.items():
+        if rep.area <= 0 or rep.source == "annotation":
+            continue
+        if z == z0:
+            rep.flags.append(f"review: cross-patient seed, organ located with confidence {conf:.2f}")
+        elif low:
+            rep.flags.append(f"review: cross-patient organ located with low confidence {conf:.2f}")
+    if not np.asarray(result.mask).any():
+        return [f"{LOW_CONFIDENCE_NOTE}: nothing was segmented from the located seed (query slice {z0}, "
+                f"confidence {conf:.2f})"]
+    if not low:
+        return []
+    return [next(n for n in result.notes if n.startswith(LOW_CONFIDENCE_NOTE))]

@@ -237,7 +237,13 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
     Returns (seed slice, seed mask, the support it came from, the supports with their intensities
     mapped onto the query's (another patient's scanner and normalisation differ; the chain learns
     the organ's look from these)."""
-    from FoBSegmentLib.propagation.locate import LOW_CONFIDENCE, LOW_CONFIDENCE_NOTE, locate, match_supports
+    from FoBSegmentLib.propagation.locate import (
+        LOW_CONFIDENCE,
+        LOW_CONFIDENCE_NOTE,
+        locate,
+        match_supports,
+        one_thread,
+    )
 
     if run.n == 1:
         mid = supports[len(supports) // 2]
@@ -245,7 +251,8 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
         run.notes.append(f"no model: the support mask moved by ({dx}, {dy}) px and scaled x{scale:g} "
                          "to the best appearance match")
         return 0, moved, mid, supports
-    found = locate(run.slice, run.n, supports, rng)
+    with one_thread():
+        found = locate(run.slice, run.n, supports, rng)
     z0, moved, mid, conf = found.z, found.mask, found.support, found.confidence
     if moved.sum() < run.config.min_area:
         moved, conf = locate_mask(run.slice(z0), mid.image, mid.mask, int(0.15 * max(run.hw)), (0.85, 1.0, 1.15))[0], -1.0
@@ -257,7 +264,8 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
     if conf < LOW_CONFIDENCE:
         run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {z0}) matches the support's "
                          f"appearance with confidence {conf:.2f} < {LOW_CONFIDENCE}; check the result")
-    matched = match_supports(run.slice, run.n, supports, z0, mid)
+    with one_thread():
+        matched = match_supports(run.slice, run.n, supports, z0, mid)
     return z0, moved, next(m for m, s in zip(matched, supports) if s is mid), matched
 
 
