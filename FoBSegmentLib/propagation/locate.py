@@ -31,6 +31,9 @@ from FoBSegmentLib.propagation.types import SupportSlice
 LOW_CONFIDENCE = 0.35
 # Note prefix that front ends look for (files.segment_files turns it into a warning or a refusal).
 LOW_CONFIDENCE_NOTE = "cross-patient: organ not found"
+# Dice between the seed slice segmented with the support's look and the placed organ below which
+# the look is learnt from the query's seed slice instead (`neighbour._cross_patient_seed`).
+SEED_AGREEMENT = 0.3
 
 
 @dataclass
@@ -279,3 +282,11 @@ def flag_cross_patient(result) -> list[str]:
     if not low:
         return []
     return [next(n for n in result.notes if n.startswith(LOW_CONFIDENCE_NOTE))]
+
+
+def core_of(mask: np.ndarray) -> np.ndarray:
+    """The placed organ eroded by a fifth of its radius (at least 2 px): pixels that are organ even
+    where the placement is a few pixels off."""
+    r = max(2, int(round(0.2 * np.sqrt(mask.sum() / np.pi))))
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return cv2.erode(mask.astype(np.uint8), k).astype(bool)

@@ -240,6 +240,8 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
     from FoBSegmentLib.propagation.locate import (
         LOW_CONFIDENCE,
         LOW_CONFIDENCE_NOTE,
+        SEED_AGREEMENT,
+        core_of,
         locate,
         match_supports,
         one_thread,
@@ -266,7 +268,19 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
                          f"appearance with confidence {conf:.2f} < {LOW_CONFIDENCE}; check the result")
     with one_thread():
         matched = match_supports(run.slice, run.n, supports, z0, mid)
-    return z0, moved, next(m for m, s in zip(matched, supports) if s is mid), matched
+    sup = next(m for m, s in zip(matched, supports) if s is mid)
+    # A trial of the seed slice with the other patient's look: when the segmenter loses the placed
+    # organ (it keeps under a third of it), the look is learnt from the query itself instead, from
+    # the core of the placed organ.
+    learn_appearance(run, matched)
+    ps = prompts_from_mask(moved, run.config)
+    agree = dice(run.segment(z0, ps)[0], moved) if ps is not None else 0.0
+    core = core_of(moved)
+    if agree < SEED_AGREEMENT and core.sum() >= run.config.min_area:
+        run.notes.append(f"cross-patient: the seed slice segmented with the support's look keeps {agree:.2f} "
+                         "of the placed organ (Dice); the organ's look is learnt from the query's seed slice")
+        return z0, moved, sup, [SupportSlice(z0, run.slice(z0), core, run.n)]
+    return z0, moved, sup, matched
 
 
 def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, rng: tuple[int, int]) -> None:
