@@ -6,9 +6,11 @@ spine, then an affine restricted to the neighbourhood of the organ), the support
 along, and the query slice where the registered support looks most like the query around the organ
 is chosen. Only the query image and the supports are read (never a query reference).
 
-Confidence: normalised cross-correlation between the registered support image and the query in a
-band around (and inside) the placed organ, in [-1, 1]; below `LOW_CONFIDENCE` the organ is taken as
-not found (a one-line warning, a refusal with `fob segment --strict`).
+Confidence of the organ (`organ_confidence`): the weaker of (a) the normalised cross-correlation
+between the registered support image and the query over the placed organ and a band around it and
+(b) the share of the placed organ's core whose query intensities lie in the support organ's 2-98 %
+range (after histogram matching), halved when the segmenter drops the seed. Below `LOW_CONFIDENCE`
+the organ is taken as not found (a one-line warning, a refusal with `fob segment --strict`).
 
 Frames: slices are (H, W) = (rows, cols) float images in [0, 1] on the query's pixel grid (the
 supports were resampled to it, `supports.resize_support`); SimpleITK images built from them have
@@ -26,9 +28,9 @@ import numpy as np
 
 from FoBSegmentLib.propagation.types import SupportSlice
 
-# Below this the located organ does not look like the support's (measured on CHAOS / Synapse pairs
-# and unrelated supports; docs/RESULTS.md, cross-patient section).
-LOW_CONFIDENCE = 0.35
+# Below this the located organ does not look like the support's: set on 4 development pairs (CHAOS 1,
+# 8 and Synapse 1, 7, all organs) and supports without the organ / from dermoscopy.
+LOW_CONFIDENCE = 0.4
 # Note prefix that front ends look for (files.segment_files turns it into a warning or a refusal).
 LOW_CONFIDENCE_NOTE = "cross-patient: organ not found"
 # Dice between the seed slice segmented with the support's look and the placed organ below which
@@ -290,3 +292,12 @@ def core_of(mask: np.ndarray) -> np.ndarray:
     r = max(2, int(round(0.2 * np.sqrt(mask.sum() / np.pi))))
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     return cv2.erode(mask.astype(np.uint8), k).astype(bool)
+
+
+def organ_confidence(appearance: float, inside: float, kept: float) -> float:
+    """The organ's confidence from three signs in [0, 1] (appearance may be negative): the appearance
+    match around the placed organ, the share of its core holding the support organ's intensities,
+    and the share of it the segmenter keeps on the seed slice. The weakest of the first two decides;
+    a seed the segmenter all but drops (kept < 0.1) halves it."""
+    conf = min(appearance, inside)
+    return conf * 0.5 if kept < 0.1 else conf

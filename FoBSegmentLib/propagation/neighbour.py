@@ -245,6 +245,7 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
         locate,
         match_supports,
         one_thread,
+        organ_confidence,
     )
 
     if run.n == 1:
@@ -258,24 +259,28 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
     z0, moved, mid, conf = found.z, found.mask, found.support, found.confidence
     if moved.sum() < run.config.min_area:
         moved, conf = locate_mask(run.slice(z0), mid.image, mid.mask, int(0.15 * max(run.hw)), (0.85, 1.0, 1.15))[0], -1.0
-    run.notes.append(
-        f"cross-patient: the organ of support slice {mid.index} (of {len(supports)}) registered onto query "
-        f"slice {z0}, confidence {conf:.2f} (appearance match around the organ; per slice tried: "
-        + ", ".join(f"{z}:{v:.2f}" for z, v in sorted(found.scores.items())) + ")"
-    )
-    if conf < LOW_CONFIDENCE:
-        run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {z0}) matches the support's "
-                         f"appearance with confidence {conf:.2f} < {LOW_CONFIDENCE}; check the result")
     with one_thread():
         matched = match_supports(run.slice, run.n, supports, z0, mid)
     sup = next(m for m, s in zip(matched, supports) if s is mid)
     # A trial of the seed slice with the other patient's look: when the segmenter loses the placed
-    # organ (it keeps under a third of it), the look is learnt from the query itself instead, from
-    # the core of the placed organ.
+    # organ (it keeps under SEED_AGREEMENT of it), the look is learnt from the query itself instead,
+    # from the core of the placed organ.
     learn_appearance(run, matched)
     ps = prompts_from_mask(moved, run.config)
     agree = dice(run.segment(z0, ps)[0], moved) if ps is not None else 0.0
     core = core_of(moved)
+    # Does the placed organ's core hold the support organ's intensities (after matching)?
+    inside = intensity_match(run.slice(z0), core, intensity_range(sup.image, sup.mask)) if core.any() else 0.0
+    organ_conf = organ_confidence(conf, inside, agree)
+    run.notes.append(
+        f"cross-patient: the organ of support slice {mid.index} (of {len(supports)}) registered onto query "
+        f"slice {z0}, confidence {organ_conf:.2f} (appearance match around the organ {conf:.2f}, support "
+        f"intensities inside {inside:.2f}, seed kept {agree:.2f}; appearance per slice tried: "
+        + ", ".join(f"{z}:{v:.2f}" for z, v in sorted(found.scores.items())) + ")"
+    )
+    if organ_conf < LOW_CONFIDENCE:
+        run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {z0}) matches the support's "
+                         f"organ with confidence {organ_conf:.2f} < {LOW_CONFIDENCE}; check the result")
     if agree < SEED_AGREEMENT and core.sum() >= run.config.min_area:
         run.notes.append(f"cross-patient: the seed slice segmented with the support's look keeps {agree:.2f} "
                          "of the placed organ (Dice); the organ's look is learnt from the query's seed slice")
