@@ -144,3 +144,18 @@ def test_atlas_baselines_run(data_dir: Path) -> None:
     out = P.evaluate_case(cases["1"], [1], ["atlas_affine", "atlas_deform"], P.Runtime(), other=cases["2"])
     d = {r["method"]: r["dice"] for r in out.records}
     assert 0.3 < d["atlas_affine"] < 1 and 0.3 < d["atlas_deform"] < 1
+
+
+def test_query_without_the_organ_warns(tmp_path: Path, data_dir: Path, capsys) -> None:
+    # The query is CHAOS 1 cut above its right kidney (liver and spleen only); the support is CHAOS 2's
+    # right kidney: the organ cannot be found, which is said, not drawn silently.
+    img = sitk.ReadImage(str(data_dir / CHAOS / "image_1.nii.gz"))
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / CHAOS / "label_1.nii.gz")))
+    top = int(np.flatnonzero((lab == 2).any(axis=(1, 2))).max()) + 2
+    query = tmp_path / "above_kidney.nii.gz"
+    sitk.WriteImage(img[:, :, top:], str(query))
+    sup = middle_slice_support(data_dir / CHAOS / "label_2.nii.gz", 2, tmp_path / "sup.nii.gz")
+    rc, _so, se = run_fob([query, "-o", tmp_path / "out.nii.gz", "--support-image", data_dir / CHAOS / "image_2.nii.gz",
+                           "--support-mask", sup, "--prompts-from", "neighbour", "--segmenter", "graphcut"], capsys)
+    assert rc == 0, se
+    assert sum(line.startswith("fob: warning: cross-patient: organ not found") for line in se.splitlines()) == 1, se
