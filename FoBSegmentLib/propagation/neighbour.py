@@ -240,10 +240,7 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
     from FoBSegmentLib.propagation.locate import (
         LOW_CONFIDENCE,
         LOW_CONFIDENCE_NOTE,
-        SEED_AGREEMENT,
-        core_of,
         locate,
-        match_supports,
         one_thread,
         organ_confidence,
     )
@@ -259,18 +256,7 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
     z0, moved, mid, conf = found.z, found.mask, found.support, found.confidence
     if moved.sum() < run.config.min_area:
         moved, conf = locate_mask(run.slice(z0), mid.image, mid.mask, int(0.15 * max(run.hw)), (0.85, 1.0, 1.15))[0], -1.0
-    with one_thread():
-        matched = match_supports(run.slice, run.n, supports, z0, mid)
-    sup = next(m for m, s in zip(matched, supports) if s is mid)
-    # A trial of the seed slice with the other patient's look: when the segmenter loses the placed
-    # organ (it keeps under SEED_AGREEMENT of it), the look is learnt from the query itself instead,
-    # from the core of the placed organ.
-    learn_appearance(run, matched)
-    ps = prompts_from_mask(moved, run.config)
-    agree = dice(run.segment(z0, ps)[0], moved) if ps is not None else 0.0
-    core = core_of(moved)
-    # Does the placed organ's core hold the support organ's intensities (after matching)?
-    inside = intensity_match(run.slice(z0), core, intensity_range(sup.image, sup.mask)) if core.any() else 0.0
+    look, sup, agree, inside = cross_patient_look(run, supports, z0, moved)
     organ_conf = organ_confidence(conf, inside, agree)
     run.notes.append(
         f"cross-patient: the organ of support slice {mid.index} (of {len(supports)}) registered onto query "
@@ -281,11 +267,36 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
     if organ_conf < LOW_CONFIDENCE:
         run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {z0}) matches the support's "
                          f"organ with confidence {organ_conf:.2f} < {LOW_CONFIDENCE}; check the result")
-    if agree < SEED_AGREEMENT and core.sum() >= run.config.min_area:
+    if all(s is not sup for s in look):  # the look came from the query
         run.notes.append(f"cross-patient: the seed slice segmented with the support's look keeps {agree:.2f} "
                          "of the placed organ (Dice); the organ's look is learnt from the query's seed slice")
-        return z0, moved, sup, [SupportSlice(z0, run.slice(z0), core, run.n)]
-    return z0, moved, sup, matched
+    return z0, moved, sup, look
+
+
+def cross_patient_look(run: Runner, supports: list[SupportSlice], z0: int, moved: np.ndarray
+                       ) -> tuple[list[SupportSlice], SupportSlice, float, float]:
+    """What the chain learns the organ's look from, for another patient's `supports` placed as
+    `moved` ((H, W) bool) on query slice z0: the supports with their intensities histogram-matched
+    to the query; when the segmenter, fitted to them, keeps under `SEED_AGREEMENT` of the placed
+    organ on the seed slice (Dice), the core of the placed organ on the query's own seed slice.
+    A function of (query, supports, z0, moved) only, so a replay of the propagation record (the seed
+    and its stored prior) can learn the same look.
+    Returns (look supports, the middle support matched, seed kept, share of the placed core
+    holding the support organ's intensities)."""
+    from FoBSegmentLib.propagation.locate import SEED_AGREEMENT, core_of, match_supports, one_thread
+
+    mid = supports[len(supports) // 2]
+    with one_thread():
+        matched = match_supports(run.slice, run.n, supports, z0, mid)
+    sup = matched[len(supports) // 2]
+    learn_appearance(run, matched)
+    ps = prompts_from_mask(moved, run.config)
+    agree = dice(run.segment(z0, ps)[0], moved) if ps is not None else 0.0
+    core = core_of(moved)
+    inside = intensity_match(run.slice(z0), core, intensity_range(sup.image, sup.mask)) if core.any() else 0.0
+    if agree < SEED_AGREEMENT and core.sum() >= run.config.min_area:
+        return [SupportSlice(z0, run.slice(z0), core, run.n)], sup, agree, inside
+    return matched, sup, agree, inside
 
 
 def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, rng: tuple[int, int]) -> None:
