@@ -25,6 +25,7 @@ from FoBSegmentLib.propagation import (
     PropagationResult,
     SliceCallback,
 )
+from FoBSegmentLib.propagation.locate import flag_cross_patient
 from FoBSegmentLib.propagation.review import review_ranking, write_review
 
 
@@ -52,6 +53,8 @@ class SegmentRequest:
     axis: int | None = None
     largest_component: bool = False
     config: PropagationConfig | None = None
+    # Refuse (ValueError, nothing written) when another patient's organ cannot be found in the image.
+    strict: bool = False
 
     def settings(self) -> JobSettings:
         return JobSettings(
@@ -71,6 +74,7 @@ class SegmentOutcome:
     messages: list[str] = field(default_factory=list)
     query: Any = None  # the query `io.volumes.Volume` (its geometry, path, modality hint)
     review_out: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. the organ was not found
 
 
 def binary_support(label_arr: np.ndarray, label: int | None, path: Path) -> tuple[np.ndarray, int]:
@@ -174,6 +178,9 @@ def segment_files(
     result = job.run(progress=progress, cancel=cancel, on_slice=on_slice)
     for line in result.notes:
         note(line)
+    warnings = flag_cross_patient(result)
+    if warnings and req.strict:
+        raise ValueError(f"--strict: {warnings[0]}; nothing written")
     out_arr = result.mask.astype(np.uint16 if label_value > 255 else np.uint8) * label_value
     # The side files first: if one fails nothing is left; if the label write fails, they are removed.
     written: list[Path] = []
@@ -190,4 +197,4 @@ def segment_files(
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return SegmentOutcome(result, out, prompts_out, messages, query_vol, review_out)
+    return SegmentOutcome(result, out, prompts_out, messages, query_vol, review_out, warnings)

@@ -5,7 +5,7 @@
                 [--sam-checkpoint PATH] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
                 [--device auto|cpu|cuda|mps] [--prompts-out P.mrk.json] [--prompts-in P.mrk.json]
                 [--prompts-from auto|fob|neighbour|hybrid] [--label-value N] [--largest-component]
-                [--axis 0|1|2] [--report REPORT.png [--reference REF [--reference-label N]]] [--quiet]
+                [--axis 0|1|2] [--report REPORT.png [--reference REF [--reference-label N]]] [--strict] [--quiet]
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="segment with the prompts of this markups file instead of predicting them: a file "
                         "written by --prompts-out gives back the same mask, and after editing the points of "
                         "a slice only that slice and the slices chained from it change")
+    p.add_argument("--strict", action="store_true",
+                   help="with another patient's support: refuse (exit 2, nothing written) when the organ cannot "
+                        "be found in IMAGE, instead of a warning")
     p.add_argument("--review-out", metavar="REVIEW.json",
                    help="also write which slices to check first: {\"slices\": [{\"index\", \"score\", "
                         "\"reason\"}, ...]}, most doubtful first, from the image and the result only")
@@ -138,6 +141,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
         prompts_from=args.prompts_from,
         axis=args.axis,
         largest_component=args.largest_component,
+        strict=bool(getattr(args, "strict", False)),
     )
 
 
@@ -162,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     if report is not None:
         report.write(outcome)
     res = outcome.result
+    for line in outcome.warnings:
+        print(f"fob: warning: {line}", file=sys.stderr)
     seg = res.segmented
     extent = f"slices {seg[0]}..{seg[1]}" if seg else "no slice"
     print(f"wrote {outcome.output} (organ on {extent}, {int(res.mask.sum())} voxels, {res.seconds:.1f} s)")

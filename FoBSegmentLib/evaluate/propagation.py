@@ -73,6 +73,15 @@ METHODS: dict[str, tuple[str, str]] = {
     "fill3": ("fill-between 3", "Slicer Fill between slices (ITK MCI) from 3 reference slices incl. the organ's ends"),
     "fill5": ("fill-between 5", "Slicer Fill between slices (ITK MCI) from 5 reference slices incl. the organ's ends"),
     "copy": ("mask copy", "annotated mask copied onto every slice of the reference organ range"),
+    "cross1": ("cross-patient, 1 slice", "fob segment --support-image OTHER --support-mask OTHER_MASK with only the "
+               "middle slice of the organ in the other patient (the next case of the dataset) annotated: the locate "
+               "step registers it onto the query, then the chain"),
+    "crossvol": ("cross-patient, volume", "fob segment --support-image OTHER --support-mask OTHER_MASK with the other "
+                 "patient's whole labelled organ (chunked into 3 supports, the paper's protocol)"),
+    "atlas_affine": ("atlas affine", "single-atlas baseline: the other patient's whole image registered to the query "
+                     "(SimpleITK, 3D affine, Mattes MI), its label warped"),
+    "atlas_deform": ("atlas deformable", "single-atlas baseline: the affine above then 3D demons (SimpleITK fast "
+                     "symmetric forces, histogram-matched, 60 iterations, sigma 2), the other patient's label warped"),
     "ceiling": ("chaining ceiling (reads ref.)", "upper bound, reads the reference by design: every slice of the "
                 "reference range segmented with the pipeline's neighbour prompts from the TRUE adjacent mask"),
 }
@@ -82,8 +91,12 @@ PIPELINE_SOURCES = {"fob": "fob", "hybrid": "hybrid", "neighbour": "neighbour", 
 PLAIN_CONFIG = {"shape_prior": False, "retry_foreground": 0, "retry_ring": None, "intensity_match": 0.0,
                 "median_band": None, "back_check": None, "regrow": None, "fg_area_per_point": 0.0}
 MODEL_METHODS = ("fob", "hybrid")
+# Methods whose support comes from another patient (the next case of the same dataset).
+CROSS_METHODS = ("cross1", "crossvol", "atlas_affine", "atlas_deform")
 # Chains whose stopping rule `best_stop_dice` judges.
 CHAIN_METHODS = ("fob", "hybrid", "neighbour", "plain")
+# The cross-patient rows of the issue (not in the default run: `--methods cross`).
+CROSS_DEFAULT = ("cross1", "crossvol", "atlas_affine", "atlas_deform")
 DEFAULT_METHODS = ("fob", "hybrid", "neighbour", "plain", "fill3", "fill5", "copy")
 
 
@@ -229,6 +242,115 @@ class CaseOutcome:
 
 
 @dataclass
+class OtherPatient:
+    """The support patient of the cross-patient methods: its case, prepared image, label map
+    ([k, j, i] integers) and the atlas registrations onto the current query (kind -> warped label
+    map, computed once per query)."""
+
+    case: Case
+    prepared: Any
+    labels: np.ndarray
+    warped: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def load_other(case: Case) -> OtherPatient:
+    prepared = prepare_volume(case.image)
+    return OtherPatient(case, prepared, read_reference(case.label, prepared))
+
+
+def _sitk_volume(prepared: Any) -> Any:
+    """The prepared grey volume as a SimpleITK image with its spacing (origin 0, identity direction:
+    both datasets share one layout, and another patient's origin means nothing here)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(prepared.normalised, dtype=np.float32))
+    img.SetSpacing(tuple(float(v) for v in prepared.volume.geometry.spacing))
+    return img
+
+
+def atlas_labels(query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
+    """The single-atlas baselines: `other`'s whole image registered onto the query with SimpleITK
+    (3D affine, Mattes MI; then demons on top of it) and its label map warped (nearest neighbour)
+    with each. Returns {'atlas_affine': labels, 'atlas_deform': labels} on the query grid.
+    Random metric sampling with a fixed seed, on one thread (reproducible)."""
+    import SimpleITK as sitk
+
+    from FoBSegmentLib.propagation.locate import one_thread
+
+    if other.warped:
+        return other.warped
+    with one_thread():
+        return _atlas_labels(sitk, query, other)
+
+
+def _atlas_labels(sitk: Any, query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
+    f, m = _sitk_volume(query), _sitk_volume(other.prepared)
+    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.05, 1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+    reg.SetInitialTransform(init, inPlace=False)
+    affine = reg.Execute(f, m)
+    # Deformable: diffeomorphic-style demons (fast symmetric forces) on the affinely resampled,
+    # histogram-matched support, at half in-plane resolution; displacement back on the full grid.
+    moved = sitk.HistogramMatching(sitk.Resample(m, f, affine, sitk.sitkLinear, 0.0), f, 128, 15, True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(60)
+    demons.SetStandardDeviations(2.0)
+    disp = demons.Execute(sitk.Shrink(f, [2, 2, 1]), sitk.Shrink(moved, [2, 2, 1]))
+    disp = sitk.Resample(disp, f, sitk.Transform(), sitk.sitkLinear, 0.0, disp.GetPixelID())
+    field_tf = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
+    deform = sitk.CompositeTransform([affine, field_tf])  # the field first, then the affine
+    lab = sitk.GetImageFromArray(np.ascontiguousarray(other.labels, dtype=np.uint8))
+    lab.CopyInformation(m)
+    for kind, tf in (("atlas_affine", affine), ("atlas_deform", deform)):
+        out = sitk.Resample(lab, f, tf, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        other.warped[kind] = sitk.GetArrayFromImage(out)
+    return other.warped
+
+
+def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segmenter: Any,
+                  generator: Any = None, config: Any = None) -> Any:
+    """`fob segment QUERY --support-image OTHER --support-mask OTHER_MASK` through the one job
+    builder: the support is the other patient's organ on its middle slice (whole=False) or its whole
+    labelled organ (whole=True). Only the query's image is read, never its reference."""
+    from FoBSegmentLib.job import Components, JobSettings, build_job
+
+    sup = other.labels == organ
+    axis = other.prepared.axis
+    if not whole:
+        z = annotated_slice(sup, axis)
+        only = np.zeros_like(sup)
+        sl = [slice(None)] * 3
+        sl[axis] = z
+        only[tuple(sl)] = sup[tuple(sl)]
+        sup = only
+    source = "neighbour"
+    settings = JobSettings(prompts_from=source, config=config)
+    job = build_job(query, sup, settings, support=other.prepared,
+                    components=Components(generator, segmenter, source),
+                    support_name=f"label {organ} of case {other.case.case_id}")
+    return job.run()
+
+
+def _confidence(notes: list[str]) -> float | None:
+    import re
+
+    for n in notes:
+        if n.startswith("cross-patient:") and (hit := re.search(r"confidence (-?[0-9.]+)", n)):
+            return float(hit.group(1))
+    return None
+
+
+@dataclass
 class OrganTask:
     """One organ of one case, as every method sees it: the prepared image, the reference mask
     ([k, j, i] bool, read for the baselines and scoring only), its slice range and the annotated
@@ -240,6 +362,8 @@ class OrganTask:
     last: int
     index: int
     annotation: np.ndarray
+    organ: int = 0
+    other: OtherPatient | None = None
 
     @property
     def axis(self) -> int:
@@ -293,6 +417,26 @@ def _run_method(task: OrganTask, method: str, runtime: Runtime, rec: dict[str, A
         return pred
     if method == "copy":
         return copy_mask(task.annotation, ref.shape, axis, (task.first, task.last))
+    if method in ("cross1", "crossvol"):
+        from FoBSegmentLib.propagation.locate import flag_cross_patient
+
+        cfg = runtime.config_factory() if runtime.config_factory else None
+        rec["support_case"] = task.other.case.case_id
+        try:
+            res = predict_cross(task.prepared, task.other, task.organ, method == "crossvol", runtime.segmenter,
+                                config=cfg)
+        except ValueError as exc:
+            rec["error"] = " ".join(str(exc).split())
+            return np.zeros(ref.shape, bool)
+        warnings = flag_cross_patient(res)
+        rec["notes"] = list(res.notes)
+        rec["flagged"] = list(res.flagged)
+        rec["confidence"] = _confidence(res.notes)
+        rec["warning"] = bool(warnings)
+        return np.asarray(res.mask, bool)
+    if method in ("atlas_affine", "atlas_deform"):
+        rec["support_case"] = task.other.case.case_id
+        return atlas_labels(task.prepared, task.other)[method] == task.organ
     if method == "ceiling":
         cfg = runtime.config_factory() if runtime.config_factory else None
         return chaining_ceiling(task.prepared, ref, task.index, runtime.segmenter, cfg)
@@ -314,13 +458,19 @@ def evaluate_case(
     runtime: Runtime,
     keep_masks: bool = False,
     tick: Callable[[str], None] | None = None,
+    other: Case | None = None,
 ) -> CaseOutcome:
     """Every method on every organ of one case; one record per (organ, method).
 
     Record: dataset, case, organ, method, dice, annotated slice(s), reference and predicted slice
     ranges, seconds, error breakdown, pipeline notes / flagged slices. keep_masks also returns the
     predicted [k, j, i] bool masks keyed by (organ, method) (the tests compare them).
+    other: the support patient of the cross-patient methods (`CROSS_METHODS`; needed for them).
     """
+    methods = list(methods)
+    if any(m in CROSS_METHODS for m in methods) and other is None:
+        raise ValueError("the cross-patient methods need a support patient (other)")
+    support = load_other(other) if other is not None and any(m in CROSS_METHODS for m in methods) else None
     prepared = prepare_volume(case.image)
     labels = read_reference(case.label, prepared)
     axis = prepared.axis
@@ -336,7 +486,8 @@ def evaluate_case(
             continue
         first, last = organ_slice_range(ref, axis)
         z = annotated_slice(ref, axis)
-        task = OrganTask(prepared, ref, first, last, z, np.asarray(take_slice(ref, axis, z), bool).copy())
+        task = OrganTask(prepared, ref, first, last, z, np.asarray(take_slice(ref, axis, z), bool).copy(),
+                         organ, support)
         for m in methods:
             t0 = time.perf_counter()
             rec: dict[str, Any] = {
@@ -365,6 +516,9 @@ def evaluate_case(
 def resolve_methods(names: Iterable[str] | None) -> list[str]:
     """--methods (default DEFAULT_METHODS), duplicates dropped; ValueError for an unknown name."""
     methods = list(names) if names else list(DEFAULT_METHODS)
+    if "cross" in methods:  # the issue's cross-patient rows, with their registration baselines
+        i = methods.index("cross")
+        methods[i:i + 1] = list(CROSS_DEFAULT)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown propagation method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
@@ -402,6 +556,15 @@ def select_cases(datasets: list[str], data: str | None, case_ids: list[str] | No
     return cases
 
 
+def support_patient(case: Case, data: str | None = None) -> Case:
+    """The cross-patient support of `case`: the next case of its dataset (sorted ids, cyclic)."""
+    every = list_cases(case.dataset, Path(data) if data else None)
+    ids = [c.case_id for c in every]
+    if len(every) < 2:
+        raise ValueError(f"the cross-patient methods need two {case.dataset} cases")
+    return every[(ids.index(case.case_id) + 1) % len(every)]
+
+
 def make_runtime(args: argparse.Namespace, methods: list[str]) -> tuple[Runtime, str, list[str]]:
     """Segmenter and generator for `methods`; returns (runtime, model line, notes)."""
     from FoBSegmentLib.job import JobSettings, load_components, load_generator
@@ -411,7 +574,7 @@ def make_runtime(args: argparse.Namespace, methods: list[str]) -> tuple[Runtime,
     settings = JobSettings(prompts_from="neighbour", segmenter=args.segmenter,
                            sam_checkpoint=getattr(args, "checkpoint", None),
                            device=getattr(args, "device", "cpu") or "cpu")
-    if any(m in PIPELINE_SOURCES or m == "ceiling" for m in methods):
+    if any(m in PIPELINE_SOURCES or m in ("ceiling", "cross1", "crossvol") for m in methods):
         rt.segmenter = load_components(settings).segmenter
     model_line = "not used"
     if any(m in MODEL_METHODS for m in methods):
@@ -471,7 +634,8 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict] = []
     try:
         for case in cases:
-            records += evaluate_case(case, organs, methods, runtime, tick=tick).records
+            records += evaluate_case(case, organs, methods, runtime, tick=tick,
+                                     other=support_patient(case, args.data)).records
     finally:
         close()
     seconds = time.perf_counter() - t0

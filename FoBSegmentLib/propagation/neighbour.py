@@ -222,36 +222,87 @@ def _back_agreement(run: Runner, z_prev: int, mask: np.ndarray, prev: np.ndarray
     return dice(back, prev)
 
 
-def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> tuple[int, np.ndarray, SupportSlice]:
-    """Another patient's support: the chain starts at the same relative height as the middle
-    support slice, from the support mask slid (and scaled) to where the query looks like the organ."""
-    mid = supports[len(supports) // 2]
-    n_sup = mid.volume_slices or max(s.index for s in supports) + 1
-    rel = mid.index / max(1, n_sup - 1)
-    z0 = min(max(int(round(rel * (run.n - 1))), rng[0]), rng[1])
-    # A single 2D image (dermoscopy) may put the lesion anywhere; a volume slice keeps anatomy
-    # roughly in place and patients differ a little in size.
-    if run.n == 1:
-        max_shift, scales = None, (1.0,)
-    else:
-        max_shift, scales = int(0.15 * max(run.hw)), (0.85, 1.0, 1.15)
-    moved, (dx, dy), scale = locate_mask(run.slice(z0), mid.image, mid.mask, max_shift, scales)
-    run.notes.append(
-        f"no model: the chain starts at query slice {z0} (same relative height as support slice {mid.index}) "
-        f"with prompts from the support mask moved by ({dx}, {dy}) px and scaled x{scale:g} to the best "
-        "appearance match"
+def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]
+                        ) -> tuple[int, np.ndarray, SupportSlice, list[SupportSlice]]:
+    """Another patient's support: the locate step (`propagation.locate`) registers the supports onto
+    the query's slices and picks the slice and placement the evidence supports; the chain starts
+    there from the registered support mask. A single 2D image (dermoscopy) has no anatomy to
+    register: the support mask is slid to where the query looks like the lesion (`locate_mask`).
+    The confidence goes to the notes; a low one adds the `LOW_CONFIDENCE_NOTE` line.
+    Returns (seed slice, seed mask, the support it came from, the supports with their intensities
+    mapped onto the query's (another patient's scanner and normalisation differ; the chain learns
+    the organ's look from these)."""
+    from FoBSegmentLib.propagation.locate import (
+        LOW_CONFIDENCE,
+        LOW_CONFIDENCE_NOTE,
+        locate,
+        one_thread,
+        organ_confidence,
     )
-    return z0, moved, mid
+
+    if run.n == 1:
+        mid = supports[len(supports) // 2]
+        moved, (dx, dy), scale = locate_mask(run.slice(0), mid.image, mid.mask, None, (0.85, 1.0, 1.15))
+        run.notes.append(f"no model: the support mask moved by ({dx}, {dy}) px and scaled x{scale:g} "
+                         "to the best appearance match")
+        return 0, moved, mid, supports
+    with one_thread():
+        found = locate(run.slice, run.n, supports, rng)
+    z0, moved, mid, conf = found.z, found.mask, found.support, found.confidence
+    if moved.sum() < run.config.min_area:
+        moved, conf = locate_mask(run.slice(z0), mid.image, mid.mask, int(0.15 * max(run.hw)), (0.85, 1.0, 1.15))[0], -1.0
+    look, sup, agree, inside = cross_patient_look(run, supports, z0, moved)
+    organ_conf = organ_confidence(conf, inside, agree)
+    run.notes.append(
+        f"cross-patient: the organ of support slice {mid.index} (of {len(supports)}) registered onto query "
+        f"slice {z0}, confidence {organ_conf:.2f} (appearance match around the organ {conf:.2f}, support "
+        f"intensities inside {inside:.2f}, seed kept {agree:.2f}; appearance per slice tried: "
+        + ", ".join(f"{z}:{v:.2f}" for z, v in sorted(found.scores.items())) + ")"
+    )
+    if organ_conf < LOW_CONFIDENCE:
+        run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {z0}) matches the support's "
+                         f"organ with confidence {organ_conf:.2f} < {LOW_CONFIDENCE}; check the result")
+    if all(s is not sup for s in look):  # the look came from the query
+        run.notes.append(f"cross-patient: the seed slice segmented with the support's look keeps {agree:.2f} "
+                         "of the placed organ (Dice); the organ's look is learnt from the query's seed slice")
+    return z0, moved, sup, look
+
+
+def cross_patient_look(run: Runner, supports: list[SupportSlice], z0: int, moved: np.ndarray
+                       ) -> tuple[list[SupportSlice], SupportSlice, float, float]:
+    """What the chain learns the organ's look from, for another patient's `supports` placed as
+    `moved` ((H, W) bool) on query slice z0: the supports with their intensities histogram-matched
+    to the query; when the segmenter, fitted to them, keeps under `SEED_AGREEMENT` of the placed
+    organ on the seed slice (Dice), the core of the placed organ on the query's own seed slice.
+    A function of (query, supports, z0, moved) only, so a replay of the propagation record (the seed
+    and its stored prior) can learn the same look.
+    Returns (look supports, the middle support matched, seed kept, share of the placed core
+    holding the support organ's intensities)."""
+    from FoBSegmentLib.propagation.locate import SEED_AGREEMENT, core_of, match_supports, one_thread
+
+    mid = supports[len(supports) // 2]
+    with one_thread():
+        matched = match_supports(run.slice, run.n, supports, z0, mid)
+    sup = matched[len(supports) // 2]
+    learn_appearance(run, matched)
+    ps = prompts_from_mask(moved, run.config)
+    agree = dice(run.segment(z0, ps)[0], moved) if ps is not None else 0.0
+    core = core_of(moved)
+    inside = intensity_match(run.slice(z0), core, intensity_range(sup.image, sup.mask)) if core.any() else 0.0
+    if agree < SEED_AGREEMENT and core.sum() >= run.config.min_area:
+        return [SupportSlice(z0, run.slice(z0), core, run.n)], sup, agree, inside
+    return matched, sup, agree, inside
 
 
 def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, rng: tuple[int, int]) -> None:
     """Chain outwards in both directions from each annotated slice (same volume), or from a located
     seed slice (another patient), inside the inclusive slice range `rng`."""
-    look = learn_appearance(run, supports)
     if same_volume:
+        look = learn_appearance(run, supports)
         seeds = [(s.index, s.mask, s) for s in supports]
     else:
-        z0, moved, mid = _cross_patient_seed(run, supports, rng)
+        z0, moved, mid, matched = _cross_patient_seed(run, supports, rng)
+        look = learn_appearance(run, matched)
         run.check_cancel()
         ps = prompts_from_mask(moved, run.config)
         if ps is None:

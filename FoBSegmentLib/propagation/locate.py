@@ -1,0 +1,303 @@
+"""The locate step of a cross-patient propagation: where is another patient's organ in this query?
+
+Another patient's annotated slices (the supports) are registered onto the query's slices with
+SimpleITK's registration (an affine of the whole slice, driven by the body outline and the
+spine, then an affine restricted to the neighbourhood of the organ), the support mask is carried
+along, and the query slice where the registered support looks most like the query around the organ
+is chosen. Only the query image and the supports are read (never a query reference).
+
+Confidence of the organ (`organ_confidence`): the weaker of (a) the normalised cross-correlation
+between the registered support image and the query over the placed organ and a band around it and
+(b) the share of the placed organ's core whose query intensities lie in the support organ's 2-98 %
+range (after histogram matching), halved when the segmenter drops the seed. Below `LOW_CONFIDENCE`
+the organ is taken as not found (a one-line warning, a refusal with `fob segment --strict`).
+
+Frames: slices are (H, W) = (rows, cols) float images in [0, 1] on the query's pixel grid (the
+supports were resampled to it, `supports.resize_support`); SimpleITK images built from them have
+unit spacing and zero origin, so their physical (x, y) is the (column, row) pixel frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from FoBSegmentLib.propagation.types import SupportSlice
+
+# Below this the located organ does not look like the support's: set on 4 development pairs (CHAOS 1,
+# 8 and Synapse 1, 7, all organs) and supports without the organ / from dermoscopy.
+LOW_CONFIDENCE = 0.4
+# Note prefix that front ends look for (files.segment_files turns it into a warning or a refusal).
+LOW_CONFIDENCE_NOTE = "cross-patient: organ not found"
+# Dice between the seed slice segmented with the support's look and the placed organ below which
+# the look is learnt from the query's seed slice instead (`neighbour._cross_patient_seed`).
+SEED_AGREEMENT = 0.3
+
+
+@dataclass
+class Located:
+    """Where the organ of support `support` was placed: query slice `z`, mask (H, W) bool, the
+    confidence of that placement, and the score of every query slice tried (slice -> confidence)."""
+
+    z: int
+    mask: np.ndarray
+    confidence: float
+    support: SupportSlice
+    scores: dict[int, float] = field(default_factory=dict)
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img, np.float32)
+    return a.mean(axis=2) if a.ndim == 3 else a
+
+
+def _sitk(img: np.ndarray):
+    import SimpleITK as sitk
+
+    return sitk.GetImageFromArray(np.ascontiguousarray(_grey(img), dtype=np.float32))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """SimpleITK on one thread inside the block: its threaded metric sums change with the work
+    split, and a registration's path with them; one thread makes the located organ reproducible
+    (a replay must give the same mask)."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+def register_affine(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray | None = None,
+                    initial=None, shrink: tuple[int, ...] = (4, 2, 1)):
+    """A 2D affine SimpleITK transform mapping fixed (query) points to moving (support) points,
+    Mattes mutual information, multi-resolution, deterministic (all pixels sampled, one thread).
+    fixed_mask: (H, W) bool, the pixels the metric counts (None: all). initial: a transform to
+    start from (default: the images' centres of mass aligned)."""
+    import SimpleITK as sitk
+
+    f, m = _sitk(fixed), _sitk(moving)
+    if initial is None:
+        initial = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2),
+                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(sitk.GetImageFromArray(np.asarray(fixed_mask, np.uint8)))
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100,
+                                                 gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(list(shrink))
+    reg.SetSmoothingSigmasPerLevel([max(0, s - 1) for s in shrink])
+    reg.SetInitialTransform(sitk.AffineTransform(initial), inPlace=False)
+    reg.SetNumberOfThreads(1)
+    try:
+        out = reg.Execute(f, m)
+    except RuntimeError:
+        return initial
+    return _as_affine(out)
+
+
+def _as_affine(tf):
+    """A registration's result (a generic, possibly composite, transform) as an AffineTransform."""
+    import SimpleITK as sitk
+
+    tf = tf.Downcast()
+    if isinstance(tf, sitk.CompositeTransform):
+        tf = tf.GetNthTransform(tf.GetNumberOfTransforms() - 1).Downcast()
+    return sitk.AffineTransform(tf)
+
+
+def warp(img: np.ndarray, transform, like: np.ndarray, nearest: bool = False) -> np.ndarray:
+    """`img` (support frame) resampled onto `like`'s (query) grid through `transform`."""
+    import SimpleITK as sitk
+
+    src = sitk.GetImageFromArray(np.ascontiguousarray(img, dtype=np.float32))
+    ref = _sitk(like)
+    out = sitk.Resample(src, ref, transform, sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(out)
+
+
+def _region(mask: np.ndarray, radius: int) -> np.ndarray:
+    k = 2 * radius + 1
+    return cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
+
+
+def _radius(mask: np.ndarray) -> int:
+    return int(np.clip(0.5 * np.sqrt(mask.sum() / np.pi), 6, 25))
+
+
+def appearance_match(query: np.ndarray, warped_image: np.ndarray, mask: np.ndarray) -> float:
+    """Normalised cross-correlation of the registered support image and the query slice over the
+    placed organ and a band around it ((H, W) bool `mask`): how well the located organ and its
+    surroundings match the support's appearance and shape. In [-1, 1]; -1 for an empty mask."""
+    if mask.sum() < 5:
+        return -1.0
+    reg = _region(mask, _radius(mask))
+    a, b = _grey(query)[reg].astype(np.float64), _grey(warped_image)[reg].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else -1.0
+
+
+def place(query: np.ndarray, support: SupportSlice, global_tf=None):
+    """Register `support` onto the (H, W) `query` slice: a whole-slice affine (or `global_tf`),
+    then an affine on the organ's neighbourhood. Returns (mask, warped image, confidence, transform)."""
+    tf = global_tf if global_tf is not None else register_affine(query, support.image)
+    mask = warp(support.mask.astype(np.float32), tf, query, nearest=True) > 0.5
+    if mask.sum() >= 5:
+        local = register_affine(query, support.image, fixed_mask=_region(mask, 2 * _radius(mask)),
+                                initial=tf, shrink=(2, 1))
+        m2 = warp(support.mask.astype(np.float32), local, query, nearest=True) > 0.5
+        # A local fit that loses most of the organ (it slid off the image) is not taken.
+        if m2.sum() >= 0.5 * mask.sum() and m2.sum() <= 2.0 * mask.sum():
+            tf, mask = local, m2
+    img = warp(_grey(support.image), tf, query)
+    return mask, img, appearance_match(query, img, mask), tf
+
+
+def locate(
+    slice_of: Callable[[int], np.ndarray],
+    n: int,
+    supports: list[SupportSlice],
+    rng: tuple[int, int],
+    window: float = 0.35,
+) -> Located:
+    """Find the organ of another patient's `supports` (sorted by index, on the query's slice grid)
+    in the query volume of `n` slices (`slice_of(z)` -> (H, W) float slice), inside the inclusive
+    range `rng`.
+
+    Each support's relative height in its own volume gives a first guess of the query slice; the
+    whole-slice registration made there is reused on the slices within `window` x n of the guess,
+    and each slice is scored by the appearance match of the registered support around the organ.
+    With several supports (a whole labelled volume, chunked) every support votes: a query slice z
+    for the middle support scores the mean match of all supports at their own offsets from it.
+    The winner is then registered again, locally, on its own slice. Returns the middle support's
+    placement on the chosen slice.
+    """
+    mid_i = len(supports) // 2
+    mid = supports[mid_i]
+    n_sup = mid.volume_slices or max(s.index for s in supports) + 1
+    ratio = (n - 1) / max(1, n_sup - 1)
+
+    def guess(s: SupportSlice) -> int:
+        return int(round(s.index * ratio))
+
+    lo, hi = rng
+    z0 = min(max(guess(mid), lo), hi)
+    tf0 = register_affine(slice_of(z0), mid.image, shrink=(4, 2))
+    half = max(1, int(round(window * n)))
+    cache: dict[tuple[int, int], float] = {}
+
+    def score_at(j: int, z: int) -> float:
+        if not lo <= z <= hi:
+            return -1.0
+        key = (j, z)
+        if key not in cache:
+            s = supports[j]
+            q = slice_of(z)
+            tf = register_affine(q, s.image, initial=tf0, shrink=(4,))
+            m = warp(s.mask.astype(np.float32), tf, q, nearest=True) > 0.5
+            cache[key] = appearance_match(q, warp(_grey(s.image), tf, q), m)
+        return cache[key]
+
+    weights = [float(s.mask.sum()) for s in supports]
+    scores: dict[int, float] = {}
+    for z in range(max(lo, z0 - half), min(hi, z0 + half) + 1):
+        votes = [score_at(j, z + guess(s) - guess(mid)) for j, s in enumerate(supports)]
+        # A support's vote counts by the organ it shows (an organ's tip says little), and among
+        # near-equal scores slices near the guess win.
+        scores[z] = float(np.average(votes, weights=weights)) - 0.002 * abs(z - z0)
+    zbest = max(scores, key=lambda z: scores[z])
+    mask, _img, conf, _tf = place(slice_of(zbest), mid, register_affine(slice_of(zbest), mid.image, initial=tf0,
+                                                                        shrink=(4, 2)))
+    return Located(int(zbest), mask, conf, mid, scores)
+
+
+def match_intensities(query: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """`image` (another patient's slice) with its intensity histogram matched to the (H, W) `query`
+    slice (SimpleITK HistogramMatching, pixels above the mean: the body), clipped to [0, 1]."""
+    import SimpleITK as sitk
+
+    a = np.asarray(image, np.float32)
+    if a.ndim == 3:
+        return a  # colour: no histogram of a body to match
+    f = sitk.HistogramMatchingImageFilter()
+    f.SetNumberOfHistogramLevels(128)
+    f.SetNumberOfMatchPoints(15)
+    f.ThresholdAtMeanIntensityOn()
+    out = sitk.GetArrayFromImage(f.Execute(_sitk(a), _sitk(query)))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def match_supports(slice_of: Callable[[int], np.ndarray], n: int, supports: list[SupportSlice], z: int,
+                   mid: SupportSlice) -> list[SupportSlice]:
+    """The supports with intensities matched to the query slice where each one's organ is expected
+    (z for `mid`, the others at their offset from it), as new SupportSlices."""
+    out = []
+    for s in supports:
+        q = slice_of(int(np.clip(z + (s.index - mid.index), 0, n - 1)))
+        out.append(SupportSlice(s.index, match_intensities(q, s.image), s.mask, s.volume_slices))
+    return out
+
+
+def located_confidence(notes: list[str]) -> tuple[int, float] | None:
+    """(seed slice, confidence) of a cross-patient propagation, read from its notes; None otherwise."""
+    import re
+
+    for n in notes:
+        hit = re.match(r"cross-patient: .* onto query slice (\d+), confidence (-?[0-9.]+)", n)
+        if hit:
+            return int(hit.group(1)), float(hit.group(2))
+    return None
+
+
+def flag_cross_patient(result) -> list[str]:
+    """Review flags of a cross-patient `PropagationResult` (in place): the seed slice is flagged with
+    the organ's confidence, and every segmented slice when it is low (so they lead the review
+    ranking). Returns the one-line warnings (empty when the organ was found with confidence)."""
+    found = located_confidence(result.notes)
+    if found is None:
+        return []
+    z0, conf = found
+    low = conf < LOW_CONFIDENCE
+    for z, rep in result.slices.items():
+        if rep.area <= 0 or rep.source == "annotation":
+            continue
+        if z == z0:
+            rep.flags.append(f"review: cross-patient seed, organ located with confidence {conf:.2f}")
+        elif low:
+            rep.flags.append(f"review: cross-patient organ located with low confidence {conf:.2f}")
+    if not np.asarray(result.mask).any():
+        return [f"{LOW_CONFIDENCE_NOTE}: nothing was segmented from the located seed (query slice {z0}, "
+                f"confidence {conf:.2f})"]
+    if not low:
+        return []
+    return [next(n for n in result.notes if n.startswith(LOW_CONFIDENCE_NOTE))]
+
+
+def core_of(mask: np.ndarray) -> np.ndarray:
+    """The placed organ eroded by a fifth of its radius (at least 2 px): pixels that are organ even
+    where the placement is a few pixels off."""
+    r = max(2, int(round(0.2 * np.sqrt(mask.sum() / np.pi))))
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return cv2.erode(mask.astype(np.uint8), k).astype(bool)
+
+
+def organ_confidence(appearance: float, inside: float, kept: float) -> float:
+    """The organ's confidence from three signs in [0, 1] (appearance may be negative): the appearance
+    match around the placed organ, the share of its core holding the support organ's intensities,
+    and the share of it the segmenter keeps on the seed slice. The weakest of the first two decides;
+    a seed the segmenter all but drops (kept < 0.1) halves it."""
+    conf = min(appearance, inside)
+    return conf * 0.5 if kept < 0.1 else conf
