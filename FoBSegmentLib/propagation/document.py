@@ -33,7 +33,13 @@ from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import dequantize_probability, quantize_probability
-from FoBSegmentLib.propagation.neighbour import chain, chain_stop, fill_areas, learn_appearance
+from FoBSegmentLib.propagation.neighbour import (
+    chain,
+    chain_stop,
+    cross_patient_look,
+    fill_areas,
+    learn_appearance,
+)
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.types import PropagationResult, SliceReport, SupportSlice
 
@@ -173,7 +179,12 @@ class _Replay:
                                            if z in self.support_of})
         self.look = None
         if record["promptsFrom"] in ("neighbour", "hybrid"):
-            self.look = learn_appearance(run, supports)
+            looks = supports
+            seed = next((e for e in record["slices"] if e.get("prior") == "stored" and "priorMask" in e), None)
+            if not same_volume and seed is not None and run.n > 1:
+                # Another patient's support: the look the live run learnt from the located seed.
+                looks = cross_patient_look(run, supports, int(seed["index"]), _unpack(seed["priorMask"]))[0]
+            self.look = learn_appearance(run, looks)
         self.done: set[int] = set()
         self.dirty: set[int] = set()
 
