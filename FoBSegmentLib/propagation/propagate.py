@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from FoBSegmentLib.io.coords import slice_axes, take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PROMPT_SOURCES, PropagationConfig, check_slice_range
 from FoBSegmentLib.propagation.document import build_record, replay
@@ -72,8 +73,6 @@ def _reusable(previous: PropagationResult, supports: list[SupportSlice], cfg: Pr
     empty when anything a chain depends on differs (configuration, source, axis, or the annotated
     slices that show the organ, from which its appearance is learnt: an added annotated absence keeps
     the chains it does not cut)."""
-    from FoBSegmentLib.io.coords import take_slice
-
     rec = previous.record or {}
     if (not same_volume or previous.accepted is None or previous.axis != axis
             or previous.prompts_from != prompts_from or rec.get("config") != cfg.to_json()):
@@ -159,8 +158,8 @@ def propagate(
         raise ValueError(f"unknown prompt source {prompts_from!r}; use one of {', '.join(PROMPT_SOURCES)}")
     n = image.shape[axis]
     check_slice_range(cfg.slices, n)
-    probe = Runner(image, axis, segmenter, cfg, None, None, total=1)
-    sup = _check_supports(supports, probe.hw, same_volume)
+    rows, cols = slice_axes(axis)
+    sup = _check_supports(supports, (image.shape[rows], image.shape[cols]), same_volume)
     if prompts_from in ("fob", "hybrid") and generator is None and prompts_in is None:
         raise ValueError(f"prompt source {prompts_from!r} needs a FoB model (none loaded)")
     annotations = sup if same_volume else []
