@@ -65,14 +65,9 @@ class Loop:
 
 
 def _job(loop: Loop, annotations: dict[int, np.ndarray], components: Any, config: Any):
-    from FoBSegmentLib.job import JobSettings, build_job
+    from FoBSegmentLib.evaluate.propagation import annotation_job
 
-    support = np.zeros(loop.ref.shape, bool)
-    for z, m in annotations.items():
-        put_slice(support, loop.prepared.axis, z, m)
-    absent = [z for z, m in annotations.items() if not m.any()]
-    settings = JobSettings(prompts_from=components.prompts_from, config=config)
-    return build_job(loop.prepared, support, settings, components=components, absent_slices=absent)
+    return annotation_job(loop.prepared, annotations, components, config)
 
 
 def inner_slices(first: int, last: int, count: int) -> list[int]:

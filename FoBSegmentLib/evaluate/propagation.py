@@ -58,7 +58,7 @@ from FoBSegmentLib.evaluate.interpolation import (
     organ_slice_range,
 )
 from FoBSegmentLib.evaluate.metrics import best_stop_dice, dice, error_breakdown
-from FoBSegmentLib.io.coords import take_slice
+from FoBSegmentLib.io.coords import put_slice, take_slice
 
 # Method -> (short label, what it is). Pipeline methods map to a `--prompts-from` source.
 METHODS: dict[str, tuple[str, str]] = {
@@ -152,18 +152,24 @@ def predict(
     `fob segment` does unless `modality_defaults` is False (the plain baseline).
     Returns the `PropagationResult` (mask [k, j, i] uint8, per-slice reports).
     """
-    from FoBSegmentLib.job import Components, JobSettings, build_job
+    from FoBSegmentLib.job import Components
+
+    return annotation_job(prepared, annotations, Components(generator, segmenter, source), config,
+                          modality_defaults).run()
+
+
+def annotation_job(prepared: Any, annotations: dict[int, np.ndarray], components: Any, config: Any = None,
+                   modality_defaults: bool = True) -> Any:
+    """The `job.Job` of `predict` (annotations as there; an empty mask is an annotated absence) with
+    already loaded `components` (`job.Components`, whose prompt source is used)."""
+    from FoBSegmentLib.job import JobSettings, build_job
 
     support_vol = np.zeros(prepared.normalised.shape[:3], bool)
-    sl = [slice(None)] * 3
     for index, ann in annotations.items():
-        sl[prepared.axis] = int(index)
-        support_vol[tuple(sl)] = np.asarray(ann, bool)
-    settings = JobSettings(prompts_from=source, config=config, modality_presets=modality_defaults)
+        put_slice(support_vol, prepared.axis, int(index), np.asarray(ann, bool))
+    settings = JobSettings(prompts_from=components.prompts_from, config=config, modality_presets=modality_defaults)
     absent = [z for z, ann in annotations.items() if not np.asarray(ann).any()]
-    job = build_job(prepared, support_vol, settings, components=Components(generator, segmenter, source),
-                    absent_slices=absent)
-    return job.run()
+    return build_job(prepared, support_vol, settings, components=components, absent_slices=absent)
 
 
 # ----------------------------------------------------------------------------------------------
