@@ -65,8 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="write the tables into OUT between the --section markers (e.g. docs/RESULTS.md); the "
                    "propagation protocol writes its own `propagation` section")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
-                   help="no evaluation: merge earlier --json reports (e.g. one per dataset, run in parallel) "
-                   "and print / write their tables")
+                   help="no evaluation: merge earlier --json reports of the same protocol (e.g. one per dataset, "
+                   "run in parallel) and print / write their tables (fob and interactive protocols)")
     p.add_argument("--section", default="fob-protocol", metavar="NAME",
                    help="the --markdown section to write, between <!-- NAME:start/end --> (default fob-protocol: "
                    "the shipped model; e.g. heldout-setting1, heldout-setting2 for per-fold models)")
@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-from", default=None, choices=("hybrid", "neighbour", "fob"),
                    help="interactive protocol: the pipeline's prompt source (default hybrid, fob segment's default)")
     p.add_argument("--plot", metavar="PNG", help="interactive protocol: write the Dice-per-slices plot (PNG)")
+    p.add_argument("--strategies", nargs="+", metavar="NAME",
+                   help="interactive protocol: a subset of ranked blind prompts even fill (default all; fill "
+                   "between the ranked slices needs ranked)")
     p.add_argument("--cases", nargs="+", metavar="ID",
                    help="propagation protocol: only these case ids (e.g. 1 2 for CHAOS); default all")
     p.set_defaults(func=run)

@@ -44,7 +44,7 @@ from FoBSegmentLib.evaluate.interpolation import (
 from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.io.coords import put_slice, take_slice
 
-STRATEGIES = ("ranked", "blind", "prompts")
+STRATEGIES = ("ranked", "blind", "prompts", "even", "fill")
 
 
 @dataclass
@@ -151,30 +151,37 @@ def run_prompt_corrections(loop: Loop, components: Any, config: Any, rounds: int
     return scores
 
 
-def run_loop(loop: Loop, components: Any, config: Any, rounds: int, even_counts: list[int]) -> dict[str, Any]:
-    """Every strategy and baseline on one case and organ; the record of the JSON report."""
+def run_loop(loop: Loop, components: Any, config: Any, rounds: int, even_counts: list[int],
+             strategies: tuple[str, ...] = STRATEGIES) -> dict[str, Any]:
+    """The `strategies` (default every one and every baseline) on one case and organ; the record of the
+    JSON report ("fill" needs "ranked" for the Fill between the ranked slices)."""
     axis = loop.prepared.axis
     rec: dict[str, Any] = {"dataset": loop.dataset, "case": loop.case_id, "organ": loop.organ,
                            "ref_range": [loop.first, loop.last]}
     t0 = time.perf_counter()
-    rec["ranked"], rec["ranked_slices"] = run_annotator(loop, components, config, rounds, "ranked")
-    rec["blind"], rec["blind_slices"] = run_annotator(loop, components, config, rounds, "blind")
-    rec["prompts"] = run_prompt_corrections(loop, components, config, rounds)
-    rec["even"], rec["even_inner"], rec["fill_even"] = {}, {}, {}
-    for n in even_counts:
-        for row, picks in (("even", evenly_spaced_slices(loop.first, loop.last, n)),
-                           ("even_inner", inner_slices(loop.first, loop.last, n))):
-            picks = sorted({annotated_nonempty(loop.ref, axis, z) for z in picks})
-            result = _job(loop, {z: loop.draw(z) for z in picks}, components, config).run()
-            rec[row][str(n)] = dice(result.mask, loop.ref)
-        if n >= 2:
-            rec["fill_even"][str(n)] = dice(fill_between_slices(loop.ref, axis, n)[0], loop.ref)
-    rec["fill_ranked"] = []
-    for k in range(2, len(rec["ranked_slices"]) + 1):
-        seed = np.zeros(loop.ref.shape, np.uint8)
-        for z in rec["ranked_slices"][:k]:
-            put_slice(seed, axis, z, loop.draw(z))
-        rec["fill_ranked"].append(dice(morphological_contour_interpolation(seed, axis=None) > 0, loop.ref))
+    for strategy in ("ranked", "blind"):
+        if strategy in strategies:
+            rec[strategy], rec[f"{strategy}_slices"] = run_annotator(loop, components, config, rounds, strategy)
+    if "prompts" in strategies:
+        rec["prompts"] = run_prompt_corrections(loop, components, config, rounds)
+    if "even" in strategies:
+        rec["even"], rec["even_inner"] = {}, {}
+        for n in even_counts:
+            for row, picks in (("even", evenly_spaced_slices(loop.first, loop.last, n)),
+                               ("even_inner", inner_slices(loop.first, loop.last, n))):
+                picks = sorted({annotated_nonempty(loop.ref, axis, z) for z in picks})
+                result = _job(loop, {z: loop.draw(z) for z in picks}, components, config).run()
+                rec[row][str(n)] = dice(result.mask, loop.ref)
+    if "fill" in strategies:
+        rec["fill_even"] = {str(n): dice(fill_between_slices(loop.ref, axis, n)[0], loop.ref)
+                            for n in even_counts if n >= 2}
+    if "fill" in strategies and "ranked" in strategies:
+        rec["fill_ranked"] = []
+        for k in range(2, len(rec["ranked_slices"]) + 1):
+            seed = np.zeros(loop.ref.shape, np.uint8)
+            for z in rec["ranked_slices"][:k]:
+                put_slice(seed, axis, z, loop.draw(z))
+            rec["fill_ranked"].append(dice(morphological_contour_interpolation(seed, axis=None) > 0, loop.ref))
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     return rec
 
@@ -194,33 +201,54 @@ def loops(cases: list, organs: list[int]):
             yield Loop(case.dataset, case.case_id, organ, prepared, ref, first, last)
 
 
+def _strategies(names: list[str] | None) -> tuple[str, ...]:
+    chosen = tuple(names or STRATEGIES)
+    bad = [n for n in chosen if n not in STRATEGIES]
+    if bad:
+        raise ValueError(f"--strategies: unknown {', '.join(bad)} (choose from {', '.join(STRATEGIES)})")
+    return tuple(n for n in STRATEGIES if n in chosen)
+
+
+def _read_reports(paths: list[str]) -> tuple[list[dict], dict[str, Any]]:
+    """The records of earlier `--json` reports of this protocol (e.g. one per dataset, run in parallel)
+    and the first one's header; they must share rounds, prompt source and segmenter."""
+    records: list[dict] = []
+    first: dict[str, Any] | None = None
+    for name in paths:
+        try:
+            doc = json.loads(Path(name).read_text())
+        except OSError as exc:
+            raise ValueError(f"--from-json: cannot read {name} ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--from-json: {name} is not JSON ({exc.msg})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or "rounds" not in doc:
+            raise ValueError(f"--from-json: {name} is not a `fob evaluate --protocol interactive --json` report")
+        key = ("rounds", "prompts_from", "segmenter", "model")
+        if first is None:
+            first = {**doc, "commands": [doc.get("command", "")], "seconds_total": doc.get("seconds", 0.0)}
+        elif tuple(doc.get(k) for k in key) != tuple(first.get(k) for k in key):
+            raise ValueError(f"--from-json: {name} used other rounds, prompts, segmenter or model than {paths[0]}")
+        else:
+            first["commands"].append(doc.get("command", ""))
+            first["seconds_total"] += doc.get("seconds", 0.0)
+        records += doc["records"]
+    assert first is not None
+    return records, first
+
+
 def run(args: Any) -> int:
     """`fob evaluate --protocol interactive`: the records, the tables, --json, --markdown and --plot."""
     from FoBSegmentLib.evaluate import interactive_report as report
-    from FoBSegmentLib.evaluate.propagation import make_runtime, resolve_organs, select_cases
-    from FoBSegmentLib.job import Components
 
-    cases = select_cases(list(args.dataset or VOLUME_DATASETS), args.data, args.cases)
-    organs = resolve_organs(args.organs)
-    rounds = int(args.rounds)
-    if not 1 <= rounds <= 20:
-        raise ValueError(f"--rounds must be 1..20, got {rounds}")
-    source = args.prompts_from or "hybrid"
-    runtime, model_line, notes = make_runtime(args, [source])
-    if source in ("fob", "hybrid") and runtime.generator is None:
-        source = "neighbour"
-        notes.append("no FoB model: neighbour prompts")
-    components = Components(runtime.generator, runtime.segmenter, source)
-    records = []
-    t0 = time.perf_counter()
-    all_loops = list(loops(cases, organs))
-    for i, loop in enumerate(all_loops):
-        records.append(run_loop(loop, components, None, rounds, list(range(1, rounds + 2))))
-        if not args.quiet:
-            r = records[-1]
-            print(f"[{i + 1}/{len(all_loops)}] {loop.dataset} {loop.case_id} {ORGANS[loop.organ]}: ranked "
-                  + " ".join(f"{100 * d:.1f}" for d in r["ranked"]) + f" ({r['seconds']} s)", file=sys.stderr)
-    doc = report.build(records, rounds, source, args.segmenter, model_line, notes, time.perf_counter() - t0)
+    section = report.SECTION if args.section in (None, "fob-protocol") else args.section
+    report.markers(section)  # a bad name fails now, not after the evaluation
+    if args.from_json:
+        records, head = _read_reports(args.from_json)
+        doc = report.build(records, int(head["rounds"]), head["prompts_from"], head["segmenter"], head["model"],
+                           head.get("notes", []), head["seconds_total"])
+        doc["command"] = " ; ".join(c for c in dict.fromkeys(head["commands"]) if c)
+    else:
+        doc = _evaluate(args, report)
     print(report.text_tables(doc))
     if args.json:
         from FoBSegmentLib.atomic import write_text_atomic
@@ -231,9 +259,39 @@ def run(args: Any) -> int:
         report.plot(doc, Path(args.plot))
         print(f"wrote {args.plot}")
     if args.markdown:
-        report.write_markdown(doc, Path(args.markdown), args.plot)
+        report.write_markdown(doc, Path(args.markdown), args.plot, section)
         print(f"wrote {args.markdown}")
     return 0
+
+
+def _evaluate(args: Any, report: Any) -> dict[str, Any]:
+    from FoBSegmentLib.evaluate.propagation import make_runtime, resolve_organs, select_cases
+    from FoBSegmentLib.job import Components
+
+    cases = select_cases(list(args.dataset or VOLUME_DATASETS), args.data, args.cases)
+    organs = resolve_organs(args.organs)
+    rounds = int(args.rounds)
+    if not 1 <= rounds <= 20:
+        raise ValueError(f"--rounds must be 1..20, got {rounds}")
+    strategies = _strategies(getattr(args, "strategies", None))
+    source = args.prompts_from or "hybrid"
+    runtime, model_line, notes = make_runtime(args, [source])
+    if source in ("fob", "hybrid") and runtime.generator is None:
+        source = "neighbour"
+        notes.append("no FoB model: neighbour prompts")
+    components = Components(runtime.generator, runtime.segmenter, source)
+    records = []
+    t0 = time.perf_counter()
+    all_loops = list(loops(cases, organs))
+    for i, loop in enumerate(all_loops):
+        records.append(run_loop(loop, components, None, rounds, list(range(1, rounds + 2)), strategies))
+        if not args.quiet:
+            r = records[-1]
+            row = next((s for s in ("ranked", "blind", "prompts") if s in r), None)
+            curve = f"{row} " + " ".join(f"{100 * d:.1f}" for d in r[row]) if row else "done"
+            print(f"[{i + 1}/{len(all_loops)}] {loop.dataset} {loop.case_id} {ORGANS[loop.organ]}: {curve} "
+                  f"({r['seconds']} s)", file=sys.stderr)
+    return report.build(records, rounds, source, args.segmenter, model_line, notes, time.perf_counter() - t0)
 
 
 __all__ = ["DATASET_TITLES", "STRATEGIES", "run", "run_loop"]

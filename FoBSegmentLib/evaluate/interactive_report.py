@@ -30,7 +30,9 @@ ROWS = (("ranked", "pipeline, slices chosen by the ranking"), ("blind", "pipelin
 def _curve(rec: dict, row: str, rounds: int) -> list[float | None]:
     """Dice (%) for N = 1..rounds+1 annotated slices of one record and row (None where undefined)."""
     n_max = rounds + 1
-    if row in ("ranked", "blind", "prompts"):
+    if row not in rec:  # a strategy left out of the run (--strategies)
+        vals = []
+    elif row in ("ranked", "blind", "prompts"):
         vals = list(rec[row])
     elif row == "fill_ranked":
         vals = [None, *rec["fill_ranked"]]
@@ -60,13 +62,19 @@ def summarise(records: list[dict], rounds: int) -> dict[str, Any]:
     return out
 
 
+def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ROWS this summary has numbers for (a run may leave strategies out)."""
+    return [(row, label) for row, label in ROWS if any(v is not None for v in s["mean"][row])]
+
+
 def check_targets(summary: dict[str, Any], rounds: int) -> list[str]:
-    """One line per target of the issue: met or missed, by how much."""
+    """One line per target of the issue whose rows were measured: met or missed, by how much."""
     lines = []
     for ds, s in summary.items():
+        have = {row for row, _ in _rows(s)}
         for row in ("even", "even_inner", "ranked"):
             for n, target in TARGETS.items():
-                if n > rounds + 1:
+                if n > rounds + 1 or row not in have:
                     continue
                 v = s["mean"][row][n - 1]
                 ok = v is not None and v >= target
@@ -77,14 +85,15 @@ def check_targets(summary: dict[str, Any], rounds: int) -> list[str]:
                   for n in range(1, rounds + 1)
                   if s["organs"][o][row][n] is not None and s["organs"][o][fill][n] is not None
                   and s["organs"][o][row][n] <= s["organs"][o][fill][n]]
-        lines.append(f"{ds}: above Fill between slices for every organ and N >= 2: "
-                     + ("yes" if not misses else "no, " + "; ".join(misses)))
-        for row in ("even", "even_inner", "ranked"):
+        if have & {"fill_even", "fill_ranked"}:
+            lines.append(f"{ds}: above Fill between slices for every organ and N >= 2: "
+                         + ("yes" if not misses else "no, " + "; ".join(misses)))
+        for row in sorted(have & {"even", "even_inner", "ranked"}):
             m = [v for v in s["mean"][row] if v is not None]
             drops = [f"N={i + 2}" for i, (a, b) in enumerate(zip(m, m[1:])) if b < a]
             lines.append(f"{ds}: {row} monotone in N: " + ("yes" if not drops else "no, drops at " + ", ".join(drops)))
         for k in (1, 3):
-            if k <= rounds:
+            if k <= rounds and {"ranked", "blind"} <= have:
                 a, b = s["mean"]["ranked"][k], s["mean"]["blind"][k]
                 lines.append(f"{ds}: ranking vs blind after {k} round(s): {a:.1f} vs {b:.1f} "
                              + ("(ranking better)" if a > b else "(ranking NOT better)"))
@@ -110,7 +119,7 @@ def _table(s: dict[str, Any], rounds: int) -> list[str]:
     head = "| organ | method | " + " | ".join(f"N={n}" for n in range(1, rounds + 2)) + " |"
     lines = [head, "|" + "---|" * (rounds + 3)]
     for organ, rows in [*s["organs"].items(), ("mean", s["mean"])]:
-        for row, label in ROWS:
+        for row, label in _rows(s):
             lines.append(f"| {organ} | {label} | " + " | ".join(_fmt(v) for v in rows[row]) + " |")
     return lines
 
@@ -145,7 +154,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             if rows is None:
                 ax.set_visible(False)
                 continue
-            for row, label in ROWS:
+            for row, label in _rows(s):
                 ys = np.array([np.nan if v is None else v for v in rows[row]])
                 color, ls, marker = styles[row]
                 ax.plot(n, ys, color=color, linestyle=ls, marker=marker, markersize=4, label=label)
@@ -164,9 +173,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(doc: dict[str, Any], plot_path: str | None) -> str:
-    start, end = markers(SECTION)
-    lines = [start, "## The annotation loop (issue 16)", "",
+def markdown(doc: dict[str, Any], plot_path: str | None, section: str = SECTION) -> str:
+    start, end = markers(section)
+    title = "## The annotation loop (issue 16)" if section == SECTION else f"## The annotation loop (issue 16): {section}"
+    lines = [start, title, "",
              f"Command: `{doc['command']}`", "",
              f"Pipeline: `fob segment`'s job (prompts {doc['prompts_from']}, segmenter {doc['segmenter']}, "
              f"model {doc['model']}). {doc['rounds']} rounds; wall time {doc['seconds']:.0f} s on "
@@ -180,5 +190,5 @@ def markdown(doc: dict[str, Any], plot_path: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(doc: dict[str, Any], path: Path, plot_path: str | None) -> None:
-    write_section(path, markdown(doc, plot_path))
+def write_markdown(doc: dict[str, Any], path: Path, plot_path: str | None, section: str = SECTION) -> None:
+    write_section(path, markdown(doc, plot_path, section))
