@@ -87,6 +87,29 @@ def test_review_ranking_lists_every_segmented_slice_and_never_reads_the_referenc
     assert ranked_pick(res2, [middle]) == ranked_pick(res, [middle])
 
 
+def _result(areas: dict[int, int], annotated: list[int], scores: dict[int, float] | None = None) -> P.PropagationResult:
+    reports = {z: P.SliceReport(z, "annotation" if z in annotated else ("neighbour" if a else "skipped"), area=a,
+                                score=(scores or {}).get(z, 0.9))
+               for z, a in areas.items()}
+    return P.PropagationResult(np.zeros((len(areas), 4, 4), np.uint8), {}, reports, 0, "neighbour")
+
+
+def test_the_ranking_goes_where_a_correction_removes_most_error() -> None:
+    # An organ on slices 0..30, annotated on slice 8: its large cross-sections lie on 14..24.
+    areas = {z: int(100 + 900 * np.exp(-((z - 19) / 6.0) ** 2)) for z in range(31)}
+    items = review_ranking(_result(areas, [8]))
+    first = items[0].index
+    assert 16 <= first <= 24, [it.to_json() for it in items[:3]]
+    assert "estimated error" in items[0].reason
+    # Between two annotations the middle of the gap beats the slices next to them.
+    mid = review_ranking(_result(areas, [8, 28]))
+    assert 15 <= mid[0].index <= 21 and {8, 28}.isdisjoint(it.index for it in mid)
+    # Of two equal stretches, the one whose slices the segmenter doubts comes first.
+    flat = {z: 500 for z in range(21)}
+    doubt = review_ranking(_result(flat, [10], {z: (0.3 if z > 10 else 0.95) for z in flat}))
+    assert doubt[0].index > 10
+
+
 def test_blind_and_inner_picks() -> None:
     assert blind_pick([10], (4, 20)) == 16  # the larger run 11..20, its middle rounded up
     assert blind_pick([10, 15], (10, 15)) == 13
@@ -118,6 +141,22 @@ def test_interactive_command_writes_json_plot_and_section(tmp_path: Path, capsys
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = md.read_text()
     assert "<!-- interactive:start -->" in text and "Targets:" in text
+    # A subset of the strategies into its own section, then two reports merged without evaluating.
+    part = tmp_path / "part.json"
+    rc = cli.main(["evaluate", "--protocol", "interactive", "--dataset", "chaos", "--cases", "2", "--organs", "3",
+                   "--rounds", "1", "--prompts-from", "neighbour", "--quiet", "--strategies", "blind",
+                   "--json", str(part), "--markdown", str(md), "--section", "interactive-blind"])
+    assert rc == 0, capsys.readouterr().err
+    assert set(json.loads(part.read_text())["records"][0]) >= {"blind"}
+    assert "ranked" not in json.loads(part.read_text())["records"][0]
+    assert "<!-- interactive-blind:start -->" in md.read_text() and "<!-- interactive:start -->" in md.read_text()
+    merged = tmp_path / "merged.json"
+    assert cli.main(["evaluate", "--protocol", "interactive", "--from-json", str(out), str(part),
+                     "--json", str(merged)]) == 0
+    assert len(json.loads(merged.read_text())["records"]) == 2
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--protocol", "interactive", "--strategies", "psychic", "--dataset", "chaos"]) == 2
+    assert "--strategies" in capsys.readouterr().err
 
 
 def test_review_out_file_and_bad_paths(tmp_path: Path, data_dir: Path, capsys) -> None:
