@@ -184,3 +184,30 @@ def test_sam_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsy
                                                       f"{liver['middle'] - 2}:{liver['middle'] + 2}"])
     assert len(doc[RECORD_KEY]["slices"]) == 4
     assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ"
+
+
+def test_slices_between_two_agreeing_annotations_come_from_their_interpolated_shape(
+        liver: dict, tmp_path: Path, data_dir: Path, capsys) -> None:
+    lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz")
+    ref = lab.array == 1
+    a, b = liver["middle"], liver["middle"] + 4
+    sup = np.zeros(ref.shape, np.uint8)
+    sup[a], sup[b] = ref[a], ref[b]
+    support = volumes.write_label(tmp_path / "two.nii.gz", sup, lab.geometry)
+    first, p = tmp_path / "a.nii.gz", tmp_path / "p.mrk.json"
+    fob([liver["image"], "-o", first, "--support-mask", support, "--prompts-out", p, "--quiet"], capsys)
+    doc = json.loads(p.read_text())
+    sources = {e["index"]: e["source"] for e in doc[RECORD_KEY]["slices"]}
+    assert [sources.get(z) for z in range(a + 1, b)] == ["interpolated"] * 3, sources
+    assert all(sources[z] == "neighbour" for z in sources if not a <= z <= b)
+    # Unedited, the file gives the mask back; moving the points of one interpolated slice changes that
+    # slice alone (it has no parent and starts no chain).
+    again = tmp_path / "b.nii.gz"
+    fob([liver["image"], "-o", again, "--support-mask", support, "--prompts-in", p, "--quiet"], capsys)
+    assert np.array_equal(read(first), read(again))
+    assert _move_slice_points(doc, a + 2, 20.0) > 0
+    p.write_text(json.dumps(doc))
+    edited = tmp_path / "c.nii.gz"
+    fob([liver["image"], "-o", edited, "--support-mask", support, "--prompts-in", p, "--quiet"], capsys)
+    differs = np.flatnonzero((read(first) != read(edited)).any(axis=(1, 2))).tolist()
+    assert differs == [a + 2]

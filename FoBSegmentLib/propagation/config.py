@@ -51,6 +51,10 @@ class PropagationConfig:
         than `grow` x the smallest area since the peak ends it (a kidney chain entering the spleen).
     Between two annotated slices no chain ends: a slice where one of the rules above fires is kept
     and flagged "review: ...".
+    interpolate_agreement: two neighbouring annotated slices whose masks overlap at least this much
+        (Dice) outline the same cross-section drifting slowly: each slice between them is segmented
+        from the shape interpolated between the two (its ring, points and shape prior), not chained
+        from one of them. Only for segmenters with a shape prior; None = off.
     largest_component: keep only the largest 3D connected component.
     fill_holes: fill enclosed holes in each 2D slice of the result.
     """
@@ -74,6 +78,7 @@ class PropagationConfig:
     shape_prior: bool = True
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
+    interpolate_agreement: float | None = 0.5
     largest_component: bool = False
     fill_holes: bool = True
 

@@ -201,8 +201,9 @@ class _Replay:
         return PromptSet(points.background, points.foreground, fg_probability=prob, prior_mask=prior)
 
     def rechain(self, z: int, e: dict[str, Any], mask: np.ndarray) -> None:
-        """Propagate again from slice z: its recorded descendants are replaced by a new chain."""
-        if self.look is None:
+        """Propagate again from slice z: its recorded descendants are replaced by a new chain. A slice
+        filled from the interpolated shape of two annotations has none, and starts no chain."""
+        if self.look is None or e.get("source") == "interpolated":
             return
         below = _descendants(self.entries, z)
         self.done |= below

@@ -97,6 +97,45 @@ def chain_stop(z0: int, step: int, seed_slices: list[int], rng: tuple[int, int],
     return None
 
 
+def interpolated_gaps(run: Runner, seeds: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+    """The gaps (a, b) between neighbouring annotated slices (both showing the organ, at least one slice
+    between them) that are filled from their interpolated shape (`config.interpolate_agreement`)."""
+    cfg = run.config
+    if cfg.interpolate_agreement is None or fill_areas(run, seeds) is None:
+        return []
+    zs = sorted(z for z, m in seeds.items() if m.any())
+    return [(a, b) for a, b in zip(zs, zs[1:])
+            if b - a >= 2 and dice(seeds[a], seeds[b]) >= cfg.interpolate_agreement]
+
+
+def interpolate_shape(mask_a: np.ndarray, mask_b: np.ndarray, t: float) -> np.ndarray:
+    """The shape a fraction t (0..1) of the way from (H, W) bool mask_a to mask_b: the zero level of the
+    linearly blended signed distance maps (shape-based interpolation, Raya and Udupa 1990)."""
+    from scipy import ndimage
+
+    def signed(m: np.ndarray) -> np.ndarray:
+        return ndimage.distance_transform_edt(~m) - ndimage.distance_transform_edt(m)
+
+    return (1.0 - t) * signed(np.asarray(mask_a, bool)) + t * signed(np.asarray(mask_b, bool)) < 0
+
+
+def fill_gap(run: Runner, a: int, mask_a: np.ndarray, b: int, mask_b: np.ndarray, support_index: int) -> None:
+    """Segment the slices strictly between annotated slices a < b, each from the shape interpolated
+    between their masks (ring and points from it, it as the stored shape prior): source
+    "interpolated", no parent, so an edit of one of them changes that slice alone. An explicit slice
+    range (`config.slices`) is honoured."""
+    lo, hi = (0, run.n - 1) if run.config.slices == "auto" else run.config.slices
+    for z in range(max(a + 1, lo), min(b, hi + 1)):
+        run.check_cancel()
+        shape = interpolate_shape(mask_a, mask_b, (z - a) / (b - a))
+        ps = prompts_from_mask(shape, run.config)
+        if ps is None:
+            continue
+        m, score = run.segment(z, ps)
+        run.accept(z, m, SliceReport(z, "interpolated", support_index=support_index, prior="stored", score=score), ps)
+        run.tick(f"slice {z}")
+
+
 def fill_areas(run: Runner, seeds: dict[int, np.ndarray]) -> dict[int, int] | None:
     """The `areas` argument of `chain_stop` for this run's segmenter."""
     if not (run.config.shape_prior and getattr(run.segmenter, "uses_prior_mask", False)):
@@ -319,8 +358,13 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
         seeds = [(z0, m, mid)]
     seed_slices = sorted(z for z, *_ in seeds)
     areas = fill_areas(run, {z: m for z, m, _ in seeds})
+    gaps = interpolated_gaps(run, {z: m for z, m, _ in seeds}) if same_volume else []
+    by_index = {z: (m, sup) for z, m, sup in seeds}
+    for a, b in gaps:
+        fill_gap(run, a, by_index[a][0], b, by_index[b][0], by_index[a][1].index)
     for z0, mask0, sup in seeds:
         for step in (-1, 1):
             bounds = chain_stop(z0, step, seed_slices, rng, areas)
-            if bounds is not None:
-                chain(run, z0, mask0, step, bounds[0], bounds[1], sup.index, look)
+            if bounds is None or (bounds[1] is not None and tuple(sorted((z0, bounds[1]))) in gaps):
+                continue
+            chain(run, z0, mask0, step, bounds[0], bounds[1], sup.index, look)

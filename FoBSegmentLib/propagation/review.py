@@ -33,7 +33,7 @@ import numpy as np
 
 from FoBSegmentLib.propagation.types import PropagationResult
 
-SEGMENTED = ("neighbour", "fob", "edited", "prompts-in")
+SEGMENTED = ("neighbour", "interpolated", "fob", "edited", "prompts-in")
 DOUBT_WEIGHTS = {"shape": 0.4, "look": 0.4, "end": 0.2}
 
 

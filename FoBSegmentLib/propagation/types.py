@@ -39,7 +39,8 @@ class SupportSlice:
 class SliceReport:
     """What happened on one slice.
 
-    source: "annotation" (copied from the support mask), "fob", "neighbour", "prompts-in" (the
+    source: "annotation" (copied from the support mask), "fob", "neighbour", "interpolated" (between two
+        annotated slices that agree, from the shape interpolated between them), "prompts-in" (the
         person's prompts of a prompts file without a propagation record), "edited" (a slice whose
         prompts a person changed, replayed from a propagation record), or "skipped" (outside the
         organ range / after the chain stopped).
