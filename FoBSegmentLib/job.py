@@ -192,7 +192,7 @@ def load_components(settings: JobSettings, replaying: bool = False, generator: A
         notes.append("prompts: read from the prompts file, nothing predicted")
     elif generator is not None:
         notes.append("prompts: the FoB model already loaded")
-    elif source in ("fob", "hybrid") or settings.model:
+    elif source in ("fob", "hybrid", "chained") or settings.model:
         generator, why = load_generator(settings.model, required=True, device=settings.device)
         notes.append(f"prompts: {why}")
     elif source == "auto":

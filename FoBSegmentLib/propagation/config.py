@@ -12,7 +12,7 @@ from typing import Any
 
 from FoBSegmentLib.errors import SettingError
 
-PROMPT_SOURCES = ("fob", "neighbour", "hybrid")
+PROMPT_SOURCES = ("fob", "neighbour", "hybrid", "chained")
 
 
 @dataclass
@@ -51,6 +51,17 @@ class PropagationConfig:
         than `grow` x the smallest area since the peak ends it (a kidney chain entering the spleen).
     Between two annotated slices no chain ends: a slice where one of the rules above fires is kept
     and flagged "review: ...".
+    fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
+        (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
+    fob_ring: chained FoB: "add" (FoB's confident ring points join the dilation ring) or "replace"
+        (they replace it; the dilation ring when fewer than 3 are confident).
+    fob_absent: chained FoB: the chain ends where FoB's coarse probability reaches `prob_threshold`
+        on fewer than `min_prob_area` pixels of the next slice (FoB sees no organ there).
+    fob_stop_prob: chained FoB: the chain ends when the mean coarse probability inside the new
+        mask falls below this (the chain walked onto another structure); None = off.
+    fob_keep_prob: chained FoB: an image-only end (intensity, median band, regrow, back-check) is
+        overruled, the slice kept and flagged, when the mean coarse probability inside the new mask
+        reaches this; None = the image rules decide alone.
     largest_component: keep only the largest 3D connected component.
     fill_holes: fill enclosed holes in each 2D slice of the result.
     """
@@ -74,6 +85,11 @@ class PropagationConfig:
     shape_prior: bool = True
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
+    fob_bg_confidence: float = 0.0
+    fob_ring: str = "add"
+    fob_absent: bool = True
+    fob_stop_prob: float | None = 0.3
+    fob_keep_prob: float | None = None
     largest_component: bool = False
     fill_holes: bool = True
 
