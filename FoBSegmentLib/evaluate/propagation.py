@@ -265,8 +265,8 @@ def _chained_fob_rings(res: Any, prepared: Any, generator: Any) -> tuple[dict[in
     """FoB's own ring on every chained slice, predicted again from the slice's parent and its
     accepted mask, as the chain did: (every ring point, the points the chain used: confident and
     outside the parent's mask). Slice -> (N, 2) (x, y)."""
-    from FoBSegmentLib.propagation.fob import chained_prompts, fob_step
     from FoBSegmentLib.prompts import PromptSet
+    from FoBSegmentLib.propagation.fob import chained_prompts, fob_step
 
     every, used = {}, {}
     axis = prepared.axis

@@ -16,8 +16,8 @@ from FoBSegmentLib.labelmap import dice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
-from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
 from FoBSegmentLib.propagation.config import PropagationConfig
+from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
