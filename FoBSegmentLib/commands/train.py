@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="support and query slices 1..G apart (default 1: adjacent, the method's episodes)")
     p.add_argument("--end-fraction", type=float, default=0.0, metavar="F",
                    help="share of episodes drawn at a label's first/last slices (default 0)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from this FoB model's weights (same --encoder and --model-config): fine-tuning")
     p.add_argument("--no-augment", action="store_true", help="disable the episode augmentation")
     p.add_argument("--include-ids", metavar="JSON",
                    help='train on a subset, e.g. \'{"chaos_mr_t2spir": ["1", "2"]}\' (per-fold models)')
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         exclude_organs=list(args.exclude_organs), exclude_mode=args.exclude_mode,
         max_gap=args.max_gap, end_fraction=args.end_fraction,
         setting2_labels=args.setting2_labels, augment=not args.no_augment, grad_clip=args.grad_clip,
-        threads=args.threads, encoder_weights=args.encoder_weights,
+        threads=args.threads, encoder_weights=args.encoder_weights, init=args.init,
         include_ids={k: [str(i) for i in v] for k, v in include.items()} if include else None, model=model,
     )
     result = train(cfg, resume=args.resume, progress=not args.quiet)

@@ -50,7 +50,7 @@ from FoBSegmentLib.train.episodes import (
 )
 
 STATE_FORMAT = "fob-train-state-1"
-_FIELD_DEFAULTS = {"max_gap": 1, "end_fraction": 0.0}
+_FIELD_DEFAULTS = {"max_gap": 1, "end_fraction": 0.0, "init": None}
 
 
 @dataclass
@@ -64,7 +64,8 @@ class TrainConfig:
     model: FoBConfig overrides (encoder, ...); include_ids: {folder name: [ids]} to train on a subset
     (per-fold models); grad_clip: max gradient norm, 0 = off; max_gap / end_fraction: slice distances
     1..max_gap between support and query and the share of episodes at a label's ends
-    (`VolumeEpisodeSampler`).
+    (`VolumeEpisodeSampler`); init: a FoB model file (same model config) whose weights the run
+    starts from instead of a random initialisation (fine-tuning).
     """
 
     data: list[str]
@@ -89,6 +90,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     threads: int = 0
     encoder_weights: str | None = None
+    init: str | None = None
     include_ids: dict[str, list[str]] | None = None
     model: dict = field(default_factory=lambda: {"encoder": "lite"})
 
@@ -280,7 +282,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, files: dict[str, Path
             raise ValueError(f"--resume: {files['state'].name} is not a FoB training state")
         old = json.loads(state["train_config"])
         for key in ("data", "setting", "model", "exclude_organs", "exclude_mode", "setting2_labels", "include_ids",
-                    "max_gap", "end_fraction"):
+                    "max_gap", "end_fraction", "init"):
             # A state written before a field existed ran with its default.
             if old.get(key, _FIELD_DEFAULTS.get(key)) != dataclasses.asdict(cfg).get(key):
                 raise ValueError(f"--resume: {key} differs from the run being resumed ({old.get(key)!r})")
@@ -291,6 +293,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, files: dict[str, Path
     torch.manual_seed(cfg.seed)
     rng = episode_rng(cfg.seed, ctx.rank)
     model = FoBPromptGenerator.from_config(encoder_weights=cfg.encoder_weights, **cfg.model).to(device)
+    if cfg.init and state is None:
+        start = FoBPromptGenerator.load(cfg.init)
+        if start.config.to_dict() != model.config.to_dict():
+            raise ValueError(f"--init: {Path(cfg.init).name} was trained with another model config "
+                             f"({start.config.to_json()}); give the same --encoder and --model-config")
+        model.load_state_dict(start.state_dict(), strict=True)
     model.train()
     net = model
     if ctx.active:
