@@ -139,5 +139,5 @@ def test_chained_stop_never_reads_the_reference(data_dir: Path, tmp_path: Path) 
     assert real.records[0]["dice"] > 0.85 > pert.records[0]["dice"]
     # The prompt quality is scored against the reference (and only there): it sees the change.
     q = real.records[0]["prompt_quality"]
-    assert set(q) == {"used", "fob_ring", "fob_ring_used"} and q["used"]["slices"] >= 10
+    assert set(q) == {"used", "fob_ring", "fob_ring_coarse", "fob_ring_used"} and q["used"]["slices"] >= 10
     assert q["used"]["bg_inside"] < 0.05 and 0 < q["used"]["ring_distance"] < 20

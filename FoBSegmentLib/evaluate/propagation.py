@@ -261,14 +261,15 @@ def prompt_quality(rings: dict[int, np.ndarray], reference: np.ndarray, axis: in
             "ring_distance": float(np.mean(dists)) if dists else None, "per_slice": per}
 
 
-def _chained_fob_rings(res: Any, prepared: Any, generator: Any) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def _chained_fob_rings(res: Any, prepared: Any, generator: Any) -> dict[str, dict[int, np.ndarray]]:
     """FoB's own ring on every chained slice, predicted again from the slice's parent and its
-    accepted mask, as the chain did: (every ring point, the points the chain used: confident and
-    outside the parent's mask). Slice -> (N, 2) (x, y)."""
+    accepted mask, as the chain did: {"fob_ring": every ring point after SPR, "fob_ring_coarse":
+    before SPR, "fob_ring_used": the points the chain used (confident, outside the parent's
+    mask)}, each slice -> (N, 2) (x, y)."""
     from FoBSegmentLib.prompts import PromptSet
     from FoBSegmentLib.propagation.fob import chained_prompts, fob_step
 
-    every, used = {}, {}
+    every, coarse, used = {}, {}, {}
     axis = prepared.axis
     cfg = (res.record or {}).get("config")
     from FoBSegmentLib.propagation import PropagationConfig
@@ -282,8 +283,9 @@ def _chained_fob_rings(res: Any, prepared: Any, generator: Any) -> tuple[dict[in
         step = fob_step(generator, np.asarray(take_slice(prepared.normalised, axis, rep.parent), np.float32), prev,
                         np.asarray(take_slice(prepared.normalised, axis, z), np.float32))
         every[z] = step.background
+        coarse[z] = step.ring(False)
         used[z] = chained_prompts(PromptSet(), step, prev, dataclasses.replace(cfg, fob_ring="replace")).background
-    return every, used
+    return {"fob_ring": every, "fob_ring_coarse": coarse, "fob_ring_used": used}
 
 
 def _range_of(mask: np.ndarray, axis: int) -> list[int] | None:
@@ -478,9 +480,8 @@ def _run_pipeline(task: OrganTask, method: str, runtime: Runtime, rec: dict[str,
     rings = {z: ps.background for z, ps in res.prompts.items()}
     rec["prompt_quality"] = {"used": prompt_quality(rings, ref, axis)}
     if method == "chained" and runtime.generator is not None:
-        every, used = _chained_fob_rings(res, task.prepared, runtime.generator)
-        rec["prompt_quality"]["fob_ring"] = prompt_quality(every, ref, axis)
-        rec["prompt_quality"]["fob_ring_used"] = prompt_quality(used, ref, axis)
+        for kind, rings in _chained_fob_rings(res, task.prepared, runtime.generator).items():
+            rec["prompt_quality"][kind] = prompt_quality(rings, ref, axis)
     return np.asarray(res.mask, bool)
 
 

@@ -177,7 +177,8 @@ def _breakdown_lines(loss: dict) -> list[str]:
     return lines + [""]
 
 
-PROMPT_KINDS = {"used": "prompts the segmenter received", "fob_ring": "FoB's ring, every point",
+PROMPT_KINDS = {"used": "prompts the segmenter received", "fob_ring": "FoB's ring (SPR), every point",
+                "fob_ring_coarse": "FoB's ring before SPR (heatmap argmax), every point",
                 "fob_ring_used": "FoB's ring, the points the chain used"}
 
 

@@ -53,6 +53,7 @@ class PropagationConfig:
     and flagged "review: ...".
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
+    fob_spr: chained FoB: FoB's ring points after SPR (True) or its heatmaps' argmax (False).
     fob_ring: chained FoB: "add" (FoB's confident ring points join the dilation ring) or "replace"
         (they replace it; the dilation ring when fewer than 3 are confident).
     fob_absent: chained FoB: the chain ends where FoB's coarse probability reaches `prob_threshold`
@@ -86,6 +87,7 @@ class PropagationConfig:
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
     fob_bg_confidence: float = 0.0
+    fob_spr: bool = True
     fob_ring: str = "add"
     fob_absent: bool = True
     fob_stop_prob: float | None = 0.3

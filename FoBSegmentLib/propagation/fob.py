@@ -122,15 +122,21 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
 class FoBStep:
     """FoB's view of the next slice of a chain, predicted from the previous accepted slice.
 
-    background: (N, 2) (x, y) ring points of the query slice; confidence: (N,) their heatmap peaks;
-    foreground: (M, 2) (x, y) points; probability: (H, W) float32 coarse foreground map, already
-    quantised as the record stores it (the segmenter of a replay receives the same map).
+    background: (N, 2) (x, y) ring points of the query slice after SPR; coarse: (N, 2) the same
+    points before SPR (the heatmaps' argmax); confidence: (N,) their heatmap peaks; foreground:
+    (M, 2) (x, y) points; probability: (H, W) float32 coarse foreground map, already quantised as
+    the record stores it (the segmenter of a replay receives the same map).
     """
 
     background: np.ndarray
     confidence: np.ndarray
     foreground: np.ndarray
     probability: np.ndarray
+    coarse: np.ndarray | None = None
+
+    def ring(self, spr: bool) -> np.ndarray:
+        """The ring after SPR (spr True, or no coarse points known), else before it."""
+        return self.background if spr or self.coarse is None else self.coarse
 
     def organ_pixels(self, threshold: float) -> int:
         return int((self.probability >= threshold).sum())
@@ -145,16 +151,19 @@ def fob_step(generator: Any, support_image: np.ndarray, support_mask: np.ndarray
     """FoB's prompts and coarse map for `query_image` from one support slice (image (H, W[, 3]),
     mask (H, W) bool). A generator without `predict_with_details` gives confidence 1 to every
     ring point."""
+    coarse = None
     if hasattr(generator, "predict_with_details"):
         d = generator.predict_with_details(support_image, support_mask, query_image)
         ps, conf = d["prompts"], np.asarray(d["bg_confidence"], np.float32)
+        if len(ps.background) == len(d.get("coarse_background", ())):
+            coarse = np.asarray(d["coarse_background"], np.float64)
     else:
         ps = generator.predict(support_image, support_mask, query_image)
         conf = np.ones(len(ps.background), np.float32)
     if ps.fg_probability is None:
         raise ValueError("chained FoB needs the generator's coarse foreground probability")
     prob = dequantize_probability(quantize_probability(ps.fg_probability))
-    return FoBStep(np.asarray(ps.background, np.float64), conf, np.asarray(ps.foreground, np.float64), prob)
+    return FoBStep(np.asarray(ps.background, np.float64), conf, np.asarray(ps.foreground, np.float64), prob, coarse)
 
 
 def chained_prompts(neighbour: PromptSet, step: FoBStep, prev: np.ndarray, config: Any) -> PromptSet:
@@ -174,10 +183,11 @@ def chained_prompts(neighbour: PromptSet, step: FoBStep, prev: np.ndarray, confi
         r = np.clip(np.round(points[:, 1]).astype(int), 0, h - 1)
         return prev[r, c]
 
-    ok = np.zeros(len(step.background), bool)
-    if len(step.background):
-        ok = (step.confidence >= config.fob_bg_confidence) & ~inside(step.background)
-    fob_bg = step.background[ok]
+    ring = step.ring(config.fob_spr)
+    ok = np.zeros(len(ring), bool)
+    if len(ring):
+        ok = (step.confidence >= config.fob_bg_confidence) & ~inside(ring)
+    fob_bg = ring[ok]
     if config.fob_ring == "replace" and len(fob_bg) >= 3:
         background = fob_bg
     else:
