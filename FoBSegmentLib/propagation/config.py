@@ -53,6 +53,10 @@ class PropagationConfig:
     and flagged "review: ...".
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
+    fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
+        to its data term (`GraphCutSegmenter.prob_weight`). Off by default: it cost 2.9 points on
+        CHAOS MR (docs/RESULTS.md, "FoB in the chain"): the map covers the neighbouring organs too.
+        The stop rules below read the probability either way.
     fob_spr: chained FoB: FoB's ring points after SPR (True) or its heatmaps' argmax (False).
     fob_ring: chained FoB: "add" (FoB's confident ring points join the dilation ring) or "replace"
         (they replace it; the dilation ring when fewer than 3 are confident).
@@ -87,6 +91,7 @@ class PropagationConfig:
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
     fob_bg_confidence: float = 0.0
+    fob_data_term: bool = False
     fob_spr: bool = True
     fob_ring: str = "add"
     fob_absent: bool = True

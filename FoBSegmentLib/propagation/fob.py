@@ -171,8 +171,9 @@ def chained_prompts(neighbour: PromptSet, step: FoBStep, prev: np.ndarray, confi
     with its interior points and shape prior) combined with FoB's prediction from that mask:
     FoB's ring points where FoB is confident and that lie outside the previous mask (a point the
     previous slice calls organ is FoB contradicting the chain, the costliest error of a hard
-    background seed), FoB's foreground points inside the previous mask, and FoB's coarse
-    probability for the segmenter's data term. Frames: (x, y) pixels, masks (H, W) bool."""
+    background seed), FoB's foreground points inside the previous mask, and, with
+    `config.fob_data_term`, FoB's coarse probability for the segmenter's data term. Frames: (x, y)
+    pixels, masks (H, W) bool."""
     prev = np.asarray(prev, bool)
     h, w = prev.shape
 
@@ -194,4 +195,5 @@ def chained_prompts(neighbour: PromptSet, step: FoBStep, prev: np.ndarray, confi
         background = np.concatenate([neighbour.background, fob_bg]) if len(fob_bg) else neighbour.background
     fob_fg = step.foreground[inside(step.foreground)] if len(step.foreground) else step.foreground
     foreground = np.concatenate([neighbour.foreground, fob_fg]) if len(fob_fg) else neighbour.foreground
-    return PromptSet(background, foreground, fg_probability=step.probability, prior_mask=neighbour.prior_mask)
+    prob = step.probability if config.fob_data_term else None
+    return PromptSet(background, foreground, fg_probability=prob, prior_mask=neighbour.prior_mask)
