@@ -57,7 +57,9 @@ class PropagationConfig:
         to its data term (`GraphCutSegmenter.prob_weight`). Off by default: it cost 2.9 points on
         CHAOS MR (docs/RESULTS.md, "FoB in the chain"): the map covers the neighbouring organs too.
         The stop rules below read the probability either way.
-    fob_spr: chained FoB: FoB's ring points after SPR (True) or its heatmaps' argmax (False).
+    fob_spr: chained FoB: FoB's ring points after SPR (True) or its heatmaps' argmax (False). Off
+        by default: SPR puts more ring points inside the organ and the chain scored lower with it on
+        CHAOS MR and Synapse CT (docs/RESULTS.md, "FoB in the chain").
     fob_ring: chained FoB: "add" (FoB's confident ring points join the dilation ring) or "replace"
         (they replace it; the dilation ring when fewer than 3 are confident).
     fob_absent: chained FoB: the chain ends where FoB's coarse probability reaches `prob_threshold`
@@ -92,7 +94,7 @@ class PropagationConfig:
     regrow: tuple[float, float] | None = (0.9, 1.3)
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
-    fob_spr: bool = True
+    fob_spr: bool = False
     fob_ring: str = "add"
     fob_absent: bool = True
     fob_stop_prob: float | None = 0.3
