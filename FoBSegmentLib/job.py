@@ -192,7 +192,7 @@ def load_components(settings: JobSettings, replaying: bool = False, generator: A
         notes.append("prompts: read from the prompts file, nothing predicted")
     elif generator is not None:
         notes.append("prompts: the FoB model already loaded")
-    elif source in ("fob", "hybrid") or settings.model:
+    elif source in ("fob", "hybrid", "chained") or settings.model:
         generator, why = load_generator(settings.model, required=True, device=settings.device)
         notes.append(f"prompts: {why}")
     elif source == "auto":
@@ -200,7 +200,12 @@ def load_components(settings: JobSettings, replaying: bool = False, generator: A
         if generator is None:
             notes.append(f"prompts: neighbour chaining (no learning), because {why}")
         else:
-            notes.append(f"prompts: hybrid (FoB finds the organ's extent, neighbour chaining its shape), {why}")
+            # Said plainly (issue 17): on the evaluation data FoB's range never changed the result,
+            # and FoB chained into every slice scored below the neighbour chain (docs/RESULTS.md).
+            notes.append("prompts: hybrid: FoB's coarse map bounds the organ's slice range, the shape comes from "
+                         "the neighbour chain, because FoB chained into every slice (--prompts-from chained) "
+                         "scored below it (docs/RESULTS.md, 'FoB in the chain'); on CHAOS MR and Synapse CT "
+                         f"the range did not change the result; {why}")
     else:
         notes.append("prompts: neighbour chaining from the annotated slice (no learning)")
     if source == "auto":

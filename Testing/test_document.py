@@ -49,7 +49,7 @@ def round_trip(liver: dict, tmp: Path, capsys, extra: list) -> tuple[np.ndarray,
     fob([liver["image"], "-o", a, "--support-mask", liver["support"], "--prompts-out", p, "--quiet", *extra], capsys)
     doc = json.loads(p.read_text())
     fob([liver["image"], "-o", b, "--support-mask", liver["support"], "--prompts-in", p, "--quiet",
-         *[x for x in extra if x not in ("fob", "neighbour", "hybrid", "--prompts-from")]], capsys)
+         *[x for x in extra if x not in ("fob", "neighbour", "hybrid", "chained", "--prompts-from")]], capsys)
     return read(a), read(b), doc
 
 
@@ -59,7 +59,8 @@ def round_trip(liver: dict, tmp: Path, capsys, extra: list) -> tuple[np.ndarray,
     ["--segmenter", "grabcut", "--prompts-from", "neighbour"],
     ["--segmenter", "random-walker", "--prompts-from", "fob"],
     ["--segmenter", "graphcut", "--prompts-from", "neighbour", "--slices", "8:14"],
-], ids=["default", "grabcut-fob", "grabcut-neighbour", "random-walker-fob", "graphcut-range"])
+    ["--segmenter", "graphcut", "--prompts-from", "chained"],
+], ids=["default", "grabcut-fob", "grabcut-neighbour", "random-walker-fob", "graphcut-range", "graphcut-chained"])
 def test_unedited_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsys, extra: list) -> None:
     a, b, doc = round_trip(liver, tmp_path, capsys, extra)
     assert a.any()

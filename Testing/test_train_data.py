@@ -205,3 +205,29 @@ def test_skin_setting1_episodes_from_slic_segments(data_dir, tmp_path, monkeypat
         # Two independent augmentations of the same image: the views differ.
         assert not np.array_equal(ep.support_image, ep.query_image)
     assert (tmp_path / "cache" / "pseudolabels").is_dir()  # SLIC labels cached
+
+
+def test_episodes_at_slice_distances_and_organ_ends(data_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "chaos_mr_t2spir"
+    folder.mkdir()
+    shutil.copy(data_dir / "chaos_mr_t2spir" / "image_1.nii.gz", folder / "image_1.nii.gz")
+    monkeypatch.setenv("FOB_CACHE", str(tmp_path / "cache"))
+    vols = load_training_volumes([folder], setting=1, size=256, progress=False)
+    sampler = VolumeEpisodeSampler(vols, min_size=200, augment=False, max_gap=3, end_fraction=0.5)
+    rng = np.random.default_rng(0)
+    gaps = set()
+    for _ in range(60):
+        ep = sampler.sample(rng)
+        zs, zq, k = ep.info["support_slice"], ep.info["query_slice"], ep.info["label"]
+        assert abs(zs - zq) == ep.info["gap"] and 1 <= ep.info["gap"] <= 3
+        assert ep.support_mask.any() and ep.query_mask.any()
+        assert np.array_equal(ep.query_mask, vols[0].labels[zq] == k)
+        gaps.add(ep.info["gap"])
+    assert gaps == {1, 2, 3}
+    # The defaults draw exactly the method's adjacent episodes (same random stream as before).
+    plain = VolumeEpisodeSampler(vols, min_size=200, augment=False)
+    assert all(plain.sample(rng).info["gap"] == 1 for _ in range(10))
+    with pytest.raises(ValueError):
+        VolumeEpisodeSampler(vols, max_gap=0)
+    with pytest.raises(ValueError):
+        VolumeEpisodeSampler(vols, end_fraction=1.5)

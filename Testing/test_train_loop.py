@@ -150,3 +150,19 @@ def test_training_on_cuda_uses_mixed_precision_and_resumes(one_volume, tmp_path,
     summary = json.loads(output_files(out)["summary"].read_text())
     assert summary["device"].startswith("cuda")
     assert FoBPromptGenerator.load(out).config.image_size == 128  # saved on the CPU, loads anywhere
+
+
+def test_init_starts_from_a_model_and_checks_its_config(one_volume, tmp_path, monkeypatch):
+    folder, cache = one_volume
+    monkeypatch.setenv("FOB_CACHE", str(cache))
+    first = tmp_path / "a" / "m.safetensors"
+    assert _train(folder, first, 2, "--threads", "1") == 0
+    tuned = tmp_path / "b" / "m.safetensors"
+    assert _train(folder, tuned, 1, "--threads", "1", "--init", str(first), "--max-gap", "2", "--lr", "1e-12") == 0
+    wa = FoBPromptGenerator.load(first).state_dict()
+    wb = FoBPromptGenerator.load(tuned).state_dict()
+    # One step at a negligible learning rate: the weights are the initial model's.
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # Another model config: a one-line error, exit code 2.
+    assert main(["train", "--data", str(folder), "--steps", "1", "--out", str(tmp_path / "c" / "m.safetensors"),
+                 "--init", str(first), "--quiet"]) == 2

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="segmenter weights (e.g. SAM)")
     p.add_argument("--methods", nargs="+", metavar="M", default=None,
                    help="subset of: fob fob-nospr confidence mask-sampled coarse oracle (default all); "
-                   "propagation protocol: fob hybrid neighbour plain fill3 fill5 copy (default) and the "
+                   "propagation protocol: fob hybrid chained neighbour plain fill3 fill5 copy (default) and the "
                    "analysis rows neighbour3 ceiling")
     p.add_argument("--folds", nargs="+", type=int, metavar="K", help="only these folds (0-4)")
     p.add_argument("--organs", nargs="+", type=int, metavar="LABEL", help="only these labels (1-4)")

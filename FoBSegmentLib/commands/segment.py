@@ -4,7 +4,7 @@
                 [--slices auto|A:B] [--segmenter auto|graphcut|grabcut|random-walker|sam-vit-h|...]
                 [--sam-checkpoint PATH] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
                 [--device auto|cpu|cuda|mps] [--prompts-out P.mrk.json] [--prompts-in P.mrk.json]
-                [--prompts-from auto|fob|neighbour|hybrid] [--label-value N] [--largest-component]
+                [--prompts-from auto|fob|neighbour|hybrid|chained] [--label-value N] [--largest-component]
                 [--axis 0|1|2] [--report REPORT.png [--reference REF [--reference-label N]]] [--strict] [--quiet]
 """
 
@@ -36,7 +36,9 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-from", default="auto", choices=("auto", *PROMPT_SOURCES),
                    help="where the prompts of each slice come from: fob (the model), neighbour (the adjacent "
                         "segmented slice, no learning), hybrid (FoB decides the organ's extent, neighbour "
-                        "chaining the shape); auto = hybrid when a FoB model is available, else neighbour")
+                        "chaining the shape), chained (the neighbour chain with FoB predicting every next slice from the "
+                        "previous one: its ring, points and coarse map join the prompts and the stop); "
+                        "auto = hybrid when a FoB model is available, else neighbour")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto)")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest 3D connected component")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no notes")

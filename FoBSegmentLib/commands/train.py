@@ -51,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop with a checkpoint after this wall time")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0 = off)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--max-gap", type=int, default=1, metavar="G",
+                   help="support and query slices 1..G apart (default 1: adjacent, the method's episodes)")
+    p.add_argument("--end-fraction", type=float, default=0.0, metavar="F",
+                   help="share of episodes drawn at a label's first/last slices (default 0)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from this FoB model's weights (same --encoder and --model-config): fine-tuning")
     p.add_argument("--no-augment", action="store_true", help="disable the episode augmentation")
     p.add_argument("--include-ids", metavar="JSON",
                    help='train on a subset, e.g. \'{"chaos_mr_t2spir": ["1", "2"]}\' (per-fold models)')
@@ -98,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, lr=args.lr, lr_step=args.lr_step, lr_gamma=args.lr_gamma,
         batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         exclude_organs=list(args.exclude_organs), exclude_mode=args.exclude_mode,
+        max_gap=args.max_gap, end_fraction=args.end_fraction,
         setting2_labels=args.setting2_labels, augment=not args.no_augment, grad_clip=args.grad_clip,
-        threads=args.threads, encoder_weights=args.encoder_weights,
+        threads=args.threads, encoder_weights=args.encoder_weights, init=args.init,
         include_ids={k: [str(i) for i in v] for k, v in include.items()} if include else None, model=model,
     )
     result = train(cfg, resume=args.resume, progress=not args.quiet)

@@ -64,6 +64,9 @@ from FoBSegmentLib.io.coords import put_slice, take_slice
 METHODS: dict[str, tuple[str, str]] = {
     "fob": ("FoB", "fob segment --prompts-from fob (FoB prompts on every slice, extent from its coarse map)"),
     "hybrid": ("FoB hybrid", "fob segment --prompts-from hybrid (FoB extent, neighbour-chained shape)"),
+    "chained": ("FoB chained", "fob segment --prompts-from chained (the neighbour chain with FoB in every step: "
+                "support = the previous accepted slice; FoB's confident ring and foreground points and its coarse "
+                "probability join the prompts and the graph cut's data term; FoB's coarse map takes part in the stop)"),
     "neighbour": ("neighbour chain", "fob segment --prompts-from neighbour (no model: the default chain, range not "
                   "limited by FoB's coarse map)"),
     "plain": ("mask propagation", "plain baseline, no learning: ring outside / points inside the adjacent slice's result, "
@@ -85,19 +88,19 @@ METHODS: dict[str, tuple[str, str]] = {
     "ceiling": ("chaining ceiling (reads ref.)", "upper bound, reads the reference by design: every slice of the "
                 "reference range segmented with the pipeline's neighbour prompts from the TRUE adjacent mask"),
 }
-PIPELINE_SOURCES = {"fob": "fob", "hybrid": "hybrid", "neighbour": "neighbour", "neighbour3": "neighbour",
+PIPELINE_SOURCES = {"fob": "fob", "hybrid": "hybrid", "chained": "chained", "neighbour": "neighbour", "neighbour3": "neighbour",
                     "plain": "neighbour"}
 # The issue's plain mask propagation: prompts from the adjacent result and nothing else.
 PLAIN_CONFIG = {"shape_prior": False, "retry_foreground": 0, "retry_ring": None, "intensity_match": 0.0,
                 "median_band": None, "back_check": None, "regrow": None, "fg_area_per_point": 0.0}
-MODEL_METHODS = ("fob", "hybrid")
+MODEL_METHODS = ("fob", "hybrid", "chained")
 # Methods whose support comes from another patient (the next case of the same dataset).
 CROSS_METHODS = ("cross1", "crossvol", "atlas_affine", "atlas_deform")
 # Chains whose stopping rule `best_stop_dice` judges.
-CHAIN_METHODS = ("fob", "hybrid", "neighbour", "plain")
+CHAIN_METHODS = ("fob", "hybrid", "chained", "neighbour", "plain")
 # The cross-patient rows of the issue (not in the default run: `--methods cross`).
 CROSS_DEFAULT = ("cross1", "crossvol", "atlas_affine", "atlas_deform")
-DEFAULT_METHODS = ("fob", "hybrid", "neighbour", "plain", "fill3", "fill5", "copy")
+DEFAULT_METHODS = ("fob", "hybrid", "chained", "neighbour", "plain", "fill3", "fill5", "copy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +221,71 @@ def chaining_ceiling(
         image = np.asarray(take_slice(prepared.normalised, axis, z), np.float32)
         out[tuple(sl)] = np.asarray(segmenter.segment(image, ps).mask, bool)
     return cleanup_3d(out, axis, largest_component=False, fill_holes=cfg.fill_holes)
+
+
+def ring_quality(background: np.ndarray, reference: np.ndarray) -> tuple[int, int, float | None]:
+    """Background prompts of one slice against its reference mask (READS THE REFERENCE: scoring
+    only): (points, points inside the organ, mean distance in px of the points to the organ's
+    contour, None when the slice shows no organ). background: (N, 2) (x, y) pixels; reference:
+    (H, W) bool."""
+    from scipy import ndimage
+
+    ref = np.asarray(reference, bool)
+    pts = np.asarray(background, np.float64).reshape(-1, 2)
+    if len(pts) == 0:
+        return 0, 0, None
+    h, w = ref.shape
+    c = np.clip(np.round(pts[:, 0]).astype(int), 0, w - 1)
+    r = np.clip(np.round(pts[:, 1]).astype(int), 0, h - 1)
+    inside = int(ref[r, c].sum())
+    if not ref.any():
+        return len(pts), inside, None
+    contour = ref & ~ndimage.binary_erosion(ref)
+    dist = ndimage.distance_transform_edt(~contour)
+    return len(pts), inside, float(dist[r, c].mean())
+
+
+def prompt_quality(rings: dict[int, np.ndarray], reference: np.ndarray, axis: int) -> dict[str, Any]:
+    """Per-slice quality of background prompts, `rings` = slice -> (N, 2) (x, y) points, against the
+    reference (READS IT: scoring only). Returns {"slices", "bg_inside" (mean over slices of the
+    share of points inside the organ), "ring_distance" (mean over the slices showing the organ of
+    the points' mean distance to its contour, px), "per_slice": [[z, points, inside, distance]]}."""
+    per = []
+    for z in sorted(rings):
+        n, inside, d = ring_quality(rings[z], np.asarray(take_slice(reference, axis, z), bool))
+        if n:
+            per.append([int(z), n, inside, None if d is None else round(d, 2)])
+    shares = [p[2] / p[1] for p in per]
+    dists = [p[3] for p in per if p[3] is not None]
+    return {"slices": len(per), "bg_inside": float(np.mean(shares)) if shares else None,
+            "ring_distance": float(np.mean(dists)) if dists else None, "per_slice": per}
+
+
+def _chained_fob_rings(res: Any, prepared: Any, generator: Any) -> dict[str, dict[int, np.ndarray]]:
+    """FoB's own ring on every chained slice, predicted again from the slice's parent and its
+    accepted mask, as the chain did: {"fob_ring": every ring point after SPR, "fob_ring_coarse":
+    before SPR, "fob_ring_used": the points the chain used (confident, outside the parent's
+    mask)}, each slice -> (N, 2) (x, y)."""
+    from FoBSegmentLib.prompts import PromptSet
+    from FoBSegmentLib.propagation.fob import chained_prompts, fob_step
+
+    every, coarse, used = {}, {}, {}
+    axis = prepared.axis
+    cfg = (res.record or {}).get("config")
+    from FoBSegmentLib.propagation import PropagationConfig
+
+    cfg = PropagationConfig.from_json(cfg) if cfg else PropagationConfig()
+    for z in res.order:
+        rep = res.slices[z]
+        if rep.parent is None or rep.source == "skipped" or res.accepted is None:
+            continue
+        prev = np.asarray(take_slice(res.accepted, axis, rep.parent), bool)
+        step = fob_step(generator, np.asarray(take_slice(prepared.normalised, axis, rep.parent), np.float32), prev,
+                        np.asarray(take_slice(prepared.normalised, axis, z), np.float32))
+        every[z] = step.background
+        coarse[z] = step.ring(False)
+        used[z] = chained_prompts(PromptSet(), step, prev, dataclasses.replace(cfg, fob_ring="replace")).background
+    return {"fob_ring": every, "fob_ring_coarse": coarse, "fob_ring_used": used}
 
 
 def _range_of(mask: np.ndarray, axis: int) -> list[int] | None:
@@ -409,6 +477,11 @@ def _run_pipeline(task: OrganTask, method: str, runtime: Runtime, rec: dict[str,
         return _annotated_only(ref.shape, axis, annotations)
     rec["notes"] = list(res.notes)
     rec["flagged"] = list(res.flagged)
+    rings = {z: ps.background for z, ps in res.prompts.items()}
+    rec["prompt_quality"] = {"used": prompt_quality(rings, ref, axis)}
+    if method == "chained" and runtime.generator is not None:
+        for kind, rings in _chained_fob_rings(res, task.prepared, runtime.generator).items():
+            rec["prompt_quality"][kind] = prompt_quality(rings, ref, axis)
     return np.asarray(res.mask, bool)
 
 

@@ -177,6 +177,50 @@ def _breakdown_lines(loss: dict) -> list[str]:
     return lines + [""]
 
 
+PROMPT_KINDS = {"used": "prompts the segmenter received", "fob_ring": "FoB's ring (SPR), every point",
+                "fob_ring_coarse": "FoB's ring before SPR (heatmap argmax), every point",
+                "fob_ring_used": "FoB's ring, the points the chain used"}
+
+
+def prompt_quality_summary(records: list[dict], datasets: list[str], methods: list[str]) -> dict:
+    """dataset -> method -> kind -> {"bg_inside", "ring_distance", "slices"}: the per-slice prompt
+    quality of `propagation.prompt_quality`, averaged over every scored slice of every case and organ."""
+    out: dict[str, dict] = {}
+    for ds in datasets:
+        out[ds] = {}
+        for m in methods:
+            rs = [r for r in records if r["dataset"] == ds and r["method"] == m and r.get("prompt_quality")]
+            for kind in PROMPT_KINDS:
+                per = [p for r in rs for p in r["prompt_quality"].get(kind, {}).get("per_slice", [])]
+                if not per:
+                    continue
+                dists = [p[3] for p in per if p[3] is not None]
+                out[ds].setdefault(m, {})[kind] = {
+                    "slices": len(per),
+                    "bg_inside": float(np.mean([p[2] / p[1] for p in per])),
+                    "ring_distance": float(np.mean(dists)) if dists else None,
+                }
+    return out
+
+
+def _prompt_quality_lines(quality: dict) -> list[str]:
+    """The prompt-quality table of one dataset."""
+    rows = [(m, k, v) for m, per in quality.items() for k, v in per.items()]
+    if not rows:
+        return []
+    lines = [
+        "Background prompts per slice against the reference (scoring only): share inside the organ and mean "
+        "distance to its contour, averaged over the segmented slices of every case and organ.",
+        "",
+        "| method | prompts | slices | background points inside the organ | mean distance to the contour (px) |",
+        "|---|---|---|---|---|",
+    ]
+    for m, k, v in rows:
+        d = "-" if v["ring_distance"] is None else f"{v['ring_distance']:.1f}"
+        lines.append(f"| {METHODS[m][0]} | {PROMPT_KINDS[k]} | {v['slices']} | {100 * v['bg_inside']:.1f}% | {d} |")
+    return lines + [""]
+
+
 def _is_cross(report: dict) -> bool:
     return bool(report["methods"]) and all(m in CROSS_METHODS for m in report["methods"])
 
@@ -242,6 +286,7 @@ def markdown_section(report: dict) -> str:
         lines += [f"### {block['title']}", "", block["markdown_table"], ""]
         lines += target_lines(block["dice"])
         lines += _breakdown_lines(report.get("breakdown", {}).get(ds, {}))
+        lines += _prompt_quality_lines(report.get("prompt_quality", {}).get(ds, {}))
     lines.append(SECTION_END)
     return "\n".join(lines)
 
@@ -285,6 +330,7 @@ def build_report(
         "notes": notes,
         "datasets": {},
         "breakdown": breakdown_summary(records, used, methods),
+        "prompt_quality": prompt_quality_summary(records, used, methods),
         "records": records,
     }
     for r in (r for r in records if r.get("error")):

@@ -12,7 +12,7 @@ from typing import Any
 
 from FoBSegmentLib.errors import SettingError
 
-PROMPT_SOURCES = ("fob", "neighbour", "hybrid")
+PROMPT_SOURCES = ("fob", "neighbour", "hybrid", "chained")
 
 
 @dataclass
@@ -55,6 +55,24 @@ class PropagationConfig:
         (Dice) outline the same cross-section drifting slowly: each slice between them is segmented
         from the shape interpolated between the two (its ring, points and shape prior), not chained
         from one of them. Only for segmenters with a shape prior; None = off.
+    fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
+        (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
+    fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
+        to its data term (`GraphCutSegmenter.prob_weight`). Off by default: it cost 2.9 points on
+        CHAOS MR (docs/RESULTS.md, "FoB in the chain"): the map covers the neighbouring organs too.
+        The stop rules below read the probability either way.
+    fob_spr: chained FoB: FoB's ring points after SPR (True) or its heatmaps' argmax (False). Off
+        by default: SPR puts more ring points inside the organ and the chain scored lower with it on
+        CHAOS MR and Synapse CT (docs/RESULTS.md, "FoB in the chain").
+    fob_ring: chained FoB: "add" (FoB's confident ring points join the dilation ring) or "replace"
+        (they replace it; the dilation ring when fewer than 3 are confident).
+    fob_absent: chained FoB: the chain ends where FoB's coarse probability reaches `prob_threshold`
+        on fewer than `min_prob_area` pixels of the next slice (FoB sees no organ there).
+    fob_stop_prob: chained FoB: the chain ends when the mean coarse probability inside the new
+        mask falls below this (the chain walked onto another structure); None = off.
+    fob_keep_prob: chained FoB: an image-only end (intensity, median band, regrow, back-check) is
+        overruled, the slice kept and flagged, when the mean coarse probability inside the new mask
+        reaches this; None = the image rules decide alone.
     largest_component: keep only the largest 3D connected component.
     fill_holes: fill enclosed holes in each 2D slice of the result.
     """
@@ -79,6 +97,13 @@ class PropagationConfig:
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
     interpolate_agreement: float | None = 0.5
+    fob_bg_confidence: float = 0.0
+    fob_data_term: bool = False
+    fob_spr: bool = False
+    fob_ring: str = "add"
+    fob_absent: bool = True
+    fob_stop_prob: float | None = 0.3
+    fob_keep_prob: float | None = None
     largest_component: bool = False
     fill_holes: bool = True
 

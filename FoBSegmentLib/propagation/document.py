@@ -178,7 +178,7 @@ class _Replay:
         self.seed_areas = fill_areas(run, {z: self.support_of[z].mask for z in self.seed_slices
                                            if z in self.support_of})
         self.look = None
-        if record["promptsFrom"] in ("neighbour", "hybrid"):
+        if record["promptsFrom"] in ("neighbour", "hybrid", "chained"):
             looks = supports
             seed = next((e for e in record["slices"] if e.get("prior") == "stored" and "priorMask" in e), None)
             if not same_volume and seed is not None and run.n > 1:

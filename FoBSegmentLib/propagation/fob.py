@@ -7,6 +7,7 @@ coarse probability is (H, W) in [0, 1].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -111,3 +112,88 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
         a, b = run.reports[z - 1].area, run.reports[z].area
         if a > 0 and b > 0 and max(a, b) > cfg.area_jump * min(a, b):
             run.reports[z].flags.append(f"area-jump x{max(a, b) / min(a, b):.1f} from slice {z - 1}")
+
+
+# ----------------------------------------------------------------------------------------------
+# chained FoB: the support is the previous accepted slice of the chain (adjacent, as in training)
+
+
+@dataclass
+class FoBStep:
+    """FoB's view of the next slice of a chain, predicted from the previous accepted slice.
+
+    background: (N, 2) (x, y) ring points of the query slice after SPR; coarse: (N, 2) the same
+    points before SPR (the heatmaps' argmax); confidence: (N,) their heatmap peaks; foreground:
+    (M, 2) (x, y) points; probability: (H, W) float32 coarse foreground map, already quantised as
+    the record stores it (the segmenter of a replay receives the same map).
+    """
+
+    background: np.ndarray
+    confidence: np.ndarray
+    foreground: np.ndarray
+    probability: np.ndarray
+    coarse: np.ndarray | None = None
+
+    def ring(self, spr: bool) -> np.ndarray:
+        """The ring after SPR (spr True, or no coarse points known), else before it."""
+        return self.background if spr or self.coarse is None else self.coarse
+
+    def organ_pixels(self, threshold: float) -> int:
+        return int((self.probability >= threshold).sum())
+
+    def mean_inside(self, mask: np.ndarray) -> float:
+        """Mean coarse probability inside an (H, W) bool mask (0 when the mask is empty)."""
+        m = np.asarray(mask, bool)
+        return float(self.probability[m].mean()) if m.any() else 0.0
+
+
+def fob_step(generator: Any, support_image: np.ndarray, support_mask: np.ndarray, query_image: np.ndarray) -> FoBStep:
+    """FoB's prompts and coarse map for `query_image` from one support slice (image (H, W[, 3]),
+    mask (H, W) bool). A generator without `predict_with_details` gives confidence 1 to every
+    ring point."""
+    coarse = None
+    if hasattr(generator, "predict_with_details"):
+        d = generator.predict_with_details(support_image, support_mask, query_image)
+        ps, conf = d["prompts"], np.asarray(d["bg_confidence"], np.float32)
+        if len(ps.background) == len(d.get("coarse_background", ())):
+            coarse = np.asarray(d["coarse_background"], np.float64)
+    else:
+        ps = generator.predict(support_image, support_mask, query_image)
+        conf = np.ones(len(ps.background), np.float32)
+    if ps.fg_probability is None:
+        raise ValueError("chained FoB needs the generator's coarse foreground probability")
+    prob = dequantize_probability(quantize_probability(ps.fg_probability))
+    return FoBStep(np.asarray(ps.background, np.float64), conf, np.asarray(ps.foreground, np.float64), prob, coarse)
+
+
+def chained_prompts(neighbour: PromptSet, step: FoBStep, prev: np.ndarray, config: Any) -> PromptSet:
+    """The prompts of one chained-FoB slice: the dilation ring of the previous mask (`neighbour`,
+    with its interior points and shape prior) combined with FoB's prediction from that mask:
+    FoB's ring points where FoB is confident and that lie outside the previous mask (a point the
+    previous slice calls organ is FoB contradicting the chain, the costliest error of a hard
+    background seed), FoB's foreground points inside the previous mask, and, with
+    `config.fob_data_term`, FoB's coarse probability for the segmenter's data term. Frames: (x, y)
+    pixels, masks (H, W) bool."""
+    prev = np.asarray(prev, bool)
+    h, w = prev.shape
+
+    def inside(points: np.ndarray) -> np.ndarray:
+        if len(points) == 0:
+            return np.zeros(0, bool)
+        c = np.clip(np.round(points[:, 0]).astype(int), 0, w - 1)
+        r = np.clip(np.round(points[:, 1]).astype(int), 0, h - 1)
+        return prev[r, c]
+
+    ring = step.ring(config.fob_spr)
+    ok = np.zeros(len(ring), bool)
+    if len(ring):
+        ok = (step.confidence >= config.fob_bg_confidence) & ~inside(ring)
+    fob_bg = ring[ok]
+    if config.fob_ring == "replace" and len(fob_bg) >= 3:
+        background = fob_bg
+    else:
+        background = np.concatenate([neighbour.background, fob_bg]) if len(fob_bg) else neighbour.background
+    fob_fg = step.foreground[inside(step.foreground)] if len(step.foreground) else step.foreground
+    foreground = np.concatenate([neighbour.foreground, fob_fg]) if len(fob_fg) else neighbour.foreground
+    prob = step.probability if config.fob_data_term else None
+    return PromptSet(background, foreground, fg_probability=prob, prior_mask=neighbour.prior_mask)

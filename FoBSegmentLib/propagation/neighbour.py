@@ -17,6 +17,7 @@ from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
 from FoBSegmentLib.propagation.config import PropagationConfig
+from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
@@ -143,10 +144,22 @@ def fill_areas(run: Runner, seeds: dict[int, np.ndarray]) -> dict[int, int] | No
     return {z: int(np.count_nonzero(m)) for z, m in seeds.items()}
 
 
-def _segment_from(run: Runner, z: int, prev: np.ndarray) -> tuple[np.ndarray, float, PromptSet, bool] | None:
-    """Slice z segmented with prompts from `prev`, retried once on a collapse or a leak."""
+def _segment_from(run: Runner, z: int, prev: np.ndarray, parent: int | None = None
+                  ) -> tuple[np.ndarray, float, PromptSet, bool, FoBStep | None] | None:
+    """Slice z segmented with prompts from `prev` (the accepted mask of slice `parent`), retried
+    once on a collapse or a leak. In a chained-FoB run (`run.generator` set) FoB predicts slice z
+    from (parent, prev) once and every try's prompts carry its prediction (`chained_prompts`)."""
     cfg = run.config
-    ps = prompts_from_mask(prev, cfg)
+    step = None
+    if run.generator is not None and parent is not None:
+        run.check_cancel()
+        step = fob_step(run.generator, run.slice(parent), prev, run.slice(z))
+
+    def prompts(n_foreground: int | None = None, ring: tuple[int, int] | None = None) -> PromptSet | None:
+        ps = prompts_from_mask(prev, cfg, n_foreground, ring)
+        return ps if ps is None or step is None else chained_prompts(ps, step, prev, cfg)
+
+    ps = prompts()
     if ps is None:
         return None
     m, score = run.segment(z, ps)
@@ -154,29 +167,52 @@ def _segment_from(run: Runner, z: int, prev: np.ndarray) -> tuple[np.ndarray, fl
     if cfg.retry_foreground > cfg.n_foreground and m.sum() * cfg.area_jump < prev.sum():
         # A collapse is usually the segmenter losing the organ (GrabCut's colour model latching
         # onto a neighbour), rarely the organ ending: retry with more anchors.
-        ps2 = prompts_from_mask(prev, cfg, cfg.retry_foreground)
+        ps2 = prompts(cfg.retry_foreground)
         if ps2 is not None:
             m2, score2 = run.segment(z, ps2)
             if m2.sum() > m.sum():
                 m, score, ps, retried = m2, score2, ps2, True
     elif cfg.retry_ring and m.sum() > cfg.area_jump * prev.sum():
         # A leak: GrabCut spilled over the whole ring polygon; a tighter ring bounds it.
-        ps2 = prompts_from_mask(prev, cfg, ring=cfg.retry_ring)
+        ps2 = prompts(ring=cfg.retry_ring)
         if ps2 is not None:
             m2, score2 = run.segment(z, ps2)
             if 0 < m2.sum() < m.sum():
                 m, score, ps, retried = m2, score2, ps2, True
-    return m, score, ps, retried
+    return m, score, ps, retried, step
 
 
 def _end_reason(run: Runner, z: int, step: int, m: np.ndarray, prev: np.ndarray, peak: int, trough: int,
-                look: Appearance, rep: SliceReport) -> str | None:
+                look: Appearance, rep: SliceReport, fob: FoBStep | None = None) -> str | None:
     cfg = run.config
     area, prev_area = int(m.sum()), int(prev.sum())
     if area < cfg.min_area:
         return "chain-end: mask vanished"
     if area > cfg.area_jump * prev_area:
         return f"chain-end: area jump x{area / max(prev_area, 1):.1f} (leak)"
+    if fob is not None:
+        # Chained FoB: the model, shown the previous slice and its mask, says whether the organ
+        # goes on (its coarse map; image evidence only, the reference is never read).
+        mean_p = fob.mean_inside(m)
+        rep.fg_max = float(fob.probability.max())
+        if cfg.fob_absent and fob.organ_pixels(cfg.prob_threshold) < cfg.min_prob_area:
+            return f"chain-end: FoB sees no organ (max probability {rep.fg_max:.2f})"
+        if cfg.fob_stop_prob is not None and mean_p < cfg.fob_stop_prob:
+            return f"chain-end: FoB's coarse map disagrees with the mask (mean probability {mean_p:.2f})"
+    end = _image_end_reason(run, z, step, m, prev, peak, trough, look, rep)
+    if end is not None and fob is not None and cfg.fob_keep_prob is not None:
+        mean_p = fob.mean_inside(m)
+        if mean_p >= cfg.fob_keep_prob:
+            rep.flags.append(f"review: {end.split(': ', 1)[1]} (kept: FoB's mean probability {mean_p:.2f})")
+            return None
+    return end
+
+
+def _image_end_reason(run: Runner, z: int, step: int, m: np.ndarray, prev: np.ndarray, peak: int, trough: int,
+                      look: Appearance, rep: SliceReport) -> str | None:
+    """The image-only rules (intensity, median band, regrow, back-check)."""
+    cfg = run.config
+    area, prev_area = int(m.sum()), int(prev.sum())
     if cfg.regrow and trough < cfg.regrow[0] * peak and area > cfg.regrow[1] * trough:
         return f"chain-end: the area grows again (x{area / max(trough, 1):.2f}) after shrinking"
     match = intensity_match(run.slice(z), m, look.irange)
@@ -223,16 +259,16 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
             peak, trough = (area, area) if area > peak else (peak, min(trough, area))
             z += step
             continue
-        got = _segment_from(run, z, prev)
+        got = _segment_from(run, z, prev, z - step)
         if got is None:
             run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
             break
-        m, score, ps, retried = got
+        m, score, ps, retried, fob = got
         rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
                           prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score)
         if retried:
             rep.flags.append("retried with other prompts")
-        end = _end_reason(run, z, step, m, prev, peak, trough, look, rep)
+        end = _end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
         area = int(m.sum())
         if end is not None and nxt is not None and area >= cfg.min_area:
             # Between two annotated slices the organ does not end: keep the slice, ask for a look.

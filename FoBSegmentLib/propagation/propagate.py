@@ -8,6 +8,10 @@ Prompt sources (`prompts_from`):
                  segmented slice, chained outwards from each annotated slice (`propagation.neighbour`).
     "hybrid"     FoB's coarse foreground probability decides where the organ ends (`slices="auto"`),
                  neighbour chaining supplies the geometry inside that range.
+    "chained"    the neighbour chain with FoB in every step: the support is the previous accepted
+                 slice and its mask (adjacent, as FoB is trained); FoB's confident ring points,
+                 foreground points and coarse probability join the chain's prompts, and its coarse
+                 probability on the next slice takes part in the stop (`propagation.neighbour`).
 A prompts file with a propagation record replays it (`propagation.document`); one without a record
 is segmented slice by slice from its points alone. The query's reference mask is never read.
 
@@ -133,7 +137,7 @@ def propagate(
     supports: annotated slices (from this volume when `same_volume`, else from another patient,
         resampled to the query's slice size).
     segmenter: has `.segment(image (H, W[, 3]), PromptSet) -> result(.mask, .score)`.
-    prompts_from: "fob" | "neighbour" | "hybrid"; fob/hybrid need `generator`
+    prompts_from: "fob" | "neighbour" | "hybrid" | "chained"; all but neighbour need `generator`
         (`FoBPromptGenerator`-like with `.predict(support_image, support_mask, query_image)`).
     prompts_in: slice -> PromptSet given by a person (a prompts file, points edited in Slicer).
         With `record` (the propagation record of the file) the propagation is replayed: unedited
@@ -160,7 +164,7 @@ def propagate(
     check_slice_range(cfg.slices, n)
     rows, cols = slice_axes(axis)
     sup = _check_supports(supports, (image.shape[rows], image.shape[cols]), same_volume)
-    if prompts_from in ("fob", "hybrid") and generator is None and prompts_in is None:
+    if prompts_from in ("fob", "hybrid", "chained") and generator is None and prompts_in is None:
         raise ValueError(f"prompt source {prompts_from!r} needs a FoB model (none loaded)")
     annotations = sup if same_volume else []
     lo, hi = (0, n - 1) if cfg.slices == "auto" else cfg.slices
@@ -171,7 +175,8 @@ def propagate(
     rng = (lo, hi)
     source = prompts_from
     run.copy_annotations(annotations)
-    if previous is not None and prompts_in is None:
+    if previous is not None and prompts_in is None and prompts_from != "chained":
+        # (A chained slice depends on the model, which the record's config does not name.)
         run.reuse = _reusable(previous, sup, cfg, axis, prompts_from, same_volume)
     if prompts_in is not None and record is not None:
         source, rng = replay(run, record, prompts_in, sup, same_volume, previous)
@@ -183,6 +188,8 @@ def propagate(
     else:
         if prompts_from == "hybrid":
             rng = hybrid_range(run, sup, generator, same_volume, rng)
+        if prompts_from == "chained":
+            run.generator = generator
         rng = _inside_absent(rng, sup)
         run_neighbour(run, sup, same_volume, rng)
         if cfg.slices != "auto":

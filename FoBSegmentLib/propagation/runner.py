@@ -84,6 +84,8 @@ class Runner:
         # slice -> (report, accepted mask, prompts) of an earlier run whose chains may be reused.
         self.reuse: dict[int, tuple[SliceReport, np.ndarray, PromptSet | None]] = {}
         self.segmented_count = 0
+        # The FoB model of a chained-FoB run: each chained slice is predicted from the previous one.
+        self.generator: Any = None
 
     def slice(self, z: int) -> np.ndarray:
         return np.asarray(take_slice(self.image, self.axis, z), dtype=np.float32)

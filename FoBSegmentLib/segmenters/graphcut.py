@@ -133,6 +133,9 @@ class GraphCutSegmenter:
         max_grow: pixels farther than this from the prior mask are background (default 20).
         seed_radius: radius of the hard foreground/background disks around the prompts (default 2).
         bins / sigma / texture_sigma / band: the appearance model (32 bins, 1 px, 4 px, 20 px).
+        prob_weight: weight of FoB's coarse probability (`PromptSet.fg_probability`, chained FoB) in
+            the data term: its clipped log-odds are added to the appearance log-ratio (default 1;
+            prompts without a probability are unaffected).
     """
 
     name = "graphcut"
@@ -150,9 +153,10 @@ class GraphCutSegmenter:
         sigma: float = 1.0,
         texture_sigma: float = 4.0,
         band: int = 20,
+        prob_weight: float = 1.0,
     ) -> None:
         for key, value in (("smoothness", smoothness), ("grow_weight", grow_weight), ("shrink_weight", shrink_weight),
-                           ("grow_tolerance", grow_tolerance)):
+                           ("grow_tolerance", grow_tolerance), ("prob_weight", prob_weight)):
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"graphcut {key} must be a finite number >= 0, got {value}")
         if max_grow < 1 or seed_radius < 0 or bins < 4 or band < 1 or sigma <= 0 or texture_sigma <= 0:
@@ -163,6 +167,7 @@ class GraphCutSegmenter:
         self.shrink_weight = float(shrink_weight)
         self.max_grow = int(max_grow)
         self.seed_radius = int(seed_radius)
+        self.prob_weight = float(prob_weight)
         self._model_args = {"bins": int(bins), "sigma": float(sigma), "texture_sigma": float(texture_sigma),
                             "band": int(band)}
         self.reference: AppearanceModel | None = None
@@ -205,6 +210,12 @@ class GraphCutSegmenter:
         c0, c1 = max(0, cols.min() - 2), min(width, cols.max() + 3)
         crop = img[r0:r1, c0:c1]
         ratio = self.reference.log_ratio(crop)
+        prob = prompts.fg_probability
+        if prob is not None and self.prob_weight > 0:
+            # FoB's coarse map as a second likelihood: log-odds, clipped so that one confident pixel
+            # cannot outweigh the shape prior and the contrast term on its own.
+            p = np.clip(np.asarray(prob, np.float32)[r0:r1, c0:c1], 0.02, 0.98)
+            ratio = ratio + self.prob_weight * np.log(p / (1.0 - p))
         # Signed distance to the prior's edge (> 0 outside); the crop holds the prior and a
         # max_grow ring around it, so the inside distance can be taken on the crop.
         dist = outside[r0:r1, c0:c1] - ndimage.distance_transform_edt(prior[r0:r1, c0:c1])

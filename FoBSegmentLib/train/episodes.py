@@ -156,24 +156,45 @@ def load_training_volumes(
 
 
 class VolumeEpisodeSampler:
-    """Abdominal episodes from adjacent slices of one label (method doc 9.4), with augmentation (9.5)."""
+    """Abdominal episodes from nearby slices of one label (method doc 9.4), with augmentation (9.5).
 
-    def __init__(self, volumes: Sequence[TrainingVolume], min_size: int = 200, augment: bool = True) -> None:
+    max_gap: support and query are `g` slices apart, g drawn uniformly from 1..max_gap (1 = the
+        method's adjacent pairs). The pipeline's chain uses adjacent supports, but FoB from the
+        annotated slice and a chain that skipped a slice see larger distances.
+    end_fraction: share of episodes drawn at a label's ends (the first or last `max_gap` pairs of
+        its slice run, where the mask shrinks towards its tip): where a chain must decide to stop.
+    With max_gap 1 and end_fraction 0 the draws are exactly the method's (same random stream).
+    """
+
+    def __init__(self, volumes: Sequence[TrainingVolume], min_size: int = 200, augment: bool = True,
+                 max_gap: int = 1, end_fraction: float = 0.0) -> None:
         if min_size < 1:
             raise ValueError(f"min_size must be >= 1, got {min_size}")
+        if max_gap < 1:
+            raise ValueError(f"max_gap must be >= 1, got {max_gap}")
+        if not 0.0 <= end_fraction <= 1.0:
+            raise ValueError(f"end_fraction must lie in [0, 1], got {end_fraction}")
         self.volumes = list(volumes)
         self.min_size = min_size
         self.augment = augment
-        # Per volume: {label id: array of admissible lower slice indices z (pair = z, z+1)}.
-        self.pairs: list[dict[int, np.ndarray]] = [self._admissible_pairs(v) for v in self.volumes]
-        self.usable = [i for i, p in enumerate(self.pairs) if p]
+        self.max_gap = int(max_gap)
+        self.end_fraction = float(end_fraction)
+        # Per gap g, per volume: {label id: array of admissible lower slice indices z (pair = z, z+g)}.
+        self.pairs_by_gap: dict[int, list[dict[int, np.ndarray]]] = {
+            g: [self._admissible_pairs(v, g) for v in self.volumes] for g in range(1, self.max_gap + 1)
+        }
+        self.pairs = self.pairs_by_gap[1]
+        self.usable_by_gap = {g: [i for i, p in enumerate(ps) if p] for g, ps in self.pairs_by_gap.items()}
+        self.usable = self.usable_by_gap[1]
         if not self.usable:
             raise ValueError(
                 f"no episode possible: no label covers two adjacent allowed slices with >= {min_size} px"
             )
 
-    def _admissible_pairs(self, vol: TrainingVolume) -> dict[int, np.ndarray]:
+    def _admissible_pairs(self, vol: TrainingVolume, gap: int = 1) -> dict[int, np.ndarray]:
         z, n_ids = vol.labels.shape[0], int(vol.labels.max()) + 1
+        if z <= gap:
+            return {}
         # counts[z, k]: pixels of label k on slice z.
         flat = vol.labels.reshape(z, -1).astype(np.int64) + (np.arange(z, dtype=np.int64) * n_ids)[:, None]
         counts = np.bincount(flat.ravel(), minlength=z * n_ids).reshape(z, n_ids)
@@ -183,17 +204,27 @@ class VolumeEpisodeSampler:
             keep = np.zeros(n_ids, dtype=bool)
             keep[vol.classes[vol.classes < n_ids]] = True
             counts[:, ~keep] = 0
-        a, b = counts[:-1], counts[1:]
+        a, b = counts[:-gap], counts[gap:]
         ok = (a > 0) & (b > 0) & (np.maximum(a, b) >= self.min_size)
         return {int(k): np.nonzero(ok[:, k])[0] for k in np.nonzero(ok.any(0))[0]}
 
     def sample(self, rng: np.random.Generator) -> Episode:
-        vi = self.usable[int(rng.integers(len(self.usable)))]
-        vol, pairs = self.volumes[vi], self.pairs[vi]
+        gap = 1
+        if self.max_gap > 1:
+            gap = int(rng.integers(1, self.max_gap + 1))
+            if not self.usable_by_gap[gap]:
+                gap = 1
+        usable, by_vol = self.usable_by_gap[gap], self.pairs_by_gap[gap]
+        vi = usable[int(rng.integers(len(usable)))]
+        vol, pairs = self.volumes[vi], by_vol[vi]
         ids = sorted(pairs)
         k = ids[int(rng.integers(len(ids)))]
-        z = int(pairs[k][int(rng.integers(len(pairs[k])))])
-        zs, zq = (z, z + 1) if rng.random() < 0.5 else (z + 1, z)
+        cand = pairs[k]
+        if self.end_fraction > 0 and rng.random() < self.end_fraction and len(cand) > 2 * self.max_gap:
+            # The label's ends: the pairs nearest the first and last slice it shows.
+            cand = np.concatenate([cand[: self.max_gap], cand[-self.max_gap :]])
+        z = int(cand[int(rng.integers(len(cand)))])
+        zs, zq = (z, z + gap) if rng.random() < 0.5 else (z + gap, z)
         s_img, q_img = vol.image[zs], vol.image[zq]
         s_msk = (vol.labels[zs] == k).astype(np.uint8)
         q_msk = (vol.labels[zq] == k).astype(np.uint8)
@@ -201,7 +232,7 @@ class VolumeEpisodeSampler:
             s_img, s_msk, q_img, q_msk = augment_pair(s_img, s_msk, q_img, q_msk, rng)
         return Episode(
             s_img.astype(np.float32), s_msk, q_img.astype(np.float32), q_msk,
-            {"volume": vol.name, "label": k, "support_slice": zs, "query_slice": zq},
+            {"volume": vol.name, "label": k, "support_slice": zs, "query_slice": zq, "gap": gap},
         )
 
 

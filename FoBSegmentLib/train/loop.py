@@ -50,6 +50,7 @@ from FoBSegmentLib.train.episodes import (
 )
 
 STATE_FORMAT = "fob-train-state-1"
+_FIELD_DEFAULTS = {"max_gap": 1, "end_fraction": 0.0, "init": None}
 
 
 @dataclass
@@ -61,7 +62,10 @@ class TrainConfig:
     steps (method doc [R]: 1e-4, 3000, 0.95); checkpoint_every: steps between checkpoints;
     max_minutes: stop early (with a checkpoint) after this much wall time, 0 = no limit;
     model: FoBConfig overrides (encoder, ...); include_ids: {folder name: [ids]} to train on a subset
-    (per-fold models); grad_clip: max gradient norm, 0 = off.
+    (per-fold models); grad_clip: max gradient norm, 0 = off; max_gap / end_fraction: slice distances
+    1..max_gap between support and query and the share of episodes at a label's ends
+    (`VolumeEpisodeSampler`); init: a FoB model file (same model config) whose weights the run
+    starts from instead of a random initialisation (fine-tuning).
     """
 
     data: list[str]
@@ -77,6 +81,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     max_minutes: float = 0.0
     min_size: int = 200
+    max_gap: int = 1
+    end_fraction: float = 0.0
     exclude_organs: list[int] = field(default_factory=list)
     exclude_mode: str = "any"
     setting2_labels: str = "gt"
@@ -84,6 +90,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     threads: int = 0
     encoder_weights: str | None = None
+    init: str | None = None
     include_ids: dict[str, list[str]] | None = None
     model: dict = field(default_factory=lambda: {"encoder": "lite"})
 
@@ -92,11 +99,13 @@ class TrainConfig:
             raise ValueError("--data needs at least one folder")
         if self.setting not in (1, 2):
             raise ValueError(f"--setting must be 1 or 2, got {self.setting}")
-        for name in ("steps", "lr_step", "batch_size", "checkpoint_every", "min_size"):
+        for name in ("steps", "lr_step", "batch_size", "checkpoint_every", "min_size", "max_gap"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 < self.lr_gamma <= 1):
             raise ValueError("lr must be > 0 and lr_gamma in (0, 1]")
+        if not 0.0 <= self.end_fraction <= 1.0:
+            raise ValueError(f"end_fraction must lie in [0, 1], got {self.end_fraction}")
         if self.exclude_mode not in ("any", "all"):
             raise ValueError(f"exclude mode must be 'any' or 'all', got {self.exclude_mode!r}")
 
@@ -183,7 +192,7 @@ def build_sampler(cfg: TrainConfig, image_size: int, progress: bool = True) -> t
             vol_dirs, cfg.setting, image_size, cfg.exclude_organs, cfg.exclude_mode, cfg.setting2_labels,
             include_ids=cfg.include_ids, progress=progress,
         )
-        samplers.append(VolumeEpisodeSampler(vols, cfg.min_size, cfg.augment).sample)
+        samplers.append(VolumeEpisodeSampler(vols, cfg.min_size, cfg.augment, cfg.max_gap, cfg.end_fraction).sample)
         names += [v.name for v in vols]
     if img_dirs:
         if cfg.setting != 1:
@@ -272,8 +281,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, files: dict[str, Path
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"--resume: {files['state'].name} is not a FoB training state")
         old = json.loads(state["train_config"])
-        for key in ("data", "setting", "model", "exclude_organs", "exclude_mode", "setting2_labels", "include_ids"):
-            if old.get(key) != dataclasses.asdict(cfg).get(key):
+        for key in ("data", "setting", "model", "exclude_organs", "exclude_mode", "setting2_labels", "include_ids",
+                    "max_gap", "end_fraction", "init"):
+            # A state written before a field existed ran with its default.
+            if old.get(key, _FIELD_DEFAULTS.get(key)) != dataclasses.asdict(cfg).get(key):
                 raise ValueError(f"--resume: {key} differs from the run being resumed ({old.get(key)!r})")
         if int(state.get("world_size", 1)) != ctx.world:
             raise ValueError(f"--resume: the run was trained by {int(state.get('world_size', 1))} process(es); "
@@ -282,6 +293,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, files: dict[str, Path
     torch.manual_seed(cfg.seed)
     rng = episode_rng(cfg.seed, ctx.rank)
     model = FoBPromptGenerator.from_config(encoder_weights=cfg.encoder_weights, **cfg.model).to(device)
+    if cfg.init and state is None:
+        start = FoBPromptGenerator.load(cfg.init)
+        if start.config.to_dict() != model.config.to_dict():
+            raise ValueError(f"--init: {Path(cfg.init).name} was trained with another model config "
+                             f"({start.config.to_json()}); give the same --encoder and --model-config")
+        model.load_state_dict(start.state_dict(), strict=True)
     model.train()
     net = model
     if ctx.active:
