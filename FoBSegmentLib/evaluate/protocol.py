@@ -428,6 +428,7 @@ def evaluate_skin(
                 }
             )
     result = summarise(records, ["lesion"], list(methods))
+    result["protocol"] = "skin"
     if folds is not None:
         result["folds"] = [
             {"index": f.index, "support": images[f.members[0]][0], "queries": [images[i][0] for i in f.queries],

@@ -85,6 +85,8 @@ def _read_2d(path: Path, as_label: bool) -> Volume:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
+            # An alpha channel is ignored (documented, issue 21): the colour channels are segmented.
+            alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
             if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA"):
                 arr = np.asarray(img.convert("RGB"))
             else:
@@ -100,7 +102,7 @@ def _read_2d(path: Path, as_label: bool) -> Volume:
         else:
             # A grey picture saved as RGB is still an RGB photograph to the user (dermoscopy); keep colour.
             geo = _geometry_2d(arr.shape[0], arr.shape[1])
-            desc = f"2D RGB image {arr.shape[1]}x{arr.shape[0]}"
+            desc = f"2D RGB image {arr.shape[1]}x{arr.shape[0]}" + (", alpha channel ignored" if alpha else "")
             return Volume(arr.astype(np.float32), geo, path, "rgb", True, desc)
     if arr.ndim != 2:
         raise ValueError(f"cannot read {path}: unexpected image shape {arr.shape}")
