@@ -196,3 +196,18 @@ def test_evaluate_skin_held_out_folds_with_lesion_methods(tmp_path: Path, data_d
     assert len([r for r in recs if r["method"] == "oracle"]) == 4
     assert result["dice"]["oracle"]["lesion"] > 0.8
     assert result["folds"][0]["train"] == [images[3][0]]
+
+
+def test_shipped_dermoscopy_model_matches_its_registry_entry_and_size_budget() -> None:
+    from FoBSegmentLib import weights
+    from FoBSegmentLib.model import FoBPromptGenerator
+    from FoBSegmentLib.model.checkpoint import skin_model_path
+
+    registry = weights.load_registry()
+    entry = registry["fob-skin-lite"]
+    assert entry.shipped and weights.model_path(entry) == skin_model_path()
+    assert cli.main(["models", "verify", "fob-skin-lite"]) == 0
+    assert skin_model_path().stat().st_size <= 5 * 2**20
+    shipped = [weights.model_path(e) for e in registry.values() if e.shipped]
+    assert sum(p.stat().st_size for p in shipped) <= 20 * 2**20
+    assert FoBPromptGenerator.load(skin_model_path()).config.bg_max_fg_prob == 0.5
