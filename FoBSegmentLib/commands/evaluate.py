@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "command": "fob evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
         "segmenter": args.segmenter,
-        "model": model_arg or ("Resources/fob_skin_lite.safetensors (default for dermoscopy)" if skin_only
+        "model": model_arg or ("Resources/fob_skin_lite.safetensors, for dermoscopy (default)" if skin_only
                                else "Resources/fob_lite.safetensors (default)"),
         "methods": {m: P.METHOD_LABELS[m] for m in methods},
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},

@@ -17,7 +17,7 @@ from FoBSegmentLib.atomic import write_text_atomic
 DEFAULT_SECTION = "fob-protocol"
 FILE_HEADER = "# FoBSegment evaluation results\n\nEvery table below is written by a command; do not edit by hand.\n"
 
-ORDER = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle")
+ORDER = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle", "lesion", "lesion-colour")
 
 
 def _pct(v: float | None) -> str:
