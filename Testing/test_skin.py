@@ -211,3 +211,15 @@ def test_shipped_dermoscopy_model_matches_its_registry_entry_and_size_budget() -
     shipped = [weights.model_path(e) for e in registry.values() if e.shipped]
     assert sum(p.stat().st_size for p in shipped) <= 20 * 2**20
     assert FoBPromptGenerator.load(skin_model_path()).config.bg_max_fg_prob == 0.5
+
+
+def test_graphcut_hands_colour_prompt_only_slices_to_the_colour_graph_cut(data_dir: Path) -> None:
+    from FoBSegmentLib.evaluate.baselines import oracle_prompts
+    from FoBSegmentLib.segmenters import get_segmenter
+
+    img, mask = _read(data_dir / "ph2" / "IMD021.jpg")
+    prompts = oracle_prompts(mask)
+    via_graphcut = get_segmenter("graphcut").segment(img, prompts).mask
+    direct = get_segmenter("colour-graphcut").segment(img, prompts).mask
+    assert np.array_equal(via_graphcut, direct)
+    assert dice(direct, mask) > 0.85
