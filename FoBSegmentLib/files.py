@@ -211,14 +211,13 @@ def query_images(inputs: list[str | os.PathLike]) -> list[Path] | None:
 
     Several arguments, or one folder holding .jpg/.png/.bmp pictures (not `*_mask.png`; a DICOM
     series folder holds none), are a many-images job."""
-    from FoBSegmentLib.evaluate.datasets import find_skin_images
+    from FoBSegmentLib.io.volumes import list_2d_images
 
     paths = [Path(p) for p in inputs]
     if len(paths) == 1 and not paths[0].is_dir():
         return None
     if len(paths) == 1:
-        found = [img for _sid, img, _mask in find_skin_images(paths[0])]
-        return found or None
+        return list_2d_images(paths[0]) or None
     for p in paths:
         if p.is_dir():
             raise ValueError(f"{p} is a folder: give either one folder of images or a list of image files")

@@ -78,6 +78,16 @@ def _geometry_2d(height: int, width: int) -> Geometry:
     )
 
 
+def list_2d_images(folder: str | os.PathLike) -> list[Path]:
+    """The pictures of a folder (.jpg/.jpeg/.png/.bmp), sorted by name, without the `<id>_mask.png`
+    masks that sit beside them in the data folders (the images of `fob segment FOLDER`, issue 21)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    return [p for p in sorted(folder.iterdir())
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp") and not p.stem.endswith("_mask")]
+
+
 def _read_2d(path: Path, as_label: bool) -> Volume:
     from PIL import Image, UnidentifiedImageError
 
