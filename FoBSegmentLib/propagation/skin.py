@@ -222,6 +222,8 @@ def run_skin(run: Any, supports: list, generator: Any = None, config: LesionConf
     rep.source, rep.score = "fob", score
     run.accept(0, mask if mask.any() else located, rep, prompts)
     run.tick("image 0")
+    seg_name = getattr(run.segmenter, "name", "the segmenter")
+    if hasattr(run.segmenter, "colour_fallback"):
+        seg_name += " (its colour-GMM graph cut for a colour image with prompts)"
     run.notes.append("dermoscopy pipeline: lesion located by " + ("FoB's coarse probability and " if prob is not None
-                     else "") + "colour (support's lesion/skin discriminant, distance from the skin), "
-                     f"then {getattr(run.segmenter, 'name', 'the segmenter')}")
+                     else "") + f"colour (support's lesion/skin discriminant, distance from the skin), then {seg_name}")
