@@ -223,3 +223,22 @@ def test_graphcut_hands_colour_prompt_only_slices_to_the_colour_graph_cut(data_d
     direct = get_segmenter("colour-graphcut").segment(img, prompts).mask
     assert np.array_equal(via_graphcut, direct)
     assert dice(direct, mask) > 0.85
+
+
+def test_fob_batch_runs_dermoscopy_rows_with_montages(tmp_path: Path, data_dir: Path, capsys) -> None:
+    ph2 = data_dir / "ph2"
+    rows = ["image,support_image,support_mask,reference"]
+    for q in ("IMD009", "IMD016"):
+        rows.append(f"{ph2 / q}.jpg,{ph2 / 'IMD002.jpg'},{ph2 / 'IMD002_mask.png'},{ph2 / q}_mask.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    rc = cli.main(["batch", str(manifest), "-o", str(out), "--workers", "1", "--quiet"])
+    capsys.readouterr()
+    assert rc == 0
+    for q in ("IMD009", "IMD016"):
+        status = json.loads((out / f"{q}.status.json").read_text())
+        assert status["status"] == "done" and status["dice"] > 0.8
+        assert (out / f"{q}.montage.png").is_file()
+        assert any("dermoscopy model" in n for n in status["notes"])
+    assert (out / "report.html").is_file()
