@@ -3,6 +3,9 @@
     fob evaluate --protocol fob --dataset chaos synapse --model Resources/fob_lite.safetensors \\
         --segmenter grabcut --json out/results.json --markdown docs/RESULTS.md
     fob evaluate --protocol skin --dataset isic ph2 --segmenter grabcut --json out/skin.json
+    fob evaluate --protocol skin --dataset isic ph2 --model 'runs/skin/fold{fold}.safetensors'
+        # held out: one model per skin fold (`fob train --fold K` on the image folders); the skin
+        # protocol adds the rows lesion / lesion-colour (fob segment's dermoscopy pipeline)
     fob evaluate --protocol propagation --dataset chaos synapse --json out/propagation.json \\
         --markdown docs/RESULTS.md          # FoBSegmentLib/evaluate/propagation.py
 
