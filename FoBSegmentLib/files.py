@@ -170,6 +170,9 @@ def segment_files(
             raise ValueError(f"the prompts file {Path(req.prompts_in).name} holds no point")
         note(f"prompts: read from {Path(req.prompts_in).name} ({len(prompts_in)} slices"
              + (", with its propagation record)" if record is not None else ", no propagation record)"))
+    if (settings.model is None and query_vol.is_rgb and support is not None and prompts_in is None
+            and settings.prompts_from != "neighbour"):
+        settings.model = str(_skin_default_model(note))  # issue 21: colour images get the dermoscopy model
     components = load_components(settings, replaying=prompts_in is not None)
     job = build_job(query, support_bin, settings, support=support, components=components, log=note,
                     support_name=f"label {label} of {Path(req.support_mask).name}")
@@ -198,3 +201,144 @@ def segment_files(
             path.unlink(missing_ok=True)
         raise
     return SegmentOutcome(result, out, prompts_out, messages, query_vol, review_out, warnings)
+
+
+# ---- issue 21: one annotated image -> many (a folder or a list of 2-D query images) -------------------
+
+
+def query_images(inputs: list[str | os.PathLike]) -> list[Path] | None:
+    """The 2-D query images of `fob segment`'s IMAGE argument(s), or None for the one-image/volume job.
+
+    Several arguments, or one folder holding .jpg/.png/.bmp pictures (not `*_mask.png`; a DICOM
+    series folder holds none), are a many-images job."""
+    from FoBSegmentLib.io.volumes import list_2d_images
+
+    paths = [Path(p) for p in inputs]
+    if len(paths) == 1 and not paths[0].is_dir():
+        return None
+    if len(paths) == 1:
+        return list_2d_images(paths[0]) or None
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"{p} is a folder: give either one folder of images or a list of image files")
+    return paths
+
+
+@dataclass
+class ManyOutcome:
+    """What `segment_many` wrote: one outcome per query image (in input order) and the notes."""
+
+    outcomes: list[SegmentOutcome]
+    messages: list[str] = field(default_factory=list)
+
+
+def mask_name(image: Path) -> str:
+    """The output file name of a query image's mask: `<stem>_mask.png` (the data folders' convention)."""
+    return f"{image.stem}_mask.png"
+
+
+def segment_many(
+    req: SegmentRequest,
+    images: list[Path],
+    progress: ProgressCallback | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ManyOutcome:
+    """Segment every 2-D query image of `images` from one support image and mask (`req.support_image`,
+    `req.support_mask`); `req.output` is the output folder (created), one `<stem>_mask.png` each
+    (`req.label_value`, default 255). Every input is read and checked, and every output path too,
+    before any computation; nothing is left behind unless every image succeeds. The FoB model and the
+    segmenter are loaded once."""
+    from FoBSegmentLib.atomic import check_writable
+    from FoBSegmentLib.io import volumes
+
+    messages: list[str] = []
+
+    def note(m: str) -> None:
+        messages.append(m)
+        if log is not None:
+            log(m)
+
+    if req.support_image is None:
+        raise SettingError("support_image", "needed for several query images: the annotated image of the mask")
+    for name in ("prompts_out", "prompts_in", "review_out"):
+        if getattr(req, name) is not None:
+            raise SettingError(name, "is for one image; not available with several query images")
+    if not images:
+        raise ValueError("no query image given")
+    if len({p.stem for p in images}) != len(images):
+        raise ValueError("two query images have the same name; their masks would overwrite each other")
+    settings = req.settings()
+    settings.check()
+    outdir = Path(req.output)
+    if outdir.exists() and not outdir.is_dir():
+        raise SettingError("output", f"{outdir} must be a folder for several query images")
+    inputs = {Path(p).resolve() for p in [*images, req.support_image, req.support_mask]}
+    outputs = [outdir / mask_name(p) for p in images]
+    for out in outputs:
+        if out.resolve() in inputs:
+            raise SettingError("output", f"{out} would overwrite an input")
+    support_vol = volumes.read_volume(req.support_image)
+    if not (support_vol.is_2d and support_vol.is_rgb):
+        raise ValueError(f"several query images need a colour 2-D support image; {Path(req.support_image).name} "
+                         "is not one")
+    support_lab = volumes.read_label(req.support_mask)
+    volumes.check_same_grid(support_vol, support_lab, "support mask")
+    support_bin, label = binary_support(support_lab.array, req.support_label, Path(req.support_mask))
+    queries = []
+    for p in images:
+        vol = volumes.read_volume(p)
+        if not (vol.is_2d and vol.is_rgb):
+            raise ValueError(f"{p.name} is not a colour 2-D image (a grey picture cannot be segmented with a "
+                             "colour support; convert it to RGB)")
+        queries.append(vol)
+    label_value = req.label_value if req.label_value is not None else 255
+    if not 1 <= label_value <= 255:
+        raise SettingError("label_value", f"must be in 1..255 for .png masks, got {label_value}")
+    support = prepare_image(support_vol, dataclasses.replace(settings, axis=None), "support image", note)
+    if settings.model is None and settings.prompts_from != "neighbour":
+        settings.model = str(_skin_default_model(note))
+    components = load_components(settings)
+    for line in components.notes:
+        note(line)
+    created = not outdir.exists()
+    outdir.mkdir(exist_ok=True)  # its parent must exist, as for any output file
+    try:
+        for out in outputs:
+            check_writable(out, "--output")
+    except BaseException:
+        if created:
+            outdir.rmdir()
+        raise
+
+    outcomes: list[SegmentOutcome] = []
+    written: list[Path] = []
+    try:
+        for n, (vol, out) in enumerate(zip(queries, outputs)):
+            query = prepare_image(vol, settings, "image", None)
+            job = build_job(query, support_bin, settings, support=support, components=components,
+                            support_name=f"label {label} of {Path(req.support_mask).name}")
+            result = job.run()
+            volumes.write_label(out, result.mask.astype(np.uint8) * label_value, vol.geometry)
+            written.append(out)
+            outcomes.append(SegmentOutcome(result, out, None, [], vol, None, flag_cross_patient(result)))
+            if progress is not None:
+                progress(n + 1, len(queries), Path(vol.path).name)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()
+        raise
+    return ManyOutcome(outcomes, messages)
+
+
+def _skin_default_model(note: Callable[[str], None]) -> Path:
+    """The shipped dermoscopy model, the default FoB model for colour 2-D images (issue 21)."""
+    from FoBSegmentLib.model.checkpoint import skin_model_path
+
+    path = skin_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"the default dermoscopy model {path.name} is missing from {path.parent}; "
+                                "pass --model or --prompts-from neighbour")
+    note(f"FoB model: {path.name}, the dermoscopy model (the default for colour images; --model overrides)")
+    return path

@@ -118,6 +118,8 @@ def prepare_image(volume: Any, settings: JobSettings, what: str = "image", log: 
 
     say = log or (lambda _m: None)
     name = Path(str(volume.path)).name
+    if "alpha channel ignored" in getattr(volume, "description", ""):
+        say(f"{what}: {name} has an alpha channel; it is ignored, the colour channels are segmented")
     if settings.modality == "auto":
         guess = intensity.guess_modality(volume.array, volume.modality_hint, volume.is_rgb)
         say(f"{what}: modality {guess.modality.upper()} ({guess.reason})")

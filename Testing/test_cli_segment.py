@@ -143,7 +143,7 @@ def test_isic_cross_image_and_same_image(tmp_path: Path, data_dir: Path, capsys)
     ref = np.asarray(Image.open(isic / "ISIC_0013085_mask.png")) > 127
     assert mask.shape == ref.shape and set(np.unique(mask)) <= {0, 255}
     d = dice(mask > 0, ref)
-    report(capsys, f"\nISIC 0013085 from support ISIC 0013948: Dice {d:.3f} (support mask as seed + grabcut)\n{se}")
+    report(capsys, f"\nISIC 0013085 from support ISIC 0013948: Dice {d:.3f} (dermoscopy colour pipeline + grabcut)\n{se}")
     assert "modality RGB" in se
     assert d >= 0.80  # measured 0.841
     # Same image as its own support: the annotation is the answer, written unchanged.

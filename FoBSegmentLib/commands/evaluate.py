@@ -3,6 +3,9 @@
     fob evaluate --protocol fob --dataset chaos synapse --model Resources/fob_lite.safetensors \\
         --segmenter grabcut --json out/results.json --markdown docs/RESULTS.md
     fob evaluate --protocol skin --dataset isic ph2 --segmenter grabcut --json out/skin.json
+    fob evaluate --protocol skin --dataset isic ph2 --model 'runs/skin/fold{fold}.safetensors'
+        # held out: one model per skin fold (`fob train --fold K` on the image folders); the skin
+        # protocol adds the rows lesion / lesion-colour (fob segment's dermoscopy pipeline)
     fob evaluate --protocol propagation --dataset chaos synapse --json out/propagation.json \\
         --markdown docs/RESULTS.md          # FoBSegmentLib/evaluate/propagation.py
 
@@ -188,10 +191,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data and len(args.dataset) != 1:
         raise ValueError("--data can only be used with a single --dataset")
-    methods = list(args.methods) if args.methods else list(P.ALL_METHODS)
+    skin_only = all((args.protocol if args.protocol != "auto" else ("fob" if ds in VOLUME_DATASETS else "skin"))
+                    == "skin" for ds in args.dataset)
+    allowed = P.ALL_METHODS + (P.SKIN_METHODS if skin_only else ())
+    methods = list(args.methods) if args.methods else list(allowed)
     for m in methods:
-        if m not in P.ALL_METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(P.ALL_METHODS)}")
+        if m not in allowed:
+            extra = " (lesion, lesion-colour: --protocol skin only)" if m in P.SKIN_METHODS else ""
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(allowed)}{extra}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     for ds in args.dataset:
@@ -200,15 +207,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--protocol fob needs a volume dataset (chaos, synapse), not {ds}; use --protocol skin")
         if proto == "skin" and ds in VOLUME_DATASETS:
             raise ValueError(f"--protocol skin needs a 2-D dataset (isic, ph2), not {ds}")
-        if proto == "skin" and _per_fold(args.model):
-            raise ValueError(f"--model with {{fold}} or {{organ}} needs the abdominal protocol (chaos, synapse), not {ds}")
+        if proto == "skin" and args.model is not None and "{organ}" in args.model:
+            raise ValueError(f"--model with {{organ}} needs the abdominal protocol (chaos, synapse), not {ds}")
     organs = P.ORGANS
     if args.organs:
         bad = [o for o in args.organs if o not in P.ORGANS]
         if bad:
             raise ValueError(f"--organs: unknown label(s) {bad}; use 1 liver, 2 right kidney, 3 left kidney, 4 spleen")
         organs = {o: P.ORGANS[o] for o in args.organs}
-    needs_model = any(m != "oracle" for m in methods)
+    needs_model = any(m not in ("oracle", "lesion-colour") for m in methods)
     segmenter = _segmenter(args) if any(m != "coarse" for m in methods) else None
     model_arg = args.model
     models: dict[str, object] = {}
@@ -220,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
 
     def load_model(fold: int | None, organ: int | None = None):
         path = model_path(fold, organ)
+        if path is None and skin_only:
+            from FoBSegmentLib.model.checkpoint import skin_model_path
+
+            path = skin_model_path()  # colour images: the dermoscopy model is the default (issue 21)
         key = str(path)
         if key not in models:
             gen = FoBPromptGenerator.load(path, device=args.device if args.device != "auto" else "cpu")
@@ -229,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "command": "fob evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
         "segmenter": args.segmenter,
-        "model": model_arg or "Resources/fob_lite.safetensors (default)",
+        "model": model_arg or ("Resources/fob_skin_lite.safetensors, for dermoscopy (default)" if skin_only
+                               else "Resources/fob_lite.safetensors (default)"),
         "methods": {m: P.METHOD_LABELS[m] for m in methods},
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "date": time.strftime("%Y-%m-%d"),
@@ -269,8 +281,31 @@ def run(args: argparse.Namespace) -> int:
             title = f"{ds} ({folder.name}), FoB protocol, {len(volumes)} volumes, segmenter {args.segmenter}"
         else:
             images = P.load_skin_images(folder)
-            predictor = P.generator_predictor(load_model(None)[0]) if needs_model else None
-            result = P.evaluate_skin(images, predictor, segmenter, methods, progress=not args.quiet)
+            if _per_fold(model_arg):
+                # Held out (issue 21): one model per skin fold, trained with `fob train --fold K`.
+                all_folds = P.skin_folds(len(images))
+                folds = all_folds if not args.folds else [f for f in all_folds if f.index in args.folds]
+                if args.folds and len(folds) != len(set(args.folds)):
+                    raise ValueError(f"--folds must be in 0..{len(all_folds) - 1} for {ds}")
+                missing = [p for f in folds if not (p := model_path(f.index)).is_file()] if needs_model else []
+                if missing:
+                    raise FileNotFoundError(f"--model: {len(missing)} per-fold model(s) missing, e.g. {missing[0]}")
+                seen_skin: dict[int, dict] = {}
+
+                def fold_predictor(fold, images=images, folder=folder, seen=seen_skin):
+                    gen, path = load_model(fold.index)
+                    summary = _training_summary(path)
+                    if summary is not None:
+                        queries = [f"{folder.name}/{images[i][0]}" for i in fold.queries]
+                        _held_out_record(seen.setdefault(fold.index, {}), summary, queries, 0, "lesion")
+                    return P.generator_predictor(gen)
+
+                result = P.evaluate_skin(images, fold_predictor if needs_model else None, segmenter, methods,
+                                         progress=not args.quiet, folds=folds)
+                result["held_out"] = seen_skin or None
+            else:
+                predictor = P.generator_predictor(load_model(None)[0]) if needs_model else None
+                result = P.evaluate_skin(images, predictor, segmenter, methods, progress=not args.quiet)
             title = f"{ds} ({folder.name}), 2-D protocol, {len(images)} images, segmenter {args.segmenter}"
         result["title"] = title
         report["datasets"][ds] = result

@@ -52,9 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with exactly IMAGE's geometry. Without --support-image the support is IMAGE itself: every slice "
         "where the support label is present is an annotated slice and is kept as annotated.",
     )
-    p.add_argument("image", metavar="IMAGE", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG/JPG")
+    p.add_argument("image", metavar="IMAGE", nargs="+",
+                   help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG/JPG; several PNG/JPG files or a folder of "
+                        "them (one annotated image -> many: needs --support-image; OUT is then a folder)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output label map (.nii.gz, .nrrd, .seg.nrrd, .mha; .png for 2D images)")
+                   help="output label map (.nii.gz, .nrrd, .seg.nrrd, .mha; .png for 2D images); for several "
+                        "images a folder, one <name>_mask.png per image")
     p.add_argument("--support-image", metavar="S_IMAGE", help="another patient's image (default: IMAGE itself)")
     p.add_argument("--support-mask", required=True, metavar="S_MASK", help="label map of the support")
     p.add_argument("--support-label", type=_int, metavar="N",
@@ -148,6 +151,12 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
 
 
 def run(args: argparse.Namespace) -> int:
+    from FoBSegmentLib.files import query_images
+
+    images = query_images(args.image)
+    if images is not None:
+        return _run_many(args, images)
+    args.image = args.image[0]
     req = request_from_args(args)
     quiet = bool(args.quiet)
     progress = TqdmProgress(enabled=not quiet and sys.stderr.isatty())
@@ -183,3 +192,77 @@ def run(args: argparse.Namespace) -> int:
     if res.flagged and not quiet:
         print(f"fob: slices to review: {', '.join(map(str, res.flagged))}", file=sys.stderr)
     return 0
+
+
+# ---- issue 21: one annotated image -> many ----------------------------------------------------------
+
+
+def _run_many(args: argparse.Namespace, images: list) -> int:
+    """`fob segment IMAGES... -o OUTDIR`: every image from one support image and mask, one mask each;
+    --report draws all of them in one montage, --reference (a folder of <name>_mask.png) adds each
+    image's Dice."""
+    from pathlib import Path
+
+    from FoBSegmentLib.errors import SettingError
+    from FoBSegmentLib.files import mask_name, segment_many
+
+    args.image = str(images[0])
+    req = request_from_args(args)
+    quiet = bool(args.quiet)
+    refs = None
+    if args.reference is not None or args.reference_label is not None:
+        if args.report is None:
+            raise SettingError("report", "needed: --reference is drawn into the montage REPORT.png")
+        if args.reference is None:
+            raise SettingError("reference_label", "needs --reference")
+        ref_dir = Path(args.reference)
+        if not ref_dir.is_dir():
+            raise SettingError("reference", f"{ref_dir} must be a folder of <name>_mask.png for several images")
+        refs = [_read_reference_mask(ref_dir / mask_name(Path(p)), args.reference_label) for p in images]
+    if args.report is not None:
+        from FoBSegmentLib.atomic import check_writable
+
+        if not str(args.report).lower().endswith(".png"):
+            raise SettingError("report", f"{args.report} must end in .png")
+        check_writable(Path(args.report), "--report")
+    progress = TqdmProgress(enabled=not quiet and sys.stderr.isatty())
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"fob: {message}", file=sys.stderr)
+
+    try:
+        many = segment_many(req, [Path(p) for p in images], progress=progress, log=log)
+    finally:
+        progress.close()
+    for oc in many.outcomes:
+        for line in oc.warnings:
+            print(f"fob: warning: {Path(oc.query.path).name}: {line}", file=sys.stderr)
+        print(f"wrote {oc.output} ({int(oc.result.mask.sum())} px, {oc.result.seconds:.1f} s)")
+    if args.report is not None:
+        from FoBSegmentLib.reports.montage import write_images_montage
+
+        try:
+            info, dices = write_images_montage(args.report, many.outcomes, refs,
+                                               title=f"support {Path(req.support_image).name}")
+        except BaseException:
+            for oc in many.outcomes:
+                oc.output.unlink(missing_ok=True)
+            raise
+        known = [d for d in dices if d is not None]
+        print(f"wrote {info.path} (montage of {len(info.slices)} images"
+              + (f", mean Dice {sum(known) / len(known):.3f} against the references)" if known else ")"))
+    return 0
+
+
+def _read_reference_mask(path, label: int | None):
+    """A reference mask (H, W) bool: `label`'s pixels, else every non-zero pixel."""
+    import numpy as np
+
+    from FoBSegmentLib.io import volumes
+
+    if not path.is_file():
+        raise FileNotFoundError(f"reference not found: {path}")
+    arr = np.asarray(volumes.read_label(path).array)
+    arr = arr[0] if arr.ndim == 3 else arr
+    return arr == label if label is not None else arr != 0

@@ -5,6 +5,8 @@
     fob train ... --resume          # continue the run whose files sit next to --out
     fob train --data ../shared/data/chaos_mr_t2spir --fold 0 --out runs/fold0.safetensors
         # held out: only the volumes that fold 0 of `fob evaluate` never uses as support or query
+    fob train --data ../shared/data/isic ../shared/data/ph2 --fold 0 --out runs/skin/fold0.safetensors
+        # dermoscopy held out: the images outside skin fold 0 of each folder (issue 21)
     fob train ... --fold 0 --setting 2 --exclude-organs 1 --out runs/fold0_organ1.safetensors
         # Setting II for the liver; evaluate with --model 'runs/fold{fold}_organ{organ}.safetensors'
     torchrun --nproc_per_node 2 -m FoBSegmentLib.cli train --data ... --out runs/ddp.safetensors
@@ -62,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help='train on a subset, e.g. \'{"chaos_mr_t2spir": ["1", "2"]}\' (per-fold models)')
     p.add_argument("--fold", type=int, metavar="K",
                    help="train only on the volumes that fold K (0-4) of `fob evaluate` does not test on (held-out "
-                   "per-fold models; each volume folder uses its own folds)")
+                   "per-fold models; each volume folder uses its own folds; an image folder (dermoscopy) uses the "
+                   "skin folds 0-1 of `fob evaluate --protocol skin`)")
     p.add_argument("--model-config", metavar="JSON", default="{}",
                    help="extra FoBConfig fields as JSON, e.g. '{\"n_bg\": 10}'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -36,7 +36,6 @@ ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 ORGAN_LABELS = {name: value for value, name in ORGANS.items()}
 
 _IMAGE_RE = re.compile(r"^image_(\d+)\.(nii\.gz|nii|nrrd|mha)$")
-_SKIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def dataset_dir(dataset: str) -> Path:
@@ -65,14 +64,12 @@ def find_volume_pairs(folder: str | Path) -> list[tuple[str, Path, Path]]:
 
 def find_skin_images(folder: str | Path) -> list[tuple[str, Path, Path]]:
     """(id, image path, mask path) of RGB images `<id>.jpg|png` (not `*_mask.png`), sorted by id."""
+    from FoBSegmentLib.io.volumes import list_2d_images
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder not found: {folder}")
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in _SKIN_SUFFIXES and not p.stem.endswith("_mask"):
-            out.append((p.stem, p, folder / f"{p.stem}_mask.png"))
-    return out
+    return [(p.stem, p, folder / f"{p.stem}_mask.png") for p in list_2d_images(folder)]
 
 
 def folder_kind(folder: str | Path) -> str:

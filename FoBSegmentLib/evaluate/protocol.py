@@ -17,7 +17,13 @@ Abdominal, FoB / ADNet lineage (11.1):
 
 Skin (11.3, adapted): the images of one folder sorted by id, support = image i, query = image
 (i + 1) mod n, 2-D Dice per episode, mean over episodes. The data here carries no diagnosis labels
-for ISIC, so there is a single category ("lesion").
+for ISIC, so there is a single category ("lesion"). Held out (issue 21): `SKIN_FOLDS` folds of
+consecutive images, fold k = positions floor(k n / K) .. floor((k + 1) n / K) (the last one wraps to
+image 0), so that its episodes (support i, query i + 1 inside the fold) are exactly the protocol's
+episodes, each in one fold; a fold's model trains on the images outside it (`fob train --fold K`).
+Methods only the skin protocol has: 'lesion' (`fob segment`'s dermoscopy pipeline,
+`propagation.skin`: FoB's coarse map and colour locate the lesion, the segmenter cuts it) and
+'lesion-colour' (the same without FoB: weight-free and model-free).
 
 Every prompt source sees the query image only (never its label); the oracle is the exception by
 design and is reported as an upper bound. Arrays: volumes (z, y, x) = (k, j, i); slices (row, col);
@@ -53,6 +59,10 @@ from FoBSegmentLib.prompts import PromptSet
 SUPPORT_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
 # Methods and what they measure. 'coarse' needs no segmenter; 'oracle' reads the query label.
 ALL_METHODS = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle")
+# Skin protocol only: they need the support image (colour) as well as the generator's output.
+SKIN_METHODS = ("lesion", "lesion-colour")
+# Two folds: every image is held out once with two models (the CPU budget of issue 21).
+SKIN_FOLDS = 2
 METHOD_LABELS = {
     "fob": "FoB (BPPC+BCM+SPR)",
     "fob-nospr": "FoB without SPR (coarse argmax)",
@@ -60,6 +70,8 @@ METHOD_LABELS = {
     "mask-sampled": "(ii) points sampled in/out of coarse mask (ProtoSAM-style)",
     "coarse": "(iii) coarse fg map > 0.5 (ALPNet-like, no segmenter)",
     "oracle": "oracle prompts from the query label (upper bound)",
+    "lesion": "fob segment's dermoscopy pipeline (FoB coarse map + colour locate, then segmenter)",
+    "lesion-colour": "dermoscopy pipeline, colour only (no FoB model)",
 }
 
 
@@ -89,12 +101,33 @@ def make_folds(n_volumes: int, n_folds: int = 5, support_position: int = 2) -> l
     return folds
 
 
+def skin_folds(n_images: int, n_folds: int = SKIN_FOLDS) -> list[Fold]:
+    """The held-out folds of the skin protocol over n sorted images (module docstring). `support` is
+    the fold's first image; every member but the last supports the next one."""
+    if n_folds < 1 or n_images < 2 * n_folds:
+        raise ValueError(f"need at least {2 * n_folds} images for {n_folds} skin folds, got {n_images}")
+    folds = []
+    for k in range(n_folds):
+        lo, hi = (k * n_images) // n_folds, ((k + 1) * n_images) // n_folds
+        members = [i % n_images for i in range(lo, hi + 1)]
+        train = [i for i in range(n_images) if i not in members]
+        folds.append(Fold(k, members, members[0], members[1:], train))
+    return folds
+
+
 def fold_training_ids(folder: str | Path, fold: int, n_folds: int = 5) -> list[str]:
     """Ids of the volumes in `folder` that fold `fold` of the protocol may train on: every volume that
-    is neither its support nor one of its queries (the same sorted order as `load_eval_volumes`)."""
+    is neither its support nor one of its queries (the same sorted order as `load_eval_volumes`).
+    An image folder (dermoscopy) uses the skin folds (`skin_folds`, `SKIN_FOLDS` of them)."""
     ids = [sid for sid, _img, _lab in find_volume_pairs(folder)]
     if not ids:
-        raise ValueError(f"--fold needs volume folders (image_<id> files); {folder} has none")
+        images = [sid for sid, _img, _mask in find_skin_images(folder)]
+        if not images:
+            raise ValueError(f"--fold needs volume folders (image_<id> files) or image folders; {folder} has neither")
+        folds = skin_folds(len(images))
+        if not 0 <= fold < len(folds):
+            raise ValueError(f"--fold must be in 0..{len(folds) - 1} for image folders, got {fold}")
+        return [images[i] for i in folds[fold].train]
     folds = make_folds(len(ids), n_folds)
     if not 0 <= fold < len(folds):
         raise ValueError(f"--fold must be in 0..{len(folds) - 1}, got {fold}")
@@ -332,35 +365,76 @@ def summarise(records: list[dict], organ_names: list[str], methods: list[str]) -
 
 def evaluate_skin(
     images: Sequence[tuple[str, np.ndarray, np.ndarray]],
-    predictor: Predictor | None,
+    predictor: Predictor | Callable[[Fold], Predictor | None] | None,
     segmenter,
     methods: Sequence[str] = ALL_METHODS,
     n_fg: int = 10,
     n_bg: int = 10,
     progress: bool = True,
+    folds: Sequence[Fold] | None = None,
 ) -> dict:
     """2-D protocol: images = [(id, image (H, W, 3) [0, 1], mask (H, W) bool)] sorted by id; support i,
-    query (i + 1) mod n. Dice per episode, mean over episodes (single category 'lesion')."""
+    query (i + 1) mod n. Dice per episode, mean over episodes (single category 'lesion').
+
+    folds: None = one fold holding every episode (one model); else `skin_folds`, with `predictor` a
+    function fold -> Predictor (one held-out model per fold). Methods: ALL_METHODS and SKIN_METHODS."""
     from tqdm import tqdm
+
+    from FoBSegmentLib.propagation.skin import segment_lesion
 
     if len(images) < 2:
         raise ValueError(f"the skin protocol needs at least 2 images, got {len(images)}")
+    for m in methods:
+        if m not in ALL_METHODS + SKIN_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS + SKIN_METHODS)}")
+    n = len(images)
+    if folds is None:
+        one = Fold(0, list(range(n)), 0, list(range(1, n)) + [0], [])
+        episodes = [(one, i) for i in range(n)]
+        def predictor_for(_fold: Fold):
+            return predictor
+    else:
+        episodes = [(f, i) for f in folds for i in f.members[:-1]]
+        predictor_for = predictor  # type: ignore[assignment]
+    needs_model = any(m not in ("oracle", "lesion-colour") for m in methods)
     records = []
     t0 = time.time()
-    for i in tqdm(range(len(images)), desc="evaluate", unit="img", disable=not progress):
+    for fold, i in tqdm(episodes, desc="evaluate", unit="img", disable=not progress):
         sid, s_img, s_msk = images[i]
-        qid, q_img, q_msk = images[(i + 1) % len(images)]
-        pred = predictor(s_img, s_msk, [q_img])[0] if any(m != "oracle" for m in methods) else None
+        qid, q_img, q_msk = images[(i + 1) % n]
+        pred = None
+        if needs_model:
+            fold_predictor = predictor_for(fold) if predictor_for is not None else None
+            if fold_predictor is None:
+                raise ValueError("no prompt generator for this fold")
+            pred = fold_predictor(s_img, s_msk, [q_img])[0]
         for m in methods:
-            mask, quality, failed = _segment_slice(m, pred, q_img, q_msk, segmenter, n_fg, n_bg)
+            if m in SKIN_METHODS:
+                prob = pred.fg_probability if (m == "lesion" and pred is not None) else None
+                if m == "lesion" and prob is None:
+                    raise ValueError("method 'lesion' needs the generator's coarse foreground map")
+                if segmenter is None:
+                    raise ValueError(f"method {m!r} needs a segmenter")
+                mask, prompts, _located = segment_lesion(q_img, s_img, s_msk, segmenter, prob)
+                quality = prompt_quality(prompts.background, prompts.foreground, q_msk) if prompts else None
+                failed = prompts is None
+            else:
+                mask, quality, failed = _segment_slice(m, pred, q_img, q_msk, segmenter, n_fg, n_bg)
             records.append(
                 {
-                    "fold": 0, "organ": "lesion", "method": m, "support": sid, "query": qid, "n_slices": 1,
+                    "fold": fold.index, "organ": "lesion", "method": m, "support": sid, "query": qid, "n_slices": 1,
                     "dice": dice(mask, q_msk), "failures": int(failed),
                     "prompt_quality": quality.as_dict() if quality else None,
                 }
             )
     result = summarise(records, ["lesion"], list(methods))
+    result["protocol"] = "skin"
+    if folds is not None:
+        result["folds"] = [
+            {"index": f.index, "support": images[f.members[0]][0], "queries": [images[i][0] for i in f.queries],
+             "train": [images[i][0] for i in f.train]}
+            for f in folds
+        ]
     result["seconds"] = round(time.time() - t0, 1)
     return result
 

@@ -17,7 +17,7 @@ from FoBSegmentLib.atomic import write_text_atomic
 DEFAULT_SECTION = "fob-protocol"
 FILE_HEADER = "# FoBSegment evaluation results\n\nEvery table below is written by a command; do not edit by hand.\n"
 
-ORDER = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle")
+ORDER = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle", "lesion", "lesion-colour")
 
 
 def _pct(v: float | None) -> str:
@@ -123,9 +123,11 @@ def markdown_report(report: dict, section: str = DEFAULT_SECTION) -> str:
     ]
     lines += [f"- `{m}`: {label}" for m, label in report["methods"].items()]
     for ds, result in report["datasets"].items():
+        skin = result.get("protocol") == "skin"
         lines += ["", f"### {result.get('title', ds)}", "", "Dice (%), " + (
             "3-D Dice per query scan over organ-containing slices, mean over the fold's queries, then over folds."
-            if "folds" in result else "2-D Dice per episode, mean over episodes."
+            if "folds" in result and not skin else "2-D Dice per episode, mean over episodes"
+            + (" of the fold, then over folds." if skin and "folds" in result else ".")
         ), ""]
         lines += _dice_table(result)
         lines += ["", "Prompt quality (mean over organs; independent of the segmenter):", ""]
@@ -134,7 +136,21 @@ def markdown_report(report: dict, section: str = DEFAULT_SECTION) -> str:
         if fails:
             lines += ["", "Slices where the segmenter rejected the prompts (scored as an empty mask): "
                       + ", ".join(f"{m} {n}" for m, n in fails.items()) + "."]
-        if "folds" in result:
+        if "folds" in result and skin:
+            # issue 21: the held-out skin folds (evaluate/protocol.py, skin_folds)
+            lines += ["", "Protocol (FoBSegmentLib/evaluate/protocol.py, skin_folds): support image i, query image "
+                      "i + 1 (sorted by id, wrapping), the episodes split into folds of consecutive images; each "
+                      "fold's model is trained (`fob train --fold K`) on the images outside the fold only.", "",
+                      "Folds (first support / queries):", ""]
+            for f in result["folds"]:
+                lines.append(f"- fold {f['index']}: support {f['support']}; queries {', '.join(f['queries'])}")
+            held = result.get("held_out")
+            if held:
+                n_seen = sum(len(v["queries_in_training"]) for v in held.values())
+                n_all = sum(len(f["queries"]) for f in result["folds"])
+                lines += ["", f"Models, from their `<model>.train.json`: {training_provenance(result)}. Query "
+                          f"images that were in the training data: {n_seen} of {n_all}."]
+        elif "folds" in result:
             lines += ["", "Protocol (method doc 11.1, adapted to the volumes available; FoBSegmentLib/evaluate/protocol.py): "
                       "5 overlapping folds over the volumes sorted by id, support = third volume of the fold "
                       "(second for folds of two), 3 support slices at 1/6, 1/2, 5/6 of the organ's slices, the "

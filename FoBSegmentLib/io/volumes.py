@@ -78,6 +78,16 @@ def _geometry_2d(height: int, width: int) -> Geometry:
     )
 
 
+def list_2d_images(folder: str | os.PathLike) -> list[Path]:
+    """The pictures of a folder (.jpg/.jpeg/.png/.bmp), sorted by name, without the `<id>_mask.png`
+    masks that sit beside them in the data folders (the images of `fob segment FOLDER`, issue 21)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    return [p for p in sorted(folder.iterdir())
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp") and not p.stem.endswith("_mask")]
+
+
 def _read_2d(path: Path, as_label: bool) -> Volume:
     from PIL import Image, UnidentifiedImageError
 
@@ -85,6 +95,8 @@ def _read_2d(path: Path, as_label: bool) -> Volume:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
+            # An alpha channel is ignored (documented, issue 21): the colour channels are segmented.
+            alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
             if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA"):
                 arr = np.asarray(img.convert("RGB"))
             else:
@@ -100,7 +112,7 @@ def _read_2d(path: Path, as_label: bool) -> Volume:
         else:
             # A grey picture saved as RGB is still an RGB photograph to the user (dermoscopy); keep colour.
             geo = _geometry_2d(arr.shape[0], arr.shape[1])
-            desc = f"2D RGB image {arr.shape[1]}x{arr.shape[0]}"
+            desc = f"2D RGB image {arr.shape[1]}x{arr.shape[0]}" + (", alpha channel ignored" if alpha else "")
             return Volume(arr.astype(np.float32), geo, path, "rgb", True, desc)
     if arr.ndim != 2:
         raise ValueError(f"cannot read {path}: unexpected image shape {arr.shape}")

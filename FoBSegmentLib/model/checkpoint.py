@@ -30,6 +30,8 @@ from FoBSegmentLib.paths import resources_dir
 CHECKPOINT_FORMAT = "fob-prompt-generator"
 CHECKPOINT_FORMAT_VERSION = "1"
 DEFAULT_MODEL_NAME = "fob_lite.safetensors"
+# The dermoscopy model (issue 21): the default for colour 2-D images (`fob segment`, `--protocol skin`).
+SKIN_MODEL_NAME = "fob_skin_lite.safetensors"
 NOT_A_CHECKPOINT = "not a safetensors file or a weights-only PyTorch checkpoint"
 
 M = TypeVar("M", bound=nn.Module)
@@ -38,6 +40,11 @@ M = TypeVar("M", bound=nn.Module)
 def default_model_path() -> Path:
     """The shipped model, Resources/fob_lite.safetensors (FOB_RESOURCES overrides the folder)."""
     return resources_dir() / DEFAULT_MODEL_NAME
+
+
+def skin_model_path() -> Path:
+    """The shipped dermoscopy model, Resources/fob_skin_lite.safetensors (FOB_RESOURCES overrides)."""
+    return resources_dir() / SKIN_MODEL_NAME
 
 
 def load_weights_only(path: str | Path, what: str) -> Any:

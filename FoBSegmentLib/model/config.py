@@ -35,6 +35,9 @@ class FoBConfig:
     on a CPU budget (Resources/MODEL_CARD.md).
     image_size: working size S; feature_dim: d, None = encoder default (lite 64, resnet101 512).
     heads: attention heads (BCM transformer and SPR context attention).
+    bg_max_fg_prob: inference only: refined background prompts where the model's own coarse P_fg is
+    >= this are dropped (at least 3 of the least foreground-like are kept); 1.0 keeps all (the
+    paper). The dermoscopy model sets it (issue 21: its ring otherwise lands inside large lesions).
     """
 
     encoder: str = "lite"
@@ -57,6 +60,7 @@ class FoBConfig:
     image_size: int = 256
     feature_dim: int | None = None
     heads: int = 1
+    bg_max_fg_prob: float = 1.0
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,9 @@ class FoBConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"FoBConfig.{name} must be a positive number, got {value!r}")
             setattr(self, name, float(value))
+        if isinstance(self.bg_max_fg_prob, bool) or not 0.0 < float(self.bg_max_fg_prob) <= 1.0:
+            raise ValueError(f"FoBConfig.bg_max_fg_prob must lie in (0, 1], got {self.bg_max_fg_prob!r}")
+        self.bg_max_fg_prob = float(self.bg_max_fg_prob)
         if not 0.0 < float(self.fg_threshold) < 1.0:
             raise ValueError(f"FoBConfig.fg_threshold must lie in (0, 1), got {self.fg_threshold!r}")
         self.fg_threshold = float(self.fg_threshold)

@@ -149,6 +149,18 @@ class SupportFeatures:
 # ----------------------------------------------------------------------------- the predictor
 
 
+def _drop_foreground_like(bg: np.ndarray, prob: np.ndarray, threshold: float, keep_min: int = 3) -> np.ndarray:
+    """(N, 2) (x, y) query-frame background prompts without those where the (H, W) coarse P_fg is
+    >= threshold; the `keep_min` least foreground-like stay (in ring order) so a ring still encloses."""
+    h, w = prob.shape
+    p = prob[np.clip(np.rint(bg[:, 1]).astype(int), 0, h - 1), np.clip(np.rint(bg[:, 0]).astype(int), 0, w - 1)]
+    keep = p < threshold
+    if keep.sum() < min(keep_min, len(bg)):
+        keep = np.zeros(len(bg), bool)
+        keep[np.argsort(p, kind="stable")[: min(keep_min, len(bg))]] = True
+    return bg[keep]
+
+
 class FoBPromptGenerator(FoBNet):
     """FoB prompt generator: the network plus predict / predict_batch / encode_support, load / save."""
 
@@ -292,6 +304,8 @@ class FoBPromptGenerator(FoBNet):
             conf = out["bg_confidence"].float().cpu().numpy()
             for i, (_, shape) in enumerate(chunk):
                 bg = _to_query_frame(refined[i], shape, size) if support.ring_valid else np.zeros((0, 2))
+                if self.config.bg_max_fg_prob < 1.0 and len(bg):
+                    bg = _drop_foreground_like(bg, prob_q[i], self.config.bg_max_fg_prob)
                 fg = _to_query_frame(self._foreground_points(prob_w[i]), shape, size)
                 results.append(
                     {

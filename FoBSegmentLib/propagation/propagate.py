@@ -183,6 +183,11 @@ def propagate(
     elif prompts_in is not None:
         _points_only(run, prompts_in, {s.index for s in annotations})
         source = "prompts-in"
+    elif not same_volume and image.ndim == 4 and n == 1:
+        # Issue 21, dermoscopy: another image's lesion annotation -> this colour image's lesion.
+        from FoBSegmentLib.propagation.skin import run_skin
+
+        run_skin(run, sup, generator if prompts_from in ("fob", "hybrid") else None)
     elif prompts_from == "fob":
         run_fob(run, sup, generator, same_volume, _inside_absent(rng, sup))
     else:

@@ -247,3 +247,83 @@ def check_report_request(req, report: str | os.PathLike | None, reference: str |
             raise SettingError("reference_label", f"needed: {exc}") from None
         raise
     return ReportRequest(path, ref, Path(reference).name)
+
+
+# ---- issue 21: the montage of many 2-D images segmented from one annotated image ----------------------
+
+
+def write_images_montage(
+    path: str | os.PathLike,
+    outcomes: list,
+    references: list[np.ndarray | None] | None = None,
+    title: str = "",
+    max_panels: int = 48,
+    panel_inches: float = 2.2,
+    dpi: int = 100,
+) -> tuple[MontageInfo, list[float | None]]:
+    """One panel per query image of `files.segment_many`'s outcomes (the first `max_panels`): the
+    image, the mask contour, the reference contour (references[i], (H, W) bool, or None), the prompts.
+    Returns the montage info (its `slices` are the panel indices) and each image's Dice (None without
+    a reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from FoBSegmentLib.atomic import atomic_output
+    from FoBSegmentLib.labelmap import dice as dice_of
+
+    if not outcomes:
+        raise ValueError("no segmented image to draw")
+    refs = list(references) if references is not None else [None] * len(outcomes)
+    dices: list[float | None] = []
+    for oc, ref in zip(outcomes, refs):
+        dices.append(None if ref is None else float(dice_of(np.asarray(oc.result.mask[0]) > 0, ref)))
+    shown = list(range(min(len(outcomes), max_panels)))
+    cols = min(len(shown), 6)
+    rows = math.ceil(len(shown) / cols)
+    title_inches = 0.6
+    panel = max(panel_inches, 4.5 / cols)
+    width, height = cols * panel, rows * panel + title_inches
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, shown):
+        oc = outcomes[i]
+        m = np.asarray(oc.result.mask[0]) > 0
+        ax.imshow(_display(oc.query.array), interpolation="nearest")
+        if m.any() and not m.all():
+            ax.contour(m.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.3)
+        if refs[i] is not None and refs[i].any() and not refs[i].all():
+            ax.contour(refs[i].astype(np.float32), levels=[0.5], colors=REFERENCE_COLOUR, linewidths=0.8,
+                       linestyles="dashed")
+        ps = oc.result.prompts.get(0)
+        if ps is not None:
+            if len(ps.foreground):
+                ax.scatter(ps.foreground[:, 0], ps.foreground[:, 1], s=14, marker="+", c=FOREGROUND_COLOUR,
+                           linewidths=1.0)
+            if len(ps.background):
+                ax.scatter(ps.background[:, 0], ps.background[:, 1], s=10, marker="x", c=BACKGROUND_COLOUR,
+                           linewidths=1.0)
+        label = Path(oc.query.path).name
+        if dices[i] is not None:
+            label += f"  Dice {dices[i]:.3f}"
+        flagged = bool(oc.warnings) or not m.any()
+        ax.set_title(label + ("\nflag: " + (oc.warnings[0] if oc.warnings else "empty mask") if flagged else ""),
+                     fontsize=7, color=FLAGGED_COLOUR if flagged else "black")
+    head = title or "segmentation"
+    known = [d for d in dices if d is not None]
+    if known:
+        head += f"   mean Dice {np.mean(known):.3f} over {len(known)} images"
+    head += f"   {len(shown)} of {len(outcomes)} images"
+    legend = ("mask yellow" + (", reference blue dashed" if known else "")
+              + "; prompts: + foreground green, x background red")
+    legend = textwrap.fill(legend, width=max(30, int(width * 16)))
+    fig.suptitle(head + "\n" + legend, fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 1 - title_inches / height))
+    target = Path(path)
+    with atomic_output(target) as tmp:
+        fig.savefig(tmp, format="png")
+    flagged_idx = [i for i in shown if outcomes[i].warnings or not np.asarray(outcomes[i].result.mask).any()]
+    return MontageInfo(target, shown, [], flagged_idx, cols, rows), dices

@@ -21,7 +21,7 @@ from FoBSegmentLib.segmenters.base import SegmentationResult, Segmenter
 log = logging.getLogger("FoBSegmentLib.segmenters")
 
 SAM_NAMES = ("sam-vit-h", "sam-vit-l", "sam-vit-b")
-WEIGHT_FREE = ("graphcut", "grabcut", "random-walker")
+WEIGHT_FREE = ("graphcut", "grabcut", "random-walker", "colour-graphcut")
 SEGMENTER_NAMES = (*SAM_NAMES, "sam", "medsam", *WEIGHT_FREE, "auto")
 BEST_WEIGHT_FREE = "graphcut"
 
@@ -74,6 +74,10 @@ def get_segmenter(
             from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 
             return GrabCutSegmenter(**options)  # type: ignore[arg-type]
+        if name == "colour-graphcut":
+            from FoBSegmentLib.segmenters.colour_graphcut import ColourGraphCutSegmenter
+
+            return ColourGraphCutSegmenter(**options)  # type: ignore[arg-type]
         from FoBSegmentLib.segmenters.random_walker import RandomWalkerSegmenter
 
         return RandomWalkerSegmenter(**options)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ slice given the TRUE neighbouring mask, 90.0 mean 3D Dice against GrabCut's 89.2
 pipeline's stopping rules, 85.1 against GrabCut's 83.3.
 
 A slice with prompts only (edited by hand, FoB prompts) or without a fitted reference goes to
-GrabCut, which is better there: on the slices of Testing/test_segmenters_quality.py (prompts only)
+GrabCut (a colour slice: to the colour graph cut, `colour_graphcut.py`, issue 21), which is better there: on the slices of Testing/test_segmenters_quality.py (prompts only)
 this graph cut with appearance learnt from the prompts scored 0.877 mean Dice, GrabCut 0.897.
 Frame: prompts and masks in (x, y) = (column, row) pixels of the slice; images (H, W) indexed
 [row, col]. Colour images are segmented on their luminance.
@@ -172,6 +172,11 @@ class GraphCutSegmenter:
                             "band": int(band)}
         self.reference: AppearanceModel | None = None
         self.fallback = GrabCutSegmenter()
+        # issue 21: a colour slice with prompts only goes to the colour-GMM graph cut, which beat GrabCut
+        # on held-out dermoscopy (docs/RESULTS.md, "Dermoscopy (issue 21)").
+        from FoBSegmentLib.segmenters.colour_graphcut import ColourGraphCutSegmenter
+
+        self.colour_fallback = ColourGraphCutSegmenter()
 
     def fit_reference(self, image: np.ndarray, mask: np.ndarray) -> None:
         """Learn the organ's appearance from an annotated slice: image (H, W[, 3]), mask (H, W) bool.
@@ -199,6 +204,8 @@ class GraphCutSegmenter:
         if prior is None or not prior.any() or self.reference is None:
             # Checked here, not left to the fallback: its error would name grabcut, which the user never chose.
             require_ring(prompts.background, self.name)
+            if np.asarray(image).ndim == 3:
+                return self.colour_fallback.segment(image, prompts)
             return self.fallback.segment(image, prompts)
         seeds_fg = disk_mask(prompts.foreground, self.seed_radius, height, width)
         seeds_bg = disk_mask(prompts.background, self.seed_radius, height, width)

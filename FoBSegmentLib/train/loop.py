@@ -197,12 +197,19 @@ def build_sampler(cfg: TrainConfig, image_size: int, progress: bool = True) -> t
     if img_dirs:
         if cfg.setting != 1:
             raise ValueError("Setting II for dermoscopy needs diagnosis labels, which this data does not have")
-        ids = None
-        if cfg.include_ids is not None:
-            ids = [i for d in img_dirs for i in cfg.include_ids.get(Path(d).name, [])]
-        imgs = load_training_images(img_dirs, image_size, ids, progress)
+        imgs = []
+        for d in img_dirs:
+            # One folder at a time, so that every training item is named by its own folder (the
+            # held-out check of `fob evaluate --protocol skin` compares these names with its queries).
+            ids = None if cfg.include_ids is None else cfg.include_ids.get(Path(d).name, [])
+            if ids is not None and not ids:
+                continue
+            part = load_training_images([d], image_size, ids, progress)
+            imgs += part
+            names += [f"{Path(d).name}/{i.name}" for i in part]
+        if not imgs:
+            raise ValueError("no RGB training images selected in " + ", ".join(map(str, img_dirs)))
         samplers.append(SkinEpisodeSampler(imgs, cfg.min_size).sample)
-        names += [f"{Path(img_dirs[0]).name}/{i.name}" for i in imgs]
     return (samplers[0] if len(samplers) == 1 else MixedSampler(samplers).sample), names
 
 
