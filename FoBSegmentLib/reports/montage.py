@@ -58,6 +58,24 @@ def choose_slices(result, max_panels: int = 12) -> list[int]:
     return sorted(set(segmented[::step]) | must)
 
 
+def _panel_grid(count: int, panel_inches: float, dpi: int):
+    """A figure of `count` panels, at most 6 a row, axes off; returns (figure, axes [rows, cols],
+    (width, height, title height) in inches)."""
+    from matplotlib.figure import Figure
+
+    cols = min(count, 6)
+    rows = math.ceil(count / cols)
+    # At least 4.5 inches wide: a montage of one or two panels (a 2D picture) has room for its title.
+    title_inches = 0.6
+    panel = max(panel_inches, 4.5 / cols)
+    width, height = cols * panel, rows * panel + title_inches
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes, (width, height, title_inches)
+
+
 def _display(image: np.ndarray) -> np.ndarray:
     """A slice scaled to [0, 1] for display only (1st-99th percentile), whatever the modality."""
     img = np.asarray(image, np.float32)
@@ -84,7 +102,6 @@ def write_montage(
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
 
     from FoBSegmentLib.atomic import atomic_output
     from FoBSegmentLib.io.coords import take_slice
@@ -100,16 +117,7 @@ def write_montage(
     annotated = [z for z in slices if result.slices.get(z) is not None and result.slices[z].source == "annotation"]
     flagged_all = set(result.flagged)
     flagged = [z for z in slices if z in flagged_all]
-    cols = min(len(slices), 6)
-    rows = math.ceil(len(slices) / cols)
-    # At least 4.5 inches wide: a montage of one or two panels (a 2D picture) has room for its title.
-    title_inches = 0.6
-    panel = max(panel_inches, 4.5 / cols)
-    width, height = cols * panel, rows * panel + title_inches
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes, (width, height, title_inches) = _panel_grid(len(slices), panel_inches, dpi)
     for ax, z in zip(axes.flat, slices):
         img = image if rgb else take_slice(image, axis, z)
         m = mask[0] if rgb else take_slice(mask, axis, z)
@@ -160,7 +168,7 @@ def write_montage(
     target = Path(path)
     with atomic_output(target) as tmp:
         fig.savefig(tmp, format="png")
-    return MontageInfo(target, slices, annotated, flagged, cols, rows)
+    return MontageInfo(target, slices, annotated, flagged, axes.shape[1], axes.shape[0])
 
 
 def montage_of_outcome(path: str | os.PathLike, outcome, reference: np.ndarray | None = None,
@@ -268,7 +276,6 @@ def write_images_montage(
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
 
     from FoBSegmentLib.atomic import atomic_output
     from FoBSegmentLib.labelmap import dice as dice_of
@@ -280,15 +287,7 @@ def write_images_montage(
     for oc, ref in zip(outcomes, refs):
         dices.append(None if ref is None else float(dice_of(np.asarray(oc.result.mask[0]) > 0, ref)))
     shown = list(range(min(len(outcomes), max_panels)))
-    cols = min(len(shown), 6)
-    rows = math.ceil(len(shown) / cols)
-    title_inches = 0.6
-    panel = max(panel_inches, 4.5 / cols)
-    width, height = cols * panel, rows * panel + title_inches
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes, (width, height, title_inches) = _panel_grid(len(shown), panel_inches, dpi)
     for ax, i in zip(axes.flat, shown):
         oc = outcomes[i]
         m = np.asarray(oc.result.mask[0]) > 0
@@ -326,4 +325,4 @@ def write_images_montage(
     with atomic_output(target) as tmp:
         fig.savefig(tmp, format="png")
     flagged_idx = [i for i in shown if outcomes[i].warnings or not np.asarray(outcomes[i].result.mask).any()]
-    return MontageInfo(target, shown, [], flagged_idx, cols, rows), dices
+    return MontageInfo(target, shown, [], flagged_idx, axes.shape[1], axes.shape[0]), dices
