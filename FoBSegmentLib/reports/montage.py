@@ -76,6 +76,23 @@ def _panel_grid(count: int, panel_inches: float, dpi: int):
     return fig, axes, (width, height, title_inches)
 
 
+def _draw_overlays(ax, mask: np.ndarray, reference: np.ndarray | None, prompts) -> None:
+    """On one panel: the (H, W) mask's contour, the reference's (dashed; None = none) and the prompts
+    ((x, y) = (column, row) pixels; None = none)."""
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.3)
+    if reference is not None and reference.any() and not reference.all():
+        ax.contour(reference.astype(np.float32), levels=[0.5], colors=REFERENCE_COLOUR, linewidths=0.8,
+                   linestyles="dashed")
+    if prompts is not None:
+        if len(prompts.foreground):
+            ax.scatter(prompts.foreground[:, 0], prompts.foreground[:, 1], s=14, marker="+", c=FOREGROUND_COLOUR,
+                       linewidths=1.0)
+        if len(prompts.background):
+            ax.scatter(prompts.background[:, 0], prompts.background[:, 1], s=10, marker="x", c=BACKGROUND_COLOUR,
+                       linewidths=1.0)
+
+
 def _display(image: np.ndarray) -> np.ndarray:
     """A slice scaled to [0, 1] for display only (1st-99th percentile), whatever the modality."""
     img = np.asarray(image, np.float32)
@@ -122,21 +139,8 @@ def write_montage(
         img = image if rgb else take_slice(image, axis, z)
         m = mask[0] if rgb else take_slice(mask, axis, z)
         ax.imshow(_display(img), cmap=None if rgb else "gray", interpolation="nearest")
-        if m.any() and not m.all():
-            ax.contour(m.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.3)
-        if reference is not None:
-            r = reference[0] if rgb else take_slice(reference, axis, z)
-            if r.any() and not r.all():
-                ax.contour(r.astype(np.float32), levels=[0.5], colors=REFERENCE_COLOUR, linewidths=0.8,
-                           linestyles="dashed")
-        ps = result.prompts.get(z)
-        if ps is not None:
-            if len(ps.foreground):
-                ax.scatter(ps.foreground[:, 0], ps.foreground[:, 1], s=14, marker="+", c=FOREGROUND_COLOUR,
-                           linewidths=1.0)
-            if len(ps.background):
-                ax.scatter(ps.background[:, 0], ps.background[:, 1], s=10, marker="x", c=BACKGROUND_COLOUR,
-                           linewidths=1.0)
+        r = None if reference is None else (reference[0] if rgb else take_slice(reference, axis, z))
+        _draw_overlays(ax, m, r, result.prompts.get(z))
         rep = result.slices.get(z)
         label = f"slice {z}"
         colour = "black"
@@ -292,19 +296,7 @@ def write_images_montage(
         oc = outcomes[i]
         m = np.asarray(oc.result.mask[0]) > 0
         ax.imshow(_display(oc.query.array), interpolation="nearest")
-        if m.any() and not m.all():
-            ax.contour(m.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.3)
-        if refs[i] is not None and refs[i].any() and not refs[i].all():
-            ax.contour(refs[i].astype(np.float32), levels=[0.5], colors=REFERENCE_COLOUR, linewidths=0.8,
-                       linestyles="dashed")
-        ps = oc.result.prompts.get(0)
-        if ps is not None:
-            if len(ps.foreground):
-                ax.scatter(ps.foreground[:, 0], ps.foreground[:, 1], s=14, marker="+", c=FOREGROUND_COLOUR,
-                           linewidths=1.0)
-            if len(ps.background):
-                ax.scatter(ps.background[:, 0], ps.background[:, 1], s=10, marker="x", c=BACKGROUND_COLOUR,
-                           linewidths=1.0)
+        _draw_overlays(ax, m, refs[i], oc.result.prompts.get(0))
         label = Path(oc.query.path).name
         if dices[i] is not None:
             label += f"  Dice {dices[i]:.3f}"
