@@ -98,11 +98,12 @@ def chain_stop(z0: int, step: int, seed_slices: list[int], rng: tuple[int, int],
     return None
 
 
-def interpolated_gaps(run: Runner, seeds: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+def interpolated_gaps(run: Runner, seeds: dict[int, np.ndarray], areas: dict[int, int] | None) -> list[tuple[int, int]]:
     """The gaps (a, b) between neighbouring annotated slices (both showing the organ, at least one slice
-    between them) that are filled from their interpolated shape (`config.interpolate_agreement`)."""
+    between them) that are filled from their interpolated shape (`config.interpolate_agreement`);
+    areas: `fill_areas` of the seeds (None: the segmenter has no shape prior, no gap is)."""
     cfg = run.config
-    if cfg.interpolate_agreement is None or fill_areas(run, seeds) is None:
+    if cfg.interpolate_agreement is None or areas is None:
         return []
     zs = sorted(z for z, m in seeds.items() if m.any())
     return [(a, b) for a, b in zip(zs, zs[1:])
@@ -393,11 +394,12 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
         run.tick(f"slice {z0}")
         seeds = [(z0, m, mid)]
     seed_slices = sorted(z for z, *_ in seeds)
-    areas = fill_areas(run, {z: m for z, m, _ in seeds})
-    gaps = interpolated_gaps(run, {z: m for z, m, _ in seeds}) if same_volume else []
-    by_index = {z: (m, sup) for z, m, sup in seeds}
+    masks = {z: m for z, m, _ in seeds}
+    areas = fill_areas(run, masks)
+    gaps = interpolated_gaps(run, masks, areas) if same_volume else []
+    support_of = {z: sup for z, _, sup in seeds}
     for a, b in gaps:
-        fill_gap(run, a, by_index[a][0], b, by_index[b][0], by_index[a][1].index)
+        fill_gap(run, a, masks[a], b, masks[b], support_of[a].index)
     for z0, mask0, sup in seeds:
         for step in (-1, 1):
             bounds = chain_stop(z0, step, seed_slices, rng, areas)
