@@ -16,9 +16,14 @@ mask (its size says nothing about the query's lesion); it finds the query's lesi
 2. `locate_lesion`: Otsu threshold of the smoothed score inside the inscribed ellipse (the dark
    corners of the dermatoscope's vignette never count as lesion), the component that is both large
    and central, holes filled.
-3. `lesion_prompts`: a background ring around the located lesion at a distance proportional to its
-   size (the BPPC ring of `prompts.ring`), foreground points spread inside it, and a soft prior map;
-   then the colour segmenter (GrabCut by default) cuts the lesion.
+3. `lesion_extent`: where the located boundary is uncertain. Otsu cuts the lesion's faint
+   periphery off whenever the score there lies between skin and the lesion's core, so the located
+   lesion is widened by everything connected to it that the score does not call typical skin (above
+   the median score of the Otsu skin class). A ring point must lie where the cues say skin.
+4. `lesion_prompts`: a background ring around that extent at a distance proportional to the located
+   lesion's size (the BPPC ring of `prompts.ring`), foreground points spread inside the located
+   lesion, and a soft prior map from the located lesion; then the colour segmenter cuts the lesion
+   (the ring only bounds it: the prior and colour decide how far into the uncertain band it goes).
 
 Frames: images (H, W, 3) float in [0, 1], masks (H, W) bool indexed [row, col], points (x, y) =
 (column, row) pixels. Measurements of every choice: docs/RESULTS.md, "Dermoscopy (issue 21)".
@@ -34,6 +39,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import mask_prompt_points
 
 
@@ -50,6 +56,8 @@ class LesionConfig:
     prior_sigma: blur of the located mask (fraction of its radius) handed to the segmenter as
         `fg_probability` (interior pixels far from the located lesion start as probable background).
     fob_weight: weight of FoB's coarse probability in the score (0 = colour only).
+    ring_extent: ring around `lesion_extent` (the located lesion widened by its uncertain band)
+        instead of around the located lesion itself.
     """
 
     smooth: float = 0.01
@@ -60,6 +68,7 @@ class LesionConfig:
     n_foreground: int = 10
     prior_sigma: float = 0.1
     fob_weight: float = 1.0
+    ring_extent: bool = True
 
 
 def _lab_features(image: np.ndarray) -> np.ndarray:
@@ -128,17 +137,27 @@ def lesion_score(
     return ndi.gaussian_filter(score, cfg.smooth * float(np.hypot(h, w))).astype(np.float32)
 
 
-def locate_lesion(score: np.ndarray, config: LesionConfig | None = None) -> np.ndarray:
-    """(H, W) bool: the located lesion of a `lesion_score` map (empty when nothing qualifies)."""
+def _score_levels(score: np.ndarray) -> tuple[float, float] | None:
+    """(Otsu threshold, median of the Otsu skin class) of a `lesion_score` map inside the field of
+    view; None for a flat map."""
     from skimage.filters import threshold_otsu
 
+    vals = score[_ellipse_radius(score.shape) <= 1.0]
+    if vals.max() <= vals.min():
+        return None
+    t = float(threshold_otsu(vals))
+    return t, float(np.median(vals[vals <= t]))
+
+
+def locate_lesion(score: np.ndarray, config: LesionConfig | None = None) -> np.ndarray:
+    """(H, W) bool: the located lesion of a `lesion_score` map (empty when nothing qualifies)."""
     cfg = config or LesionConfig()
     h, w = score.shape
     inside = _ellipse_radius((h, w)) <= 1.0
-    vals = score[inside]
-    if vals.max() <= vals.min():
+    levels = _score_levels(score)
+    if levels is None:
         return np.zeros((h, w), bool)
-    cand = (score > threshold_otsu(vals)) & inside
+    cand = (score > levels[0]) & inside
     cand = ndi.binary_opening(cand, iterations=2)
     cand = ndi.binary_fill_holes(cand)
     labels, n = ndi.label(cand)
@@ -155,15 +174,39 @@ def locate_lesion(score: np.ndarray, config: LesionConfig | None = None) -> np.n
     return labels == int(idx[int(np.argmax(merit))])
 
 
-def lesion_prompts(located: np.ndarray, config: LesionConfig | None = None) -> PromptSet:
-    """Background ring around the located lesion, foreground points inside, and a soft prior."""
+def lesion_extent(score: np.ndarray, located: np.ndarray) -> np.ndarray:
+    """(H, W) bool: `located` widened by its uncertain band, the components of "score above the median
+    of the Otsu skin class" (inside the field of view, opened like the located lesion) that touch it,
+    holes filled. Where the lesion's periphery is faint (lighter than its core, or as light as the
+    support's skin) this reaches past the located boundary; where the boundary is sharp it adds a
+    few pixels."""
+    m = np.asarray(located, bool)
+    levels = _score_levels(score)
+    if levels is None or not m.any():
+        return m.copy()
+    above = (score > levels[1]) & (_ellipse_radius(score.shape) <= 1.0)
+    above = ndi.binary_opening(above, iterations=2) | m
+    labels, _n = ndi.label(above)
+    ids = np.unique(labels[m])
+    return ndi.binary_fill_holes(np.isin(labels, ids[ids > 0]))
+
+
+def lesion_prompts(located: np.ndarray, config: LesionConfig | None = None,
+                   extent: np.ndarray | None = None) -> PromptSet:
+    """Background ring around `extent` (the located lesion when None), foreground points inside the
+    located lesion, and a soft prior from it. The ring's distance scales with the located lesion."""
     cfg = config or LesionConfig()
     m = np.asarray(located, bool)
     if not m.any():
         raise ValueError("no lesion located")
+    around = m if extent is None else (np.asarray(extent, bool) | m)
     radius = float(np.sqrt(m.sum() / np.pi))
     k_in = 2 * max(2, int(round(cfg.ring_distance * radius))) + 1
-    bg, fg = mask_prompt_points(m, cfg.n_background, cfg.n_foreground, ring=(k_in + 10, k_in))
+    ring = (k_in + 10, k_in)
+    bg, fg = mask_prompt_points(m, cfg.n_background, cfg.n_foreground, ring=ring)
+    if around is not m:
+        pts, valid = ring_points(around, cfg.n_background, *ring)
+        bg = pts[valid]
     prior = ndi.gaussian_filter(m.astype(np.float32), max(1.0, cfg.prior_sigma * radius))
     return PromptSet(background=bg, foreground=fg, fg_probability=np.clip(prior, 0.0, 1.0))
 
@@ -181,10 +224,11 @@ def segment_lesion(
     The located mask is the answer when the segmenter rejects the prompts; an empty located mask
     gives an empty answer and no prompts."""
     cfg = config or LesionConfig()
-    located = locate_lesion(lesion_score(query, support_image, support_mask, fg_probability, cfg), cfg)
+    score = lesion_score(query, support_image, support_mask, fg_probability, cfg)
+    located = locate_lesion(score, cfg)
     if not located.any():
         return located, None, located
-    prompts = lesion_prompts(located, cfg)
+    prompts = lesion_prompts(located, cfg, lesion_extent(score, located) if cfg.ring_extent else None)
     # OpenCV's GrabCut seeds its GMMs from a global RNG: same inputs, same mask.
     cv2.setRNGSeed(0)
     try:
@@ -208,7 +252,8 @@ def run_skin(run: Any, supports: list, generator: Any = None, config: LesionConf
         # the record stores the map in 8 bits; the segmenter sees exactly what a replay will see
         prob = dequantize_probability(quantize_probability(prob)) if prob is not None else None
     cfg = config or LesionConfig()
-    located = locate_lesion(lesion_score(query, sup.image, sup.mask, prob, cfg), cfg)
+    score = lesion_score(query, sup.image, sup.mask, prob, cfg)
+    located = locate_lesion(score, cfg)
     rep = run.reports[0]
     rep.support_index = sup.index
     rep.fg_max = float(prob.max()) if prob is not None else None
@@ -216,7 +261,7 @@ def run_skin(run: Any, supports: list, generator: Any = None, config: LesionConf
         run.end_chain(0, rep, "chain-end: no lesion found", "no lesion found in the image (colour and FoB agree on "
                       "no central blob)")
         return
-    prompts = lesion_prompts(located, cfg)
+    prompts = lesion_prompts(located, cfg, lesion_extent(score, located) if cfg.ring_extent else None)
     prompts.fg_probability = dequantize_probability(quantize_probability(prompts.fg_probability))
     mask, score = run.segment(0, prompts)
     rep.source, rep.score = "fob", score
