@@ -226,7 +226,9 @@ class Job:
 
     image: the prepared query [k, j, i] float32; supports: the annotated slices (resampled later to
     the query's slice size when they come from another patient); prompts_in / record: a prompts
-    file to replay instead of predicting (see `propagation.document`).
+    file to replay instead of predicting (see `propagation.document`). support: another patient's
+    grey volume, registered onto the query when the job runs (`support_transform`, computed then
+    unless given) so the locate step knows where to look.
     """
 
     query: PreparedImage
@@ -237,6 +239,8 @@ class Job:
     notes: list[str] = field(default_factory=list)
     prompts_in: dict[int, PromptSet] | None = None
     record: dict | None = None
+    support: PreparedImage | None = None
+    support_transform: Any = None
 
     @property
     def axis(self) -> int:
@@ -249,6 +253,20 @@ class Job:
     @property
     def prompts_from(self) -> str:
         return self.components.prompts_from
+
+    def _placed_supports(self, progress: Any = None) -> list[SupportSlice]:
+        """The supports, `placed` by the registration of another patient's whole grey
+        volume onto the query (a replay of a prompts file needs no locate step: none made)."""
+        if self.support is None or self.prompts_in is not None or self.support.volume.is_rgb \
+                or min(self.support.normalised.shape[:3]) < 2 or min(self.query.normalised.shape[:3]) < 2:
+            return self.supports
+        from FoBSegmentLib.propagation.locate import expected_slices, register_volumes
+
+        if self.support_transform is None:
+            if progress is not None:
+                progress(0, 1, "registering the support volume onto the query")
+            self.support_transform = register_volumes(self.query, self.support)
+        return expected_slices(self.query, self.support, self.supports, self.support_transform)
 
     def with_prompts(self, prompts: dict[int, PromptSet], record: dict | None) -> Job:
         """A copy that replays `prompts` (and their propagation record, if any) instead of predicting.
@@ -266,7 +284,7 @@ class Job:
         """Propagate (see `propagation.propagate` for the callbacks and `previous`)."""
         return propagate(
             self.query.normalised,
-            self.supports,
+            self._placed_supports(progress),
             self.components.segmenter,
             axis=self.axis,
             same_volume=self.same_volume,
@@ -339,4 +357,4 @@ def build_job(
     notes += comps.notes
     for line in notes:
         say(line)
-    return Job(query, supports, same_volume, comps, cfg, notes)
+    return Job(query, supports, same_volume, comps, cfg, notes, support=None if same_volume else sup_img)

@@ -19,7 +19,7 @@ from FoBSegmentLib import cli
 from FoBSegmentLib.evaluate import propagation as P
 from FoBSegmentLib.evaluate.datasets import list_cases
 from FoBSegmentLib.io import volumes
-from FoBSegmentLib.propagation.locate import LOW_CONFIDENCE, appearance_match, locate
+from FoBSegmentLib.propagation.locate import LOW_CONFIDENCE, appearance_match, expected_slices, locate
 from FoBSegmentLib.propagation.types import SupportSlice
 from Testing.conftest import dice
 
@@ -53,6 +53,7 @@ def test_cross_patient_one_slice_right_kidney(tmp_path: Path, data_dir: Path, ca
     assert rc == 0, se
     assert "warning" not in se
     assert "cross-patient: the organ of support slice" in se
+    assert "cross-patient: seed candidates" in se  # the volume registration offered its guesses too
     ref = volumes.read_label(data_dir / CHAOS / "label_1.nii.gz").array == 2
     d = dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0, ref)
     with capsys.disabled():
@@ -106,12 +107,32 @@ def test_locate_confidence_separates_organ_from_unrelated(data_dir: Path) -> Non
     zs = np.flatnonzero(lab.any(axis=(1, 2)))
     z = int(zs[len(zs) // 2])
     sup = SupportSlice(z, s.normalised[z], lab[z], lab.shape[0])
-    found = locate(lambda k: q.normalised[k], q.normalised.shape[0], [sup], (0, q.normalised.shape[0] - 1))
+    candidates = locate(lambda k: q.normalised[k], q.normalised.shape[0], [sup], (0, q.normalised.shape[0] - 1))
+    assert len(candidates) == 1  # no volume registration: the relative-height guess only
+    found = candidates[0]
     assert found.confidence >= LOW_CONFIDENCE
     ref = volumes.read_label(data_dir / CHAOS / "label_1.nii.gz").array == 4
     assert ref[found.z].any()  # the seed slice shows the spleen
     assert dice(found.mask, ref[found.z]) > 0.3  # measured 0.41: a placement, the chain refines the shape
     assert appearance_match(q.normalised[found.z], q.normalised[found.z], found.mask) == pytest.approx(1.0)
+
+
+def test_volume_registration_guesses_the_query_slice(data_dir: Path) -> None:
+    # CHAOS 2's whole image registered onto CHAOS 1: the middle of 2's spleen lands inside 1's spleen,
+    # and the locate step then offers that guess as a second seed candidate.
+    q = P.prepare_volume(data_dir / CHAOS / "image_1.nii.gz")
+    s = P.prepare_volume(data_dir / CHAOS / "image_2.nii.gz")
+    lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz").array == 4
+    zs = np.flatnonzero(lab.any(axis=(1, 2)))
+    z = int(zs[len(zs) // 2])
+    (placed,) = expected_slices(q, s, [SupportSlice(z, s.normalised[z], lab[z], lab.shape[0])])
+    ref = volumes.read_label(data_dir / CHAOS / "label_1.nii.gz").array == 4
+    rz = np.flatnonzero(ref.any(axis=(1, 2)))
+    assert rz[0] + 1 <= placed.placed.index <= rz[-1] - 1, (placed.placed.index, rz[0], rz[-1])
+    n = q.normalised.shape[0]
+    candidates = locate(lambda k: q.normalised[k], n, [placed], (0, n - 1))
+    assert 1 <= len(candidates) <= 3 and all(0 <= c.z < n for c in candidates)
+    assert any(abs(c.z - placed.placed.index) <= 0.1 * n + 1 for c in candidates)
 
 
 def test_locate_never_reads_the_query_reference(tmp_path: Path, data_dir: Path) -> None:

@@ -318,28 +318,20 @@ class CaseOutcome:
 @dataclass
 class OtherPatient:
     """The support patient of the cross-patient methods: its case, prepared image, label map
-    ([k, j, i] integers) and the atlas registrations onto the current query (kind -> warped label
+    ([k, j, i] integers), its 3D affine registration onto the current query (`affine`, computed once
+    per query) and the atlas registrations onto it (kind -> warped label
     map, computed once per query)."""
 
     case: Case
     prepared: Any
     labels: np.ndarray
     warped: dict[str, np.ndarray] = field(default_factory=dict)
+    affine: Any = None
 
 
 def load_other(case: Case) -> OtherPatient:
     prepared = prepare_volume(case.image)
     return OtherPatient(case, prepared, read_reference(case.label, prepared))
-
-
-def _sitk_volume(prepared: Any) -> Any:
-    """The prepared grey volume as a SimpleITK image with its spacing (origin 0, identity direction:
-    both datasets share one layout, and another patient's origin means nothing here)."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(prepared.normalised, dtype=np.float32))
-    img.SetSpacing(tuple(float(v) for v in prepared.volume.geometry.spacing))
-    return img
 
 
 def atlas_labels(query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
@@ -358,21 +350,12 @@ def atlas_labels(query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
 
 
 def _atlas_labels(sitk: Any, query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
-    f, m = _sitk_volume(query), _sitk_volume(other.prepared)
-    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.05, 1)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
-    reg.SetInitialTransform(init, inPlace=False)
-    affine = reg.Execute(f, m)
+    from FoBSegmentLib.propagation.locate import register_volumes, volume_image
+
+    f, m = volume_image(query), volume_image(other.prepared)
+    if other.affine is None:
+        other.affine = register_volumes(query, other.prepared)
+    affine = other.affine
     # Deformable: diffeomorphic-style demons (fast symmetric forces) on the affinely resampled,
     # histogram-matched support, at half in-plane resolution; displacement back on the full grid.
     moved = sitk.HistogramMatching(sitk.Resample(m, f, affine, sitk.sitkLinear, 0.0), f, 128, 15, True)
@@ -412,6 +395,12 @@ def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segm
     job = build_job(query, sup, settings, support=other.prepared,
                     components=Components(generator, segmenter, source),
                     support_name=f"label {organ} of case {other.case.case_id}")
+    # One volume registration per query serves all its organs and the atlas baselines.
+    if other.affine is None:
+        from FoBSegmentLib.propagation.locate import register_volumes
+
+        other.affine = register_volumes(query, other.prepared)
+    job.support_transform = other.affine
     return job.run()
 
 

@@ -1,10 +1,16 @@
 """The locate step of a cross-patient propagation: where is another patient's organ in this query?
 
-Another patient's annotated slices (the supports) are registered onto the query's slices with
-SimpleITK's registration (an affine of the whole slice, driven by the body outline and the
-spine, then an affine restricted to the neighbourhood of the organ), the support mask is carried
-along, and the query slice where the registered support looks most like the query around the organ
-is chosen. Only the query image and the supports are read (never a query reference).
+When the support comes with its whole grey volume, the two volumes are registered first
+(`register_volumes`, a 3D affine of SimpleITK): it says on which query slice each support slice's
+organ lies and carries the support there (`expected_slices`). Then the supports (another patient's
+annotated slices) are registered onto query slices with SimpleITK's 2D registration (an affine of
+the whole slice, driven by the body outline and the spine, then an affine restricted to the
+neighbourhood of the organ), the support mask is carried along, and the query slice where the
+registered support looks most like the query around the organ is chosen: once around the support's
+relative height, once around the volume registration's slice, and the volume registration's own
+placement is kept as a third candidate. The caller segments each candidate's seed and keeps the
+best (`neighbour._cross_patient_seed`). Only the query image and the supports are read (never a
+query reference).
 
 Confidence of the organ (`organ_confidence`): the weaker of (a) the normalised cross-correlation
 between the registered support image and the query over the placed organ and a band around it and
@@ -14,19 +20,21 @@ the organ is taken as not found (a one-line warning, a refusal with `fob segment
 
 Frames: slices are (H, W) = (rows, cols) float images in [0, 1] on the query's pixel grid (the
 supports were resampled to it, `supports.resize_support`); SimpleITK images built from them have
-unit spacing and zero origin, so their physical (x, y) is the (column, row) pixel frame.
+unit spacing and zero origin, so their physical (x, y) is the (column, row) pixel frame. Volumes
+(`volume_image`) are the prepared [k, j, i] arrays with their spacing, zero origin and identity
+direction: physical points of that frame, not LPS, and index (i, j, k) = the array's reversed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
 
-from FoBSegmentLib.propagation.types import SupportSlice
+from FoBSegmentLib.propagation.types import PlacedSupport, SupportSlice
 
 # Below this the located organ does not look like the support's: set on 4 development pairs (CHAOS 1,
 # 8 and Synapse 1, 7, all organs) and supports without the organ / from dermoscopy.
@@ -36,6 +44,9 @@ LOW_CONFIDENCE_NOTE = "cross-patient: organ not found"
 # Dice between the seed slice segmented with the support's look and the placed organ below which
 # the look is learnt from the query's seed slice instead (`neighbour._cross_patient_seed`).
 SEED_AGREEMENT = 0.3
+# Half-width of the slice search around the whole-volume registration's guess, as a share of the
+# query's slices: that guess is closer than a relative height (`locate(window=...)`) when it holds.
+REGISTERED_WINDOW = 0.1
 
 
 @dataclass
@@ -172,31 +183,60 @@ def locate(
     supports: list[SupportSlice],
     rng: tuple[int, int],
     window: float = 0.35,
-) -> Located:
-    """Find the organ of another patient's `supports` (sorted by index, on the query's slice grid)
-    in the query volume of `n` slices (`slice_of(z)` -> (H, W) float slice), inside the inclusive
-    range `rng`.
+) -> list[Located]:
+    """Where the organ of another patient's `supports` (sorted by index, on the query's slice grid)
+    may be in the query volume of `n` slices (`slice_of(z)` -> (H, W) float slice), inside the
+    inclusive range `rng`: one candidate per first guess of the query slice.
 
-    Each support's relative height in its own volume gives a first guess of the query slice; the
-    whole-slice registration made there is reused on the slices within `window` x n of the guess,
-    and each slice is scored by the appearance match of the registered support around the organ.
-    With several supports (a whole labelled volume, chunked) every support votes: a query slice z
-    for the middle support scores the mean match of all supports at their own offsets from it.
-    The winner is then registered again, locally, on its own slice. Returns the middle support's
-    placement on the chosen slice.
+    The guesses: each support's relative height in its own volume (searched within `window` x n),
+    and, when the supports carry `placed`, where the registration of the two whole volumes puts
+    them (searched within `REGISTERED_WINDOW` x n); plus that registration's own placement of the
+    middle support, refined on its slice. A whole-slice registration made at the
+    guess is reused on the slices searched, and each slice is scored by the appearance match of the
+    registered support around the organ. With several supports (a whole labelled volume, chunked)
+    every support votes: a query slice z for the middle support scores the mean match of all
+    supports at their own offsets from it. The winner is then registered again, locally, on its
+    own slice. Each candidate is the middle support's placement on its chosen slice; the caller
+    picks among them (`neighbour._cross_patient_seed`), because neither guess is always right:
+    relative heights differ between patients, and a whole-volume registration can fail.
     """
-    mid_i = len(supports) // 2
-    mid = supports[mid_i]
+    mid = supports[len(supports) // 2]
     n_sup = mid.volume_slices or max(s.index for s in supports) + 1
     ratio = (n - 1) / max(1, n_sup - 1)
+    guesses = [((lambda s: s.index * ratio), window)]
+    registered = all(s.placed is not None for s in supports)
+    if registered:
+        guesses.append(((lambda s: s.placed.index), REGISTERED_WINDOW))
+    out: list[Located] = []
+    for at, share in guesses:
+        found = _search(slice_of, supports, rng, {id(s): int(round(at(s))) for s in supports},
+                        max(1, int(round(share * n))))
+        if all(c.z != found.z for c in out):
+            out.append(found)
+    if registered and mid.placed.mask.sum() >= 5:
+        # The volume registration's own placement, refined on its slice like the others.
+        z = int(np.clip(round(mid.placed.index), 0, n - 1))
+        if rng[0] <= z <= rng[1]:
+            carried = SupportSlice(mid.index, mid.placed.image, mid.placed.mask, mid.volume_slices)
+            mask, _img, conf, _tf = place(slice_of(z), carried, _identity())
+            out.append(Located(z, mask, conf, mid, {z: conf}))
+    return out
 
-    def guess(s: SupportSlice) -> int:
-        return int(round(s.index * ratio))
 
+def _identity():
+    import SimpleITK as sitk
+
+    return sitk.AffineTransform(2)
+
+
+def _search(slice_of: Callable[[int], np.ndarray], supports: list[SupportSlice], rng: tuple[int, int],
+            guess: dict[int, int], half: int) -> Located:
+    """The best slice within `half` slices of the middle support's guess (`locate`); `guess` maps
+    id(support) -> its guessed query slice."""
+    mid = supports[len(supports) // 2]
     lo, hi = rng
-    z0 = min(max(guess(mid), lo), hi)
+    z0 = min(max(guess[id(mid)], lo), hi)
     tf0 = register_affine(slice_of(z0), mid.image, shrink=(4, 2))
-    half = max(1, int(round(window * n)))
     cache: dict[tuple[int, int], float] = {}
 
     def score_at(j: int, z: int) -> float:
@@ -214,7 +254,7 @@ def locate(
     weights = [float(s.mask.sum()) for s in supports]
     scores: dict[int, float] = {}
     for z in range(max(lo, z0 - half), min(hi, z0 + half) + 1):
-        votes = [score_at(j, z + guess(s) - guess(mid)) for j, s in enumerate(supports)]
+        votes = [score_at(j, z + guess[id(s)] - guess[id(mid)]) for j, s in enumerate(supports)]
         # A support's vote counts by the organ it shows (an organ's tip says little), and among
         # near-equal scores slices near the guess win.
         scores[z] = float(np.average(votes, weights=weights)) - 0.002 * abs(z - z0)
@@ -222,6 +262,80 @@ def locate(
     mask, _img, conf, _tf = place(slice_of(zbest), mid, register_affine(slice_of(zbest), mid.image, initial=tf0,
                                                                         shrink=(4, 2)))
     return Located(int(zbest), mask, conf, mid, scores)
+
+
+def volume_image(prepared):
+    """A prepared grey volume (`job.PreparedImage`) as a SimpleITK image with its spacing; origin 0
+    and identity direction, because another patient's origin and orientation say nothing about
+    where its anatomy lies relative to this one's (the registration finds that)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(prepared.normalised, dtype=np.float32))
+    img.SetSpacing(tuple(float(v) for v in prepared.volume.geometry.spacing))
+    return img
+
+
+def register_volumes(query, support):
+    """3D affine SimpleITK transform mapping the query's physical points (`volume_image` frame) to
+    the support's: Mattes mutual information of the whole volumes, centres of mass aligned first,
+    multi-resolution, 5 % of the voxels sampled with a fixed seed on one thread (reproducible).
+    query, support: grey `job.PreparedImage`s. The atlas baselines of the evaluation use it too."""
+    import SimpleITK as sitk
+
+    f, m = volume_image(query), volume_image(support)
+    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.05, 1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+    reg.SetInitialTransform(init, inPlace=False)
+    with one_thread():
+        return reg.Execute(f, m)
+
+
+def expected_slices(query, support, supports: list[SupportSlice], transform=None) -> list[SupportSlice]:
+    """`supports` (slices of the grey `support` volume, on its own grid) with `placed` set: where
+    `transform` (query -> support physical points, default `register_volumes`) carries each one.
+    Its organ's centroid gives the query slice; the support volume and the slice's mask (extended
+    one slice either way, so a slightly tilted mapping still cuts through it) are resampled onto
+    the query grid and read on that slice."""
+    import SimpleITK as sitk
+
+    from FoBSegmentLib.io.coords import put_slice, slice_axes, take_slice
+
+    tf = transform if transform is not None else register_volumes(query, support)
+    inverse = tf.GetInverse()
+    f, m = volume_image(query), volume_image(support)
+    with one_thread():
+        image = sitk.GetArrayFromImage(sitk.Resample(m, f, tf, sitk.sitkLinear, 0.0))
+    rows, cols = slice_axes(support.axis)
+    n_query = query.normalised.shape[query.axis]
+    out = []
+    for s in supports:
+        r, c = np.nonzero(s.mask)
+        kji = [0.0, 0.0, 0.0]
+        kji[support.axis], kji[rows], kji[cols] = float(s.index), float(r.mean()), float(c.mean())
+        point = inverse.TransformPoint(m.TransformContinuousIndexToPhysicalPoint(kji[::-1]))
+        z_query = float(f.TransformPhysicalPointToContinuousIndex(point)[::-1][query.axis])
+        slab = np.zeros(support.normalised.shape[:3], np.uint8)
+        for k in range(max(0, s.index - 1), min(slab.shape[support.axis], s.index + 2)):
+            put_slice(slab, support.axis, k, s.mask)
+        lab = sitk.GetImageFromArray(slab)
+        lab.CopyInformation(m)
+        with one_thread():
+            warped = sitk.GetArrayFromImage(sitk.Resample(lab, f, tf, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+        z = int(np.clip(round(z_query), 0, n_query - 1))
+        placed = PlacedSupport(z_query, np.array(take_slice(image, query.axis, z), np.float32),
+                               np.array(take_slice(warped, query.axis, z), bool))
+        out.append(replace(s, placed=placed))
+    return out
 
 
 def match_intensities(query: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -247,7 +361,7 @@ def match_supports(slice_of: Callable[[int], np.ndarray], n: int, supports: list
     out = []
     for s in supports:
         q = slice_of(int(np.clip(z + (s.index - mid.index), 0, n - 1)))
-        out.append(SupportSlice(s.index, match_intensities(q, s.image), s.mask, s.volume_slices))
+        out.append(replace(s, image=match_intensities(q, s.image)))
     return out
 
 

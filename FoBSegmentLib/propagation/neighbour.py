@@ -323,11 +323,18 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
                          "to the best appearance match")
         return 0, moved, mid, supports
     with one_thread():
-        found = locate(run.slice, run.n, supports, rng)
-    z0, moved, mid, conf = found.z, found.mask, found.support, found.confidence
-    if moved.sum() < run.config.min_area:
-        moved, conf = locate_mask(run.slice(z0), mid.image, mid.mask, int(0.15 * max(run.hw)), (0.85, 1.0, 1.15))[0], -1.0
-    look, sup, agree, inside = cross_patient_look(run, supports, z0, moved)
+        candidates = locate(run.slice, run.n, supports, rng)
+    tried = []
+    for found in candidates:
+        moved, conf = found.mask, found.confidence
+        if moved.sum() < run.config.min_area:
+            moved, conf = locate_mask(run.slice(found.z), found.support.image, found.support.mask,
+                                      int(0.15 * max(run.hw)), (0.85, 1.0, 1.15))[0], -1.0
+        look, sup, agree, inside = cross_patient_look(run, supports, found.z, moved)
+        tried.append((conf + agree, found, moved, conf, look, sup, agree, inside))
+    # The placement that both looks like the support around the organ and survives segmentation.
+    _, found, moved, conf, look, sup, agree, inside = max(tried, key=lambda t: t[0])
+    z0, mid = found.z, found.support
     organ_conf = organ_confidence(conf, inside, agree)
     run.notes.append(
         f"cross-patient: the organ of support slice {mid.index} (of {len(supports)}) registered onto query "
@@ -335,6 +342,9 @@ def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[in
         f"intensities inside {inside:.2f}, seed kept {agree:.2f}; appearance per slice tried: "
         + ", ".join(f"{z}:{v:.2f}" for z, v in sorted(found.scores.items())) + ")"
     )
+    if len(tried) > 1:
+        run.notes.append("cross-patient: seed candidates (query slice: appearance + kept): " + ", ".join(
+            f"{t[1].z}: {t[3]:.2f} + {t[6]:.2f}" for t in tried) + f"; slice {z0} taken")
     if organ_conf < LOW_CONFIDENCE:
         run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {z0}) matches the support's "
                          f"organ with confidence {organ_conf:.2f} < {LOW_CONFIDENCE}; check the result")

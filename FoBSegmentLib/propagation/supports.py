@@ -6,6 +6,8 @@ Frames: supports are (H, W) slices taken along the slicing axis of their own vol
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 
@@ -41,7 +43,7 @@ def resize_support(support: SupportSlice, hw: tuple[int, int]) -> SupportSlice:
     mask = cv2.resize(support.mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     if not mask.any():
         raise ValueError(f"support slice {support.index} vanishes when resampled to the query's {w}x{h} slices")
-    return SupportSlice(support.index, img, mask, support.volume_slices)
+    return dataclasses.replace(support, image=img, mask=mask)
 
 
 def chunk_supports(supports: list[SupportSlice], count: int = 3) -> list[SupportSlice]:

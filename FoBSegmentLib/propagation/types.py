@@ -27,12 +27,26 @@ class PropagationCancelled(Exception):
 @dataclass
 class SupportSlice:
     """One annotated slice: index along the slicing axis of its own volume, its image (H, W) or
-    (H, W, 3) float in [0, 1], and its mask (H, W) bool."""
+    (H, W, 3) float in [0, 1], and its mask (H, W) bool. Another patient's slice may carry
+    `placed`: where a registration of the two whole volumes puts it in the query
+    (`locate.expected_slices`); None when no volume registration was made."""
 
     index: int
     image: np.ndarray
     mask: np.ndarray
     volume_slices: int | None = None
+    placed: PlacedSupport | None = None
+
+
+@dataclass
+class PlacedSupport:
+    """Another patient's support slice carried into the query by a whole-volume registration:
+    `index` the (fractional) query slice of its organ's centroid, and on query slice round(index)
+    the support's `image` (H, W) float and `mask` (H, W) bool resampled there (query pixel grid)."""
+
+    index: float
+    image: np.ndarray
+    mask: np.ndarray
 
 
 @dataclass
