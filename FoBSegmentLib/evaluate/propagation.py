@@ -318,15 +318,25 @@ class CaseOutcome:
 @dataclass
 class OtherPatient:
     """The support patient of the cross-patient methods: its case, prepared image, label map
-    ([k, j, i] integers), its 3D affine registration onto the current query (`affine`, computed once
-    per query) and the atlas registrations onto it (kind -> warped label
-    map, computed once per query)."""
+    ([k, j, i] integers), its 3D affine registration onto the current query (`affine`, see
+    `other_affine`) and the atlas registrations onto it (kind -> warped label map); both computed
+    once per query."""
 
     case: Case
     prepared: Any
     labels: np.ndarray
     warped: dict[str, np.ndarray] = field(default_factory=dict)
     affine: Any = None
+
+
+def other_affine(query: Any, other: OtherPatient) -> Any:
+    """`other`'s 3D affine registration onto the query (`locate.register_volumes`), computed once per
+    query: it serves all the query's organs and the atlas baselines."""
+    if other.affine is None:
+        from FoBSegmentLib.propagation.locate import register_volumes
+
+        other.affine = register_volumes(query, other.prepared)
+    return other.affine
 
 
 def load_other(case: Case) -> OtherPatient:
@@ -350,12 +360,10 @@ def atlas_labels(query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
 
 
 def _atlas_labels(sitk: Any, query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
-    from FoBSegmentLib.propagation.locate import register_volumes, volume_image
+    from FoBSegmentLib.propagation.locate import volume_image
 
     f, m = volume_image(query), volume_image(other.prepared)
-    if other.affine is None:
-        other.affine = register_volumes(query, other.prepared)
-    affine = other.affine
+    affine = other_affine(query, other)
     # Deformable: diffeomorphic-style demons (fast symmetric forces) on the affinely resampled,
     # histogram-matched support, at half in-plane resolution; displacement back on the full grid.
     moved = sitk.HistogramMatching(sitk.Resample(m, f, affine, sitk.sitkLinear, 0.0), f, 128, 15, True)
@@ -395,12 +403,7 @@ def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segm
     job = build_job(query, sup, settings, support=other.prepared,
                     components=Components(generator, segmenter, source),
                     support_name=f"label {organ} of case {other.case.case_id}")
-    # One volume registration per query serves all its organs and the atlas baselines.
-    if other.affine is None:
-        from FoBSegmentLib.propagation.locate import register_volumes
-
-        other.affine = register_volumes(query, other.prepared)
-    job.support_transform = other.affine
+    job.support_transform = other_affine(query, other)
     return job.run()
 
 

@@ -211,6 +211,12 @@ def lesion_prompts(located: np.ndarray, config: LesionConfig | None = None,
     return PromptSet(background=bg, foreground=fg, fg_probability=np.clip(prior, 0.0, 1.0))
 
 
+def located_prompts(score: np.ndarray, located: np.ndarray, config: LesionConfig) -> PromptSet:
+    """`lesion_prompts` for the lesion `located` on the `score` map, the ring around its
+    `lesion_extent` unless `config.ring_extent` is off."""
+    return lesion_prompts(located, config, lesion_extent(score, located) if config.ring_extent else None)
+
+
 def segment_lesion(
     query: np.ndarray,
     support_image: np.ndarray,
@@ -228,7 +234,7 @@ def segment_lesion(
     located = locate_lesion(score, cfg)
     if not located.any():
         return located, None, located
-    prompts = lesion_prompts(located, cfg, lesion_extent(score, located) if cfg.ring_extent else None)
+    prompts = located_prompts(score, located, cfg)
     # OpenCV's GrabCut seeds its GMMs from a global RNG: same inputs, same mask.
     cv2.setRNGSeed(0)
     try:
@@ -261,7 +267,7 @@ def run_skin(run: Any, supports: list, generator: Any = None, config: LesionConf
         run.end_chain(0, rep, "chain-end: no lesion found", "no lesion found in the image (colour and FoB agree on "
                       "no central blob)")
         return
-    prompts = lesion_prompts(located, cfg, lesion_extent(score, located) if cfg.ring_extent else None)
+    prompts = located_prompts(score, located, cfg)
     prompts.fg_probability = dequantize_probability(quantize_probability(prompts.fg_probability))
     mask, score = run.segment(0, prompts)
     rep.source, rep.score = "fob", score
