@@ -54,11 +54,34 @@ def test_cross_patient_one_slice_right_kidney(tmp_path: Path, data_dir: Path, ca
     assert "warning" not in se
     assert "cross-patient: the organ of support slice" in se
     assert "cross-patient: seed candidates" in se  # the volume registration offered its guesses too
+    assert "cross-patient: second pass from query slice" in se
     ref = volumes.read_label(data_dir / CHAOS / "label_1.nii.gz").array == 2
     d = dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0, ref)
     with capsys.disabled():
         print(f"\nCHAOS MR cross-patient one slice (support 2, query 1) right kidney: Dice {d:.3f}")
-    assert d >= 0.7
+    assert d >= 0.8  # measured 0.885 (0.615 from the first pass alone, next test)
+
+
+def test_the_second_pass_learns_the_organ_from_the_query(data_dir: Path) -> None:
+    """The same pair through the engine, with and without the second pass: the first pass's chain
+    stops early where the intensities matched from the other scanner end; the second, started from
+    the query's own largest cross-section with the query's own look, follows the kidney."""
+    from FoBSegmentLib.propagation import PropagationConfig
+    from FoBSegmentLib.segmenters import get_segmenter
+
+    query = list_cases("chaos", data_dir / CHAOS, ids=["1"])[0]
+    other = P.load_other(list_cases("chaos", data_dir / CHAOS, ids=["2"])[0])
+    prepared = P.prepare_volume(query.image)
+    ref = P.read_reference(query.label, prepared) == 2
+    got = {}
+    for second in (False, True):
+        res = P.predict_cross(prepared, other, 2, False, get_segmenter("graphcut"),
+                              config=PropagationConfig(second_pass=second))
+        got[second] = dice(np.asarray(res.mask, bool), ref)
+        seeds = [z for z, rep in res.slices.items() if rep.prior == "self"]
+        assert len(seeds) == (1 if second else 0)
+    print(f"\nright kidney, CHAOS 2 -> 1: first pass {got[False]:.3f}, with the second pass {got[True]:.3f}")
+    assert got[True] > got[False] + 0.15
 
 
 def _dermoscopy_support(data_dir: Path, tmp: Path, like: Path) -> tuple[Path, Path]:

@@ -144,3 +144,41 @@ def test_bad_input_is_refused(patient1) -> None:
     for bad_option in ({"smoothness": -1.0}, {"grow_weight": float("nan")}, {"max_grow": 0}, {"bins": 2}):
         with pytest.raises(ValueError):
             GraphCutSegmenter(**bad_option)
+
+
+def test_the_surroundings_ring_grows_with_the_organ() -> None:
+    """The ring the appearance model learns the surroundings from is band_scale x the organ's
+    equivalent radius per annotated slice, within [MIN_BAND, band]; band_scale 0 keeps a fixed ring."""
+    from FoBSegmentLib.segmenters.graphcut import MIN_BAND
+
+    seg = GraphCutSegmenter()
+    small, kidney, liver = np.pi * 5**2, np.pi * 15**2, np.pi * 60**2
+    assert seg.surroundings_band(small) == MIN_BAND
+    assert seg.surroundings_band(kidney) == 30
+    assert seg.surroundings_band(liver) == seg.band == 40
+    assert GraphCutSegmenter(band_scale=0, band=20).surroundings_band(liver) == 20
+    # Two annotated slices side by side: the ring follows the organ's size on one slice.
+    image = np.zeros((64, 256), np.float32)
+    mask = np.zeros((64, 256), bool)
+    for c in (64, 192):
+        yy, xx = np.ogrid[:64, :256]
+        mask |= (yy - 32) ** 2 + (xx - c) ** 2 <= 15**2
+    image[mask] = 0.8
+    seg.fit_reference(image, mask, slices=2)
+    assert seg.reference.band == seg.surroundings_band(mask.sum() / 2)
+    with pytest.raises(ValueError, match="band_scale"):
+        GraphCutSegmenter(band_scale=-1)
+
+
+def test_an_organ_sized_ring_keeps_the_left_kidney_out_of_the_spleen(data_dir: Path) -> None:
+    """CHAOS 31's left kidney from its middle slice: with a fixed 20-px ring the appearance model
+    never saw the spleen, which lies farther than that on the annotated slice, and the chain ran on
+    into it; the organ-sized ring learns it as surroundings."""
+    case = PR.list_cases("chaos", folder=data_dir / "chaos_mr_t2spir", ids=["31"])[0]
+    fixed = PR.evaluate_case(case, [3], ["neighbour"], PR.Runtime(segmenter=GraphCutSegmenter(band_scale=0, band=20)))
+    sized = PR.evaluate_case(case, [3], ["neighbour"], PR.Runtime(segmenter=GraphCutSegmenter()))
+    before, after = fixed.records[0]["dice"], sized.records[0]["dice"]
+    print(f"CHAOS 31 left kidney: fixed ring {before:.3f}, organ-sized ring {after:.3f}")
+    # Measured 0.626 -> 0.847.
+    assert after > 0.8
+    assert after > before + 0.15

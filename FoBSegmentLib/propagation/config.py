@@ -73,6 +73,10 @@ class PropagationConfig:
     fob_keep_prob: chained FoB: an image-only end (intensity, median band, regrow, back-check) is
         overruled, the slice kept and flagged, when the mean coarse probability inside the new mask
         reaches this; None = the image rules decide alone.
+    second_pass: another patient's support: once the chain from the located seed has run, the
+        query's own largest cross-section of it becomes the seed of a second chain that learns the
+        organ's look from the query itself (no other scanner's intensities, no other patient's shape
+        beyond that slice); the first pass only finds the organ (`neighbour.second_pass`).
     largest_component: keep only the largest 3D connected component.
     fill_holes: fill enclosed holes in each 2D slice of the result.
     """
@@ -104,6 +108,7 @@ class PropagationConfig:
     fob_absent: bool = True
     fob_stop_prob: float | None = 0.3
     fob_keep_prob: float | None = None
+    second_pass: bool = True
     largest_component: bool = False
     fill_holes: bool = True
 

@@ -111,7 +111,7 @@ def build_record(
             # A stepping stone outside an explicit range: not in the prompts file, but the slices
             # chained from it need its mask, so its points travel in the record.
             entry["points"] = {"background": ps.background.tolist(), "foreground": ps.foreground.tolist()}
-        if rep.prior == "stored" and ps.prior_mask is not None:
+        if rep.prior in ("stored", "self") and ps.prior_mask is not None:
             entry["priorMask"] = _pack(ps.prior_mask)
         if ps.fg_probability is not None:
             entry["fgProbability"] = _pack(quantize_probability(ps.fg_probability))
@@ -181,7 +181,12 @@ class _Replay:
         if record["promptsFrom"] in ("neighbour", "hybrid", "chained"):
             looks = supports
             seed = next((e for e in record["slices"] if e.get("prior") == "stored" and "priorMask" in e), None)
-            if not same_volume and seed is not None and run.n > 1:
+            own = next((e for e in record["slices"] if e.get("prior") == "self" and "priorMask" in e), None)
+            if not same_volume and own is not None:
+                # A cross-patient second pass: the look of the query's own seed slice.
+                z1 = int(own["index"])
+                looks = [SupportSlice(z1, run.slice(z1), _unpack(own["priorMask"]), run.n)]
+            elif not same_volume and seed is not None and run.n > 1:
                 # Another patient's support: the look the live run learnt from the located seed.
                 looks = cross_patient_look(run, supports, int(seed["index"]), _unpack(seed["priorMask"]))[0]
             self.look = learn_appearance(run, looks)
@@ -192,7 +197,7 @@ class _Replay:
         prior = None
         if e.get("prior") == "parent" and e.get("parent") is not None:
             prior = self.run.accepted(int(e["parent"]))
-        elif e.get("prior") == "stored" and "priorMask" in e:
+        elif e.get("prior") in ("stored", "self") and "priorMask" in e:
             prior = _unpack(e["priorMask"])
         prob = None
         if "fgProbability" in e and not edited:
@@ -242,6 +247,8 @@ class _Replay:
         if not edited and self.previous is not None and self.previous.accepted is not None:
             m = np.asarray(take_slice(self.previous.accepted, run.axis, z), bool)
             score = self.previous.slices[z].score
+        elif not edited and e.get("prior") == "self" and ps.prior_mask is not None:
+            m, score = ps.prior_mask, None  # a second pass's seed: its mask is in the record
         else:
             m, score = run.segment(z, ps)
         source = "edited" if edited else e.get("source", "neighbour")

@@ -66,7 +66,7 @@ def learn_appearance(run: Runner, supports: list[SupportSlice]) -> Appearance:
     mask = np.concatenate([s.mask for s in shown], axis=1)
     fit_reference = getattr(run.segmenter, "fit_reference", None)
     if cfg.shape_prior and fit_reference is not None:
-        fit_reference(image, mask)
+        fit_reference(image, mask, len(shown))
     return Appearance(
         intensity_range(image, mask),
         intensity_range(image, mask, cfg.median_band) if cfg.median_band else None,
@@ -416,3 +416,32 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
             if bounds is None or (bounds[1] is not None and tuple(sorted((z0, bounds[1]))) in gaps):
                 continue
             chain(run, z0, mask0, step, bounds[0], bounds[1], sup.index, look)
+    if not same_volume and run.config.second_pass and run.n > 1:
+        second_pass(run, rng, seeds[0][2].index)
+
+
+def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
+    """Another patient's support, after the first chain: start again from the query's own largest
+    cross-section of the organ (slice z1, its mask kept as it is, prior "self" in the record) and
+    chain outwards from it with the look learnt from the query's own slice z1. The first pass has
+    found the organ; what it carried from the other patient (intensities matched across scanners,
+    the other organ's shape) no longer steers the chain. A function of the first pass's result only,
+    so a replay needs z1's mask, which the record stores."""
+    areas = {z: int(run.accepted(z).sum()) for z, rep in run.reports.items() if rep.source == "neighbour"}
+    if not areas or max(areas.values()) < run.config.min_area:
+        return
+    z1 = max(areas, key=lambda z: (areas[z], -z))
+    lo, hi = min(areas), max(areas)
+    mask1 = run.accepted(z1).copy()
+    first = run.prompts[z1]
+    run.check_cancel()
+    run.clear()
+    run.total = run.done + rng[1] - rng[0] + 1
+    look = learn_appearance(run, [SupportSlice(z1, run.slice(z1), mask1, run.n)])
+    ps = PromptSet(first.background, first.foreground, prior_mask=mask1)
+    run.accept(z1, mask1, SliceReport(z1, "neighbour", support_index=support_index, prior="self"), ps)
+    run.tick(f"slice {z1}")
+    for step in (-1, 1):
+        chain(run, z1, mask1, step, rng[1] if step > 0 else rng[0], None, support_index, look)
+    run.notes.append(f"cross-patient: second pass from query slice {z1}, the largest cross-section the first "
+                     f"pass found (slices {lo}-{hi}), with the organ's look learnt from the query itself")

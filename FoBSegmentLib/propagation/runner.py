@@ -150,6 +150,19 @@ class Runner:
         if flag:
             rep.flags.append(flag)
 
+    def clear(self) -> None:
+        """Forget every accepted slice, its prompts and report (a pass that starts over); the notes,
+        progress and counters stay. A caller shown the slices one by one is told they are empty."""
+        if self.on_slice is not None:
+            for z, rep in self.reports.items():
+                if rep.source not in ("skipped", "annotation") and self.accepted(z).any() and (
+                        self.report_range is None or self.report_range[0] <= z <= self.report_range[1]):
+                    self.on_slice(int(z), np.zeros(self.hw, bool))
+        self.mask[...] = False
+        self.prompts.clear()
+        self.reports = {z: SliceReport(z, "skipped") for z in range(self.n)}
+        self.order.clear()
+
     def copy_annotations(self, supports: list[SupportSlice]) -> None:
         for s in supports:
             self.accept(s.index, s.mask, SliceReport(s.index, "annotation", support_index=s.index), None)

@@ -62,8 +62,10 @@ class SliceReport:
     support_index: the support slice that fed this slice (index in the support volume), if any.
     parent: the slice whose accepted mask gave this slice its prompts and shape prior (neighbour
         chaining), None when the prompts did not come from another slice.
-    prior: where the shape prior came from: "parent", "none", or "stored" (a mask kept in the
-        propagation record, e.g. another patient's support moved onto the seed slice).
+    prior: where the shape prior came from: "parent", "none", "stored" (a mask kept in the
+        propagation record, e.g. another patient's support moved onto the seed slice), or "self"
+        (the slice's own mask is kept in the record: the seed of a cross-patient second pass, taken
+        from the first pass; `neighbour.second_pass`).
     chain: [root, step, stop, next annotated slice or None] of the neighbour chain that produced
         (or ended at) this slice: a later run with the same chain reuses the slice as it was.
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).

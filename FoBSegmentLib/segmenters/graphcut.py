@@ -42,6 +42,7 @@ from FoBSegmentLib.segmenters.base import (
 from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 
 _HARD = 1e6  # a unary cost no labelling pays
+MIN_BAND = 10  # px: the narrowest surroundings ring (`GraphCutSegmenter.band_scale`)
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -132,7 +133,13 @@ class GraphCutSegmenter:
             (default 1.0 / 1 px); shrink_weight: the same inside it, after the same tolerance (0.05).
         max_grow: pixels farther than this from the prior mask are background (default 20).
         seed_radius: radius of the hard foreground/background disks around the prompts (default 2).
-        bins / sigma / texture_sigma / band: the appearance model (32 bins, 1 px, 4 px, 20 px).
+        bins / sigma / texture_sigma: the appearance model (32 bins, 1 px, 4 px).
+        band_scale / band: the surroundings the appearance model learns from are a ring around the
+            annotated organ, `band_scale` x the organ's equivalent radius wide (sqrt(area / pi) of one
+            annotated slice), at least `MIN_BAND` and at most `band` px (defaults 2 and 40). A chain
+            walks up to `max_grow` px a slice, so over an organ's extent it reaches structures well
+            beyond a fixed 20 px ring (a left kidney's chain into the spleen): the ring grows with
+            the organ. band_scale 0 = a fixed `band`-px ring.
         prob_weight: weight of FoB's coarse probability (`PromptSet.fg_probability`, chained FoB) in
             the data term: its clipped log-odds are added to the appearance log-ratio (default 1;
             prompts without a probability are unaffected).
@@ -152,11 +159,13 @@ class GraphCutSegmenter:
         bins: int = 32,
         sigma: float = 1.0,
         texture_sigma: float = 4.0,
-        band: int = 20,
+        band: int = 40,
+        band_scale: float = 2.0,
         prob_weight: float = 1.0,
     ) -> None:
         for key, value in (("smoothness", smoothness), ("grow_weight", grow_weight), ("shrink_weight", shrink_weight),
-                           ("grow_tolerance", grow_tolerance), ("prob_weight", prob_weight)):
+                           ("grow_tolerance", grow_tolerance), ("prob_weight", prob_weight),
+                           ("band_scale", band_scale)):
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"graphcut {key} must be a finite number >= 0, got {value}")
         if max_grow < 1 or seed_radius < 0 or bins < 4 or band < 1 or sigma <= 0 or texture_sigma <= 0:
@@ -168,8 +177,8 @@ class GraphCutSegmenter:
         self.max_grow = int(max_grow)
         self.seed_radius = int(seed_radius)
         self.prob_weight = float(prob_weight)
-        self._model_args = {"bins": int(bins), "sigma": float(sigma), "texture_sigma": float(texture_sigma),
-                            "band": int(band)}
+        self.band, self.band_scale = int(band), float(band_scale)
+        self._model_args = {"bins": int(bins), "sigma": float(sigma), "texture_sigma": float(texture_sigma)}
         self.reference: AppearanceModel | None = None
         self.fallback = GrabCutSegmenter()
         # issue 21: a colour slice with prompts only goes to the colour-GMM graph cut, which beat GrabCut
@@ -178,14 +187,23 @@ class GraphCutSegmenter:
 
         self.colour_fallback = ColourGraphCutSegmenter()
 
-    def fit_reference(self, image: np.ndarray, mask: np.ndarray) -> None:
-        """Learn the organ's appearance from an annotated slice: image (H, W[, 3]), mask (H, W) bool.
-        Every later `segment` call scores pixels with it (until `clear_reference`)."""
+    def fit_reference(self, image: np.ndarray, mask: np.ndarray, slices: int = 1) -> None:
+        """Learn the organ's appearance from annotated slices: image (H, W[, 3]) and mask (H, W) bool,
+        `slices` annotated slices side by side (the organ's size per slice sets the surroundings'
+        ring, `band_scale`). Every later `segment` call scores pixels with it (until `clear_reference`)."""
         img = _grey01(check_image(image))
         m = np.asarray(mask, bool)
         if m.shape != img.shape:
             raise ValueError(f"reference mask has shape {m.shape}, the image is {img.shape}")
-        self.reference = AppearanceModel(**self._model_args).fit(img, m)
+        self.reference = AppearanceModel(band=self.surroundings_band(m.sum() / max(1, int(slices))),
+                                         **self._model_args).fit(img, m)
+
+    def surroundings_band(self, area: float) -> int:
+        """Width in px of the ring the appearance model learns the surroundings from, for an organ of
+        `area` px on a slice (`band_scale`)."""
+        if self.band_scale <= 0:
+            return self.band
+        return int(np.clip(self.band_scale * np.sqrt(area / np.pi), min(MIN_BAND, self.band), self.band))
 
     def clear_reference(self) -> None:
         self.reference = None
