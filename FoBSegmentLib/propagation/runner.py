@@ -126,12 +126,13 @@ class Runner:
             self.order.append(int(z))
         if prompts is not None:
             self.prompts[z] = prompts
-        if (
-            self.on_slice is not None
-            and report.source != "annotation"
-            and (self.report_range is None or self.report_range[0] <= z <= self.report_range[1])
-        ):
+        if self._shown(z, report.source):
             self.on_slice(int(z), np.array(mask, dtype=bool, copy=True))
+
+    def _shown(self, z: int, source: str) -> bool:
+        """Whether a caller watching the slices one by one (`on_slice`) is told about slice z."""
+        return (self.on_slice is not None and source not in ("annotation", "skipped")
+                and (self.report_range is None or self.report_range[0] <= z <= self.report_range[1]))
 
     def end_chain(self, z: int, rep: SliceReport, flag: str | None, note: str) -> None:
         """Slice z is not accepted: a chain ends there (`flag` added to its report, `note` to the run's)."""
@@ -153,11 +154,9 @@ class Runner:
     def clear(self) -> None:
         """Forget every accepted slice, its prompts and report (a pass that starts over); the notes,
         progress and counters stay. A caller shown the slices one by one is told they are empty."""
-        if self.on_slice is not None:
-            for z, rep in self.reports.items():
-                if rep.source not in ("skipped", "annotation") and self.accepted(z).any() and (
-                        self.report_range is None or self.report_range[0] <= z <= self.report_range[1]):
-                    self.on_slice(int(z), np.zeros(self.hw, bool))
+        for z, rep in self.reports.items():
+            if self._shown(z, rep.source) and self.accepted(z).any():
+                self.on_slice(int(z), np.zeros(self.hw, bool))
         self.mask[...] = False
         self.prompts.clear()
         self.reports = {z: SliceReport(z, "skipped") for z in range(self.n)}
