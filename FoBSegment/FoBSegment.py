@@ -834,7 +834,8 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.show3DButton.checked = True
                     self._status(
                         "Propagated " + ", ".join(f"{names[s]} ({len(z)} slices)" for s, z in written.items())
-                        + " in one undo step." + "".join(_notes(j) for j in jobs)
+                        + " in one undo step." + "".join(f" Warning: {w}." for r in results for w in r.warnings)
+                        + "".join(_notes(j) for j in jobs)
                     )
             elif kind == "propagate":
                 with slicer.util.tryWithErrorDisplay("FoBSegment: writing the result failed.", waitCursor=True):
@@ -846,6 +847,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._status(
                         f"Propagated to {len(written)} slice(s) in {result.seconds:.0f} s (one undo step)."
                         + (f" Please check slices {', '.join(map(str, flagged))}." if flagged else "")
+                        + "".join(f" Warning: {w}." for w in result.warnings)
                         + _notes(self._job)
                     )
             else:

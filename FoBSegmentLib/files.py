@@ -25,7 +25,6 @@ from FoBSegmentLib.propagation import (
     PropagationResult,
     SliceCallback,
 )
-from FoBSegmentLib.propagation.locate import flag_cross_patient
 from FoBSegmentLib.propagation.review import review_ranking, write_review
 
 
@@ -181,9 +180,8 @@ def segment_files(
     result = job.run(progress=progress, cancel=cancel, on_slice=on_slice)
     for line in result.notes:
         note(line)
-    warnings = flag_cross_patient(result)
-    if warnings and req.strict:
-        raise ValueError(f"--strict: {warnings[0]}; nothing written")
+    if result.warnings and req.strict:
+        raise ValueError(f"--strict: {result.warnings[0]}; nothing written")
     out_arr = result.mask.astype(np.uint16 if label_value > 255 else np.uint8) * label_value
     # The side files first: if one fails nothing is left; if the label write fails, they are removed.
     written: list[Path] = []
@@ -200,7 +198,7 @@ def segment_files(
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return SegmentOutcome(result, out, prompts_out, messages, query_vol, review_out, warnings)
+    return SegmentOutcome(result, out, prompts_out, messages, query_vol, review_out, result.warnings)
 
 
 # ---- issue 21: one annotated image -> many (a folder or a list of 2-D query images) -------------------
@@ -320,7 +318,7 @@ def segment_many(
             result = job.run()
             volumes.write_label(out, result.mask.astype(np.uint8) * label_value, vol.geometry)
             written.append(out)
-            outcomes.append(SegmentOutcome(result, out, None, [], vol, None, flag_cross_patient(result)))
+            outcomes.append(SegmentOutcome(result, out, None, [], vol, None, result.warnings))
             if progress is not None:
                 progress(n + 1, len(queries), Path(vol.path).name)
     except BaseException:

@@ -151,6 +151,27 @@ def test_protocol_runs_on_one_patient_and_organ(data_dir: Path, tmp_path: Path, 
     assert text.startswith("# Results\n\nkept\n") and REP.SECTION_START in text and REP.SECTION_END in text
     assert f"fob evaluate --protocol propagation --dataset chaos --cases {CASE}" in text and "graphcut" in text
 
+    # --from-json: reports run apart (one per dataset, in parallel) merge into one, tables rebuilt from
+    # their records. The second one is this run's report with its records relabelled as another dataset.
+    other = dict(report, records=[dict(r, dataset="synapse", case="1") for r in report["records"]])
+    other_json = tmp_path / "other.json"
+    other_json.write_text(json.dumps(other))
+    merged_json, merged_doc = tmp_path / "merged.json", tmp_path / "MERGED.md"
+    assert fob(["evaluate", "--protocol", "propagation", "--from-json", str(out_json), str(other_json),
+                "--json", str(merged_json), "--markdown", str(merged_doc)]) == 0
+    merged = json.loads(merged_json.read_text())
+    assert set(merged["datasets"]) == {"chaos", "synapse"} and len(merged["records"]) == 2 * len(report["records"])
+    for ds in ("chaos", "synapse"):
+        assert merged["datasets"][ds]["dice"]["neighbour"]["left kidney"] == recs["neighbour"]["dice"]
+    assert merged["seconds"] == pytest.approx(2 * report["seconds"])
+    assert "### CHAOS MR" in merged_doc.read_text() and "### Synapse CT" in merged_doc.read_text()
+    capsys.readouterr()
+    other_json.write_text(json.dumps(dict(other, methods={"copy": "mask copy"})))
+    assert fob(["evaluate", "--protocol", "propagation", "--from-json", str(out_json), str(other_json)]) == 2
+    assert "differ in one of: methods, segmenter, model" in capsys.readouterr().err
+    assert fob(["evaluate", "--protocol", "propagation", "--from-json", str(doc)]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+
 
 def test_protocol_rejects_bad_input(capsys) -> None:
     from FoBSegmentLib.cli import main as fob

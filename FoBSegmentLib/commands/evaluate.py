@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "propagation protocol writes its own `propagation` section")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="no evaluation: merge earlier --json reports of the same protocol (e.g. one per dataset, "
-                   "run in parallel) and print / write their tables (fob and interactive protocols)")
+                   "run in parallel) and print / write their tables (fob, propagation and interactive protocols)")
     p.add_argument("--section", default="fob-protocol", metavar="NAME",
                    help="the --markdown section to write, between <!-- NAME:start/end --> (default fob-protocol: "
                    "the shipped model; e.g. heldout-setting1, heldout-setting2 for per-fold models)")

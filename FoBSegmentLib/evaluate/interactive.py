@@ -209,33 +209,6 @@ def _strategies(names: list[str] | None) -> tuple[str, ...]:
     return tuple(n for n in STRATEGIES if n in chosen)
 
 
-def _read_reports(paths: list[str]) -> tuple[list[dict], dict[str, Any]]:
-    """The records of earlier `--json` reports of this protocol (e.g. one per dataset, run in parallel)
-    and the first one's header; they must share rounds, prompt source and segmenter."""
-    records: list[dict] = []
-    first: dict[str, Any] | None = None
-    for name in paths:
-        try:
-            doc = json.loads(Path(name).read_text())
-        except OSError as exc:
-            raise ValueError(f"--from-json: cannot read {name} ({exc.strerror or exc})") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--from-json: {name} is not JSON ({exc.msg})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or "rounds" not in doc:
-            raise ValueError(f"--from-json: {name} is not a `fob evaluate --protocol interactive --json` report")
-        key = ("rounds", "prompts_from", "segmenter", "model")
-        if first is None:
-            first = {**doc, "commands": [doc.get("command", "")], "seconds_total": doc.get("seconds", 0.0)}
-        elif tuple(doc.get(k) for k in key) != tuple(first.get(k) for k in key):
-            raise ValueError(f"--from-json: {name} used other rounds, prompts, segmenter or model than {paths[0]}")
-        else:
-            first["commands"].append(doc.get("command", ""))
-            first["seconds_total"] += doc.get("seconds", 0.0)
-        records += doc["records"]
-    assert first is not None
-    return records, first
-
-
 def run(args: Any) -> int:
     """`fob evaluate --protocol interactive`: the records, the tables, --json, --markdown and --plot."""
     from FoBSegmentLib.evaluate import interactive_report as report
@@ -243,7 +216,10 @@ def run(args: Any) -> int:
     section = report.SECTION if args.section in (None, "fob-protocol") else args.section
     report.markers(section)  # a bad name fails now, not after the evaluation
     if args.from_json:
-        records, head = _read_reports(args.from_json)
+        from FoBSegmentLib.evaluate.report import read_reports
+
+        records, head = read_reports(args.from_json, "interactive", "rounds",
+                                     ("rounds", "prompts_from", "segmenter", "model"))
         doc = report.build(records, int(head["rounds"]), head["prompts_from"], head["segmenter"], head["model"],
                            head.get("notes", []), head["seconds_total"])
         doc["command"] = " ; ".join(c for c in dict.fromkeys(head["commands"]) if c)

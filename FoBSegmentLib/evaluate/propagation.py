@@ -489,8 +489,6 @@ def _run_method(task: OrganTask, method: str, runtime: Runtime, rec: dict[str, A
     if method == "copy":
         return copy_mask(task.annotation, ref.shape, axis, (task.first, task.last))
     if method in ("cross1", "crossvol"):
-        from FoBSegmentLib.propagation.locate import flag_cross_patient
-
         cfg = runtime.config_factory() if runtime.config_factory else None
         rec["support_case"] = task.other.case.case_id
         try:
@@ -499,11 +497,10 @@ def _run_method(task: OrganTask, method: str, runtime: Runtime, rec: dict[str, A
         except ValueError as exc:
             rec["error"] = " ".join(str(exc).split())
             return np.zeros(ref.shape, bool)
-        warnings = flag_cross_patient(res)
         rec["notes"] = list(res.notes)
         rec["flagged"] = list(res.flagged)
         rec["confidence"] = _confidence(res.notes)
-        rec["warning"] = bool(warnings)
+        rec["warning"] = bool(res.warnings)
         return np.asarray(res.mask, bool)
     if method in ("atlas_affine", "atlas_deform"):
         rec["support_case"] = task.other.case.case_id
@@ -689,6 +686,9 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: the report module reads this module's METHODS.
     from FoBSegmentLib.evaluate import propagation_report as report_mod
 
+    if args.from_json:
+        report_mod.write_outputs(report_mod.merge_reports(args.from_json), args.json, args.markdown)
+        return 0
     cases = select_cases(list(args.dataset or VOLUME_DATASETS), args.data, args.cases)
     methods = resolve_methods(args.methods)
     organs = resolve_organs(args.organs)

@@ -351,6 +351,24 @@ def build_report(
     return report
 
 
+def merge_reports(paths: list[str]) -> dict[str, Any]:
+    """One report from earlier `--json` reports of this protocol (`--from-json`: e.g. one per dataset,
+    run in parallel), as if one run had made it: the tables are rebuilt from their records, the
+    seconds summed. They must share methods, segmenter and model."""
+    from types import SimpleNamespace
+
+    from FoBSegmentLib.evaluate.report import read_reports
+
+    records, head = read_reports(paths, "propagation", "breakdown", ("methods", "segmenter", "model"))
+    cases = [SimpleNamespace(dataset=ds, case_id=c) for ds, c in dict.fromkeys((r["dataset"], r["case"]) for r in records)]
+    organs = sorted({int(r["organ"]) for r in records})
+    report = build_report(records, cases, organs, list(head["methods"]),
+                          command=" ; ".join(c for c in dict.fromkeys(head["commands"]) if c),
+                          segmenter=head["segmenter"], model_line=head["model"],
+                          notes=list(dict.fromkeys(head.get("notes", []))), seconds=head["seconds_total"])
+    return report
+
+
 def write_outputs(report: dict, json_path: str | None, markdown_path: str | None) -> None:
     """--json: the whole report; --markdown: its section between the propagation markers."""
     if json_path:

@@ -7,8 +7,10 @@ Setting I / II runs, the propagation protocol's `propagation`) are kept.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -189,3 +191,31 @@ def write_section(path: str | Path, section_text: str, header: str = FILE_HEADER
     else:
         new = section_text + "\n"
     write_text_atomic(path, new)
+
+
+def read_reports(paths: list[str], protocol: str, marker: str, same: tuple[str, ...]) -> tuple[list[dict], dict[str, Any]]:
+    """The records of earlier `fob evaluate --protocol PROTOCOL --json` reports (`--from-json`, e.g. one
+    per dataset, run in parallel) and the first one's header, with every report's command in
+    `commands` and their seconds summed in `seconds_total`. A report must hold `records` and the key
+    `marker`; the values of `same` (segmenter, model, ...) must agree between them."""
+    records: list[dict] = []
+    first: dict[str, Any] | None = None
+    for name in paths:
+        try:
+            doc = json.loads(Path(name).read_text())
+        except OSError as exc:
+            raise ValueError(f"--from-json: cannot read {name} ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--from-json: {name} is not JSON ({exc.msg})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or marker not in doc:
+            raise ValueError(f"--from-json: {name} is not a `fob evaluate --protocol {protocol} --json` report")
+        if first is None:
+            first = {**doc, "commands": [doc.get("command", "")], "seconds_total": doc.get("seconds", 0.0)}
+        elif tuple(doc.get(k) for k in same) != tuple(first.get(k) for k in same):
+            raise ValueError(f"--from-json: {name} and {paths[0]} differ in one of: {', '.join(same)}")
+        else:
+            first["commands"].append(doc.get("command", ""))
+            first["seconds_total"] += doc.get("seconds", 0.0)
+        records += doc["records"]
+    assert first is not None
+    return records, first

@@ -29,6 +29,7 @@ from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PROMPT_SOURCES, PropagationConfig, check_slice_range
 from FoBSegmentLib.propagation.document import build_record, replay
 from FoBSegmentLib.propagation.fob import hybrid_range, run_fob
+from FoBSegmentLib.propagation.locate import flag_cross_patient
 from FoBSegmentLib.propagation.neighbour import run_neighbour
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.supports import resize_support
@@ -205,6 +206,7 @@ def propagate(
                     run.drop(z, "outside the requested slice range")
     result = run.finish(source, annotations)
     result.record = build_record(result, cfg, sup, same_volume, rng, image.shape[:3])
+    result.warnings = flag_cross_patient(result)
     for z, rep in result.slices.items():
         if rep.source == "skipped":
             result.prompts.pop(z, None)  # stepping stones: their points live in the record only

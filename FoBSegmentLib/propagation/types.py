@@ -97,6 +97,8 @@ class PropagationResult:
         slice of a chain was made from); a later run reuses it (`propagate(previous=...)`).
     segmented_count: how many times the segmenter ran (a reused slice costs nothing).
     notes: human-readable lines (which prompt source, where the chain stopped, ...).
+    warnings: the one-line warnings a front end must show (another patient's organ not found, or
+        its placement disputed: `locate.flag_cross_patient`); `fob segment --strict` refuses on one.
     """
 
     mask: np.ndarray
@@ -110,6 +112,7 @@ class PropagationResult:
     record: dict | None = None
     accepted: np.ndarray | None = field(default=None, repr=False)
     segmented_count: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def flagged(self) -> list[int]:
