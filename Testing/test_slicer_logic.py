@@ -515,6 +515,31 @@ def test_cross_patient_support_from_another_volume(plain_case: Case, mrml, data_
     assert np.array_equal(fob_mrml.segment_mask(case.seg, case.liver_id, case.volume), case.support)
 
 
+def test_cross_patient_warning_reaches_the_module(plain_case: Case, mrml, data_dir: Path) -> None:  # noqa: F811
+    """The engine's cross-patient warnings and review flags reach the module (the same job as `fob segment`,
+    test_cross_patient.py): query CHAOS 2, support the middle slice of CHAOS 3's spleen, which the chain
+    places on another structure while the registration of the two whole volumes puts it elsewhere."""
+    scene, logics = mrml
+    case = plain_case
+    other = logics["volumes"].AddArchetypeVolume(str(data_dir / "chaos_mr_t2spir" / "image_3.nii.gz"), "chaos3")
+    other_label = logics["volumes"].AddArchetypeVolume(str(data_dir / "chaos_mr_t2spir" / "label_3.nii.gz"), "l3", 1)
+    other_ref = fob_mrml.volume_array(other_label) == 4
+    zs = nonempty_slices(other_ref, 0)
+    support = np.zeros_like(other_ref)
+    support[zs[len(zs) // 2]] = other_ref[zs[len(zs) // 2]]
+    sseg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "support")
+    sseg.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    sid = sseg.GetSegmentation().AddEmptySegment("spleen", "spleen")
+    fob_mrml.set_segment_mask(sseg, sid, other, support)
+    target = case.seg.GetSegmentation().AddEmptySegment("spleen3", "spleen from patient 3")
+    job = case.logic.prepare_propagation(case.volume, case.seg, target, support_volume=other, support_segmentation=sseg,
+                                         support_segment_id=sid, prompts_from="neighbour", segmenter="graphcut")
+    result = case.logic.run_propagation(job)
+    assert len(result.warnings) == 1 and result.warnings[0].startswith("cross-patient: placement disputed")
+    segmented = [z for z, r in result.slices.items() if r.area > 0]
+    assert segmented and set(segmented) <= set(result.flagged)  # every slice leads the review
+
+
 def test_nonlinear_parent_transform_is_refused(mrml, data_dir: Path) -> None:  # noqa: F811
     scene, logics = mrml
     vol = logics["volumes"].AddArchetypeVolume(str(data_dir / "cmr_bssfp" / "image_2.nii.gz"), "cmr2")

@@ -43,7 +43,7 @@ from FoBSegmentLib.propagation.types import PlacedSupport, SupportSlice
 # Below this the located organ does not look like the support's: set on 4 development pairs (CHAOS 1,
 # 8 and Synapse 1, 7, all organs) and supports without the organ / from dermoscopy.
 LOW_CONFIDENCE = 0.4
-# Note prefix that front ends look for (files.segment_files turns it into a warning or a refusal).
+# Note prefix of a warning (`flag_cross_patient` makes it one of the result's warnings; --strict refuses).
 LOW_CONFIDENCE_NOTE = "cross-patient: organ not found"
 # Dice between the result and the whole-volume registration's placement of the support's organ (on
 # the best slice within `REGISTERED_WINDOW` of where it puts it) below which the two disagree about
