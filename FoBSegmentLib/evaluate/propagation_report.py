@@ -362,11 +362,10 @@ def merge_reports(paths: list[str]) -> dict[str, Any]:
     records, head = read_reports(paths, "propagation", "breakdown", ("methods", "segmenter", "model"))
     cases = [SimpleNamespace(dataset=ds, case_id=c) for ds, c in dict.fromkeys((r["dataset"], r["case"]) for r in records)]
     organs = sorted({int(r["organ"]) for r in records})
-    report = build_report(records, cases, organs, list(head["methods"]),
-                          command=" ; ".join(c for c in dict.fromkeys(head["commands"]) if c),
-                          segmenter=head["segmenter"], model_line=head["model"],
-                          notes=list(dict.fromkeys(head.get("notes", []))), seconds=head["seconds_total"])
-    return report
+    return build_report(records, cases, organs, list(head["methods"]),
+                        command=" ; ".join(c for c in dict.fromkeys(head["commands"]) if c),
+                        segmenter=head["segmenter"], model_line=head["model"],
+                        notes=list(dict.fromkeys(head.get("notes", []))), seconds=head["seconds_total"])
 
 
 def write_outputs(report: dict, json_path: str | None, markdown_path: str | None) -> None:

@@ -406,9 +406,14 @@ def registration_agreement(accepted: Callable[[int], np.ndarray], n: int, suppor
                key=lambda t: (t[1], -abs(t[0] - zr)))
 
 
-def disputed_note(z: int, agreement: float) -> str:
-    """The `DISPUTED_NOTE` line for a result that overlaps the registration's placement on slice z
-    by `agreement` (Dice)."""
+def disputed_note(accepted: Callable[[int], np.ndarray], n: int, supports: list[SupportSlice]) -> str | None:
+    """The `DISPUTED_NOTE` line when the result (`accepted(z)` -> (H, W) bool) overlaps the
+    registration's placement less than `REGISTRATION_AGREEMENT` (`registration_agreement`); None
+    when they agree or there is no placement to compare with."""
+    check = registration_agreement(accepted, n, supports)
+    if check is None or check[1] >= REGISTRATION_AGREEMENT:
+        return None
+    z, agreement = check
     return (f"{DISPUTED_NOTE}: the registration of the two whole volumes puts the organ around query slice {z}, "
             f"where the result overlaps it at most {agreement:.2f} (Dice) < {REGISTRATION_AGREEMENT}; check the result")
 

@@ -419,15 +419,11 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     if not same_volume and run.config.second_pass and run.n > 1:
         second_pass(run, rng, seeds[0][2].index)
     if not same_volume:
-        from FoBSegmentLib.propagation.locate import (
-            REGISTRATION_AGREEMENT,
-            disputed_note,
-            registration_agreement,
-        )
+        from FoBSegmentLib.propagation.locate import disputed_note
 
-        check = registration_agreement(run.accepted, run.n, supports)
-        if check is not None and check[1] < REGISTRATION_AGREEMENT:
-            run.notes.append(disputed_note(*check))
+        note = disputed_note(run.accepted, run.n, supports)
+        if note is not None:
+            run.notes.append(note)
 
 
 def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
