@@ -56,6 +56,7 @@ def test_evaluate_synapse_fold_writes_json_and_markdown(data_dir, small_model, t
     assert "### copy" in md.read_text()
     (tmp_path / "bad.json").write_text("{}")
     assert main(["evaluate", "--from-json", str(tmp_path / "bad.json")]) == 2
+    assert main(["evaluate", "--from-json", str(tmp_path / "missing.json")]) == 2
 
 
 def test_setting2_models_per_fold_and_organ_are_checked_for_the_excluded_organ(data_dir, tmp_path, capsys,

@@ -134,18 +134,12 @@ def _per_fold(model: str | None) -> bool:
 def _merge(args: argparse.Namespace) -> int:
     """Combine reports written by earlier runs (`--json`) into one; print and write their tables."""
     from FoBSegmentLib.evaluate import protocol as P
+    from FoBSegmentLib.evaluate.report import load_report
 
     merged: dict | None = None
     commands = []
     for name in args.from_json:
-        try:
-            rep = json.loads(Path(name).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--from-json: {name} not found") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--from-json: {name} is not JSON ({exc.msg})") from None
-        if not isinstance(rep, dict) or not isinstance(rep.get("datasets"), dict):
-            raise ValueError(f"--from-json: {name} is not a `fob evaluate --json` report")
+        rep = load_report(name, "fob", lambda d: isinstance(d.get("datasets"), dict))
         if merged is None:
             merged = {**rep, "datasets": {}}
         elif (rep.get("model"), rep.get("segmenter")) != (merged.get("model"), merged.get("segmenter")):

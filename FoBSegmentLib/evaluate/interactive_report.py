@@ -176,11 +176,13 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def markdown(doc: dict[str, Any], plot_path: str | None, section: str = SECTION) -> str:
     start, end = markers(section)
     title = "## The annotation loop (issue 16)" if section == SECTION else f"## The annotation loop (issue 16): {section}"
+    # Reports merged with --from-json ran apart (often side by side): their seconds add up, they are no wall time.
+    merged = " ; " in doc["command"]
+    timing = f"{doc['seconds']:.0f} s {'summed over the runs merged here' if merged else 'wall time'}"
     lines = [start, title, "",
              f"Command: `{doc['command']}`", "",
              f"Pipeline: `fob segment`'s job (prompts {doc['prompts_from']}, segmenter {doc['segmenter']}, "
-             f"model {doc['model']}). {doc['rounds']} rounds; wall time {doc['seconds']:.0f} s on "
-             f"{doc['host']['cpus']} CPUs, {doc['date']}.", ""]
+             f"model {doc['model']}). {doc['rounds']} rounds; {timing} on {doc['host']['cpus']} CPUs, {doc['date']}.", ""]
     if plot_path:
         lines += [f"![Dice against annotated slices]({os.path.relpath(plot_path, 'docs')})", ""]
     for ds, s in doc["summary"].items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,21 @@ def write_section(path: str | Path, section_text: str, header: str = FILE_HEADER
     write_text_atomic(path, new)
 
 
+def load_report(name: str, protocol: str, valid: Callable[[Any], bool]) -> dict[str, Any]:
+    """One earlier `fob evaluate --json` report named by `--from-json`, parsed, with `valid(doc)` true
+    for the report of `protocol` ("fob", "propagation", "interactive"); otherwise a one-line ValueError."""
+    try:
+        doc = json.loads(Path(name).read_text())
+    except OSError as exc:
+        raise ValueError(f"--from-json: cannot read {name} ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--from-json: {name} is not JSON ({exc.msg})") from None
+    if not isinstance(doc, dict) or not valid(doc):
+        command = "fob evaluate" + ("" if protocol == "fob" else f" --protocol {protocol}")
+        raise ValueError(f"--from-json: {name} is not a `{command} --json` report")
+    return doc
+
+
 def read_reports(paths: list[str], protocol: str, marker: str, same: tuple[str, ...]) -> tuple[list[dict], dict[str, Any]]:
     """The records of earlier `fob evaluate --protocol PROTOCOL --json` reports (`--from-json`, e.g. one
     per dataset, run in parallel) and the first one's header, with every report's command in
@@ -201,14 +217,7 @@ def read_reports(paths: list[str], protocol: str, marker: str, same: tuple[str, 
     records: list[dict] = []
     first: dict[str, Any] | None = None
     for name in paths:
-        try:
-            doc = json.loads(Path(name).read_text())
-        except OSError as exc:
-            raise ValueError(f"--from-json: cannot read {name} ({exc.strerror or exc})") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--from-json: {name} is not JSON ({exc.msg})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or marker not in doc:
-            raise ValueError(f"--from-json: {name} is not a `fob evaluate --protocol {protocol} --json` report")
+        doc = load_report(name, protocol, lambda d: isinstance(d.get("records"), list) and marker in d)
         if first is None:
             first = {**doc, "commands": [doc.get("command", "")], "seconds_total": doc.get("seconds", 0.0)}
         elif tuple(doc.get(k) for k in same) != tuple(first.get(k) for k in same):
