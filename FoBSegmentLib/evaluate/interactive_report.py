@@ -176,7 +176,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def markdown(doc: dict[str, Any], plot_path: str | None, section: str = SECTION) -> str:
     start, end = markers(section)
     title = "## The annotation loop (issue 16)" if section == SECTION else f"## The annotation loop (issue 16): {section}"
-    # Reports merged with --from-json ran apart (often side by side): their seconds add up, they are no wall time.
+    # Reports merged with --from-json ran apart (often side by side): the sum of their seconds is not a wall time.
     merged = " ; " in doc["command"]
     timing = f"{doc['seconds']:.0f} s {'summed over the runs merged here' if merged else 'wall time'}"
     lines = [start, title, "",
