@@ -148,7 +148,9 @@ class FoBSegment(ScriptedLoadableModule):
             "foreground (green) points on the other slices. Drag, add or delete points, mark slices reviewed, "
             "and segment them with SAM or a weight-free segmenter, or propagate across the volume. "
             "Shortcuts: Shift+B / Shift+F place a background / foreground point, Shift+N accepts the current "
-            "slice and shows the next one to check. See docs/SLICER.md in the extension's repository."
+            "slice and shows the next one to check, Shift+E says the organ is not on the current slice (the "
+            "propagation ran past its end): that slice and those chained beyond it are cleared, and no later "
+            "propagation passes it. See docs/SLICER.md in the extension's repository."
         )
         self.parent.acknowledgementText = (
             "FoB (Focus on Background) prompting for few-shot medical segmentation. SAM weights are distributed "
@@ -244,6 +246,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.undoButton.connect("clicked(bool)", self.onUndo)
         ui.show3DButton.connect("toggled(bool)", self.onShow3D)
         ui.acceptNextButton.connect("clicked(bool)", self.onAcceptNext)
+        ui.markAbsentButton.connect("clicked(bool)", self.onMarkAbsent)
         ui.reviewTable.connect("cellClicked(int,int)", self.onReviewRowClicked)
         ui.exportPromptsButton.connect("clicked(bool)", self.onExportPrompts)
         ui.importPromptsButton.connect("clicked(bool)", self.onImportPrompts)
@@ -462,6 +465,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "background point": lambda: self._placePoint("background"),
             "foreground point": lambda: self._placePoint("foreground"),
             "accept slice, go to the next to check": self.onAcceptNext,
+            "organ not on this slice": self.onMarkAbsent,
         }
         for what, keys in SHORTCUTS.items():
             shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
@@ -601,6 +605,20 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._selectReviewRow(nxt)
             self._status(f"Slice {z} accepted; slice {nxt} is next to check.")
 
+    def onMarkAbsent(self) -> None:
+        """Shortcut and button: the organ is not on the current slice (the chain ran past its end): that
+        slice and the slices chained from it are cleared, and no later propagation passes it."""
+        if self._controller.busy or not self._needPackages():
+            return
+        with slicer.util.tryWithErrorDisplay("FoBSegment: could not mark the slice.", waitCursor=False):
+            volume, seg, sid = self._inputs()
+            p = self._parameterNode
+            axis = self._review[2] if self._review else self._promptAxis()
+            z = self._currentSlice(axis)
+            task = self.logic.engine.begin_mark_absent(volume, seg, sid, z, p.segmenter, p.device, axis,
+                                                       p.checkpoint or None)
+            self._startTasks("absent", [task])
+
     def onSegmentCurrent(self) -> None:
         if not self._needPackages():
             return
@@ -682,9 +700,10 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 volume, seg, sid = self._inputs()
                 reviewed = self.logic.engine.reviewed_slices(volume, seg, sid)
+                absent = self.logic.engine.absent_slices(volume, seg, sid, axis)
             except ValueError:
-                reviewed = []
-            self._reviewRows = review_rows(reports, ranking, reviewed=reviewed)
+                reviewed, absent = [], []
+            self._reviewRows = review_rows(reports, ranking, reviewed=reviewed, absent=absent)
         table.setRowCount(len(self._reviewRows))
         for n, row in enumerate(self._reviewRows):
             for column, text in enumerate((str(row.index), row.state, row.reason)):
@@ -859,11 +878,18 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         notes += [n for n in outcome.notes if n not in notes]
                     chained = written - asked
                     self._refreshReview()
-                    self._status(
-                        f"Slice(s) {', '.join(map(str, sorted(asked)))} segmented (one undo step)."
-                        + (f" {len(chained)} slice(s) chained from them updated." if chained else "")
-                        + "".join(f" {n}" for n in notes)
-                    )
+                    if kind == "absent":
+                        self._status(
+                            f"Slice {', '.join(map(str, sorted(asked)))} marked: the organ is not there (one undo "
+                            "step); no propagation passes it."
+                            + (f" {len(chained)} slice(s) chained from it cleared." if chained else "")
+                        )
+                    else:
+                        self._status(
+                            f"Slice(s) {', '.join(map(str, sorted(asked)))} segmented (one undo step)."
+                            + (f" {len(chained)} slice(s) chained from them updated." if chained else "")
+                            + "".join(f" {n}" for n in notes)
+                        )
         finally:
             self._programmaticEdit = False
             self._observeLists()

@@ -39,6 +39,8 @@ class SegmentRequest:
     support_label: int | None = None
     label_value: int | None = None
     slices: str | tuple[int, int] = "auto"
+    # Slices annotated as not showing the organ (e.g. just past its ends): no chain passes them.
+    absent_slices: tuple[int, ...] = ()
     segmenter: str = "auto"
     sam_checkpoint: str | None = None
     model: str | None = None
@@ -174,7 +176,7 @@ def segment_files(
         settings.model = str(_skin_default_model(note))  # issue 21: colour images get the dermoscopy model
     components = load_components(settings, replaying=prompts_in is not None)
     job = build_job(query, support_bin, settings, support=support, components=components, log=note,
-                    support_name=f"label {label} of {Path(req.support_mask).name}")
+                    support_name=f"label {label} of {Path(req.support_mask).name}", absent_slices=req.absent_slices)
     if prompts_in is not None:
         job = job.with_prompts(prompts_in, record)
     result = job.run(progress=progress, cancel=cancel, on_slice=on_slice)

@@ -341,11 +341,20 @@ def build_job(
         # Annotated absences (the organ is not on these slices): chains stop before them.
         if not same_volume:
             raise SettingError("absent_slices", "only for a support in the image itself")
+        absent = sorted({int(z) for z in absent_slices})
+        n = query.normalised.shape[query.axis]
+        if absent[0] < 0 or absent[-1] >= n:
+            bad = absent[0] if absent[0] < 0 else absent[-1]
+            raise SettingError("absent_slices", f"slice {bad} is out of bounds: the volume has slices 0..{n - 1} "
+                                                "along this axis")
+        drawn = sorted(set(absent) & {s.index for s in supports})
+        if drawn:
+            raise SettingError("absent_slices", f"slice {drawn[0]} shows the organ in {support_name}: a slice is "
+                                                "annotated or marked absent, not both")
         rows, cols = slice_axes(query.axis)
         hw = (query.normalised.shape[rows], query.normalised.shape[cols])
-        have = {s.index for s in supports}
-        supports += [SupportSlice(int(z), np.asarray(take_slice(query.normalised, query.axis, int(z))), np.zeros(hw, bool))
-                     for z in sorted(set(int(z) for z in absent_slices) - have)]
+        supports += [SupportSlice(z, np.asarray(take_slice(query.normalised, query.axis, z)), np.zeros(hw, bool), n)
+                     for z in absent]
     where = "this image" if same_volume else Path(str(sup_img.volume.path)).name
     notes = [f"support: {support_name} on {len(supports)} slice(s) of {where}"]
     if not same_volume:

@@ -156,9 +156,21 @@ def test_bad_manifests_are_refused_before_any_work(cohort, capsys) -> None:
                     "row 2: its output sup_chaos8.nii.gz would overwrite an input of row 1")
     _expect_refused(cohort, capsys, [good[0], {**good[1], "slices": "9"}], "row 2: slices: must be 'auto' or 'A:B'")
     _expect_refused(cohort, capsys, [good[0], {**good[1], "window": "40"}], "row 2:")
+    _expect_refused(cohort, capsys, [good[0], {**good[1], "absent_slices": "3-9"}],
+                    "row 2: absent_slices: must be slice indices")
     _expect_refused(cohort, capsys, [good[0], {**good[1], "name": "dice", "output": "out/dice.png"}],
                     "row 2: output dice.png is the cohort's report")
     _expect_refused(cohort, capsys, "image,support_mask\n", "has no row")
+
+
+def test_absent_slices_column_reaches_the_request(cohort) -> None:
+    from FoBSegmentLib.batch.manifest import read_manifest
+    from FoBSegmentLib.files import SegmentRequest
+
+    rows = [{**cohort["rows"][0], "absent_slices": "17, 4"}, cohort["rows"][1]]
+    got = read_manifest(write_manifest(cohort["dir"] / "ends.csv", rows), cohort["out"])
+    assert SegmentRequest(**got[0].request).absent_slices == (4, 17)
+    assert SegmentRequest(**got[1].request).absent_slices == ()
 
 
 def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(cohort) -> None:

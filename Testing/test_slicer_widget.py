@@ -417,3 +417,26 @@ def test_widget_propagates_every_outlined_segment_in_one_step(h) -> None:
     widget.onUndo()
     assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), support)
     assert np.array_equal(fob_mrml.segment_mask(seg, other, vol), second)
+
+
+def test_widget_organ_not_on_this_slice(h) -> None:
+    """After a propagation, Shift+E's action on the shown slice clears it and the slices chained beyond
+    it (on the worker, one undo step), its review row says "absent", and the next propagation does not
+    pass it."""
+    harness, engine, vol, seg, sid, other, axis, z0, liver, support = h
+    widget = harness.widget
+    widget.onPropagate()
+    harness.run_worker()
+    z = z0 + 2
+    assert take_slice(fob_mrml.segment_mask(seg, sid, vol), axis, z).any()
+    _aligned(harness, engine, vol, axis, z)
+    widget.onMarkAbsent()
+    harness.run_worker()
+    after = fob_mrml.segment_mask(seg, sid, vol)
+    assert not any(take_slice(after, axis, s).any() for s in range(z, after.shape[axis]))
+    assert take_slice(after, axis, z0 - 2).any(), "the other side is kept"
+    assert "marked: the organ is not there" in harness.messages[-1]
+    assert {int(r[0]): r[1] for r in widget.ui.reviewTable.rows}[z] == "absent"
+    widget.onPropagate()
+    harness.run_worker()
+    assert not any(take_slice(fob_mrml.segment_mask(seg, sid, vol), axis, s).any() for s in range(z, after.shape[axis]))

@@ -1,7 +1,8 @@
 """`fob segment`: propagate one (or a few) annotated slices across a volume, or to another patient.
 
     fob segment IMAGE -o OUT [--support-image S_IMAGE] --support-mask S_MASK [--support-label N]
-                [--slices auto|A:B] [--segmenter auto|graphcut|grabcut|random-walker|sam-vit-h|...]
+                [--slices auto|A:B] [--absent-slices Z,Z,...]
+                [--segmenter auto|graphcut|grabcut|random-walker|sam-vit-h|...]
                 [--sam-checkpoint PATH] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
                 [--device auto|cpu|cuda|mps] [--prompts-out P.mrk.json] [--prompts-in P.mrk.json]
                 [--prompts-from auto|fob|neighbour|hybrid|chained] [--label-value N] [--largest-component]
@@ -16,7 +17,7 @@ import sys
 from FoBSegmentLib.device import DEVICE_CHOICES, check_device
 from FoBSegmentLib.files import SegmentRequest, segment_files
 from FoBSegmentLib.io.intensity import parse_window
-from FoBSegmentLib.propagation import PROMPT_SOURCES, parse_slices
+from FoBSegmentLib.propagation import PROMPT_SOURCES, parse_slice_list, parse_slices
 
 
 def _int(text: str) -> int:
@@ -66,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="value written for the organ (default 1; 255 for .png outputs)")
     p.add_argument("--slices", default="auto", metavar="auto|A:B",
                    help="slices to segment: auto (where the organ is found) or A:B, inclusive (default auto)")
+    p.add_argument("--absent-slices", metavar="Z,Z,...",
+                   help="slices where the organ is not (indices as for --slices, e.g. the first slice past each "
+                        "end): no chain passes them, nothing is segmented beyond them")
     p.add_argument("--modality", default="auto", choices=("auto", "ct", "mr", "rgb"),
                    help="intensity preset (default auto: guessed from the data, and reported)")
     p.add_argument("--window", metavar="L,W", help="CT window level,width in HU (default 40,400, abdomen)")
@@ -134,6 +138,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
         support_label=args.support_label,
         label_value=args.label_value,
         slices=parse_slices(args.slices),
+        absent_slices=parse_slice_list(getattr(args, "absent_slices", None)),
         segmenter=args.segmenter,
         sam_checkpoint=args.sam_checkpoint,
         model=args.model,
@@ -208,6 +213,8 @@ def _run_many(args: argparse.Namespace, images: list) -> int:
 
     args.image = str(images[0])
     req = request_from_args(args)
+    if req.absent_slices:
+        raise SettingError("absent_slices", "is for a volume; several images have no slices to mark")
     quiet = bool(args.quiet)
     refs = None
     if args.reference is not None or args.reference_label is not None:

@@ -9,6 +9,7 @@ from FoBSegmentLib.propagation.config import (
     PropagationConfig,
     check_slice_range,
     config_for_modality,
+    parse_slice_list,
     parse_slices,
 )
 from FoBSegmentLib.propagation.document import RECORD_KEY, replay
@@ -37,5 +38,5 @@ __all__ = [
     "MODALITY_CONFIG", "PROMPT_SOURCES", "RECORD_KEY", "CancelCheck", "ProgressCallback", "PropagationCancelled",
     "PropagationConfig", "PropagationResult", "SliceCallback", "SliceReport", "SupportSlice", "assign_supports",
     "check_slice_range", "chunk_supports", "cleanup_3d", "config_for_modality", "locate_mask",
-    "organ_range_from_probability", "parse_slices", "prompts_from_mask", "propagate", "replay", "resize_support", "support_slices_from_volume",
+    "organ_range_from_probability", "parse_slice_list", "parse_slices", "prompts_from_mask", "propagate", "replay", "resize_support", "support_slices_from_volume",
 ]

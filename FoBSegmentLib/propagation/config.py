@@ -159,6 +159,17 @@ def parse_slices(text: str | None) -> str | tuple[int, int]:
     return a, b
 
 
+def parse_slice_list(text: str | None) -> tuple[int, ...]:
+    """'12,40' (or '12 40') -> (12, 40): slice indices along the slicing axis, sorted, each once;
+    None or '' -> (). Bounds are checked against the volume by the job builder."""
+    parts = [t for t in str(text or "").replace(",", " ").split()]
+    try:
+        values = sorted({int(t) for t in parts})
+    except ValueError:
+        raise SettingError("absent_slices", f"must be slice indices separated by commas, e.g. 12,40; got {text!r}") from None
+    return tuple(values)
+
+
 def check_slice_range(rng: str | tuple[int, int], n_slices: int) -> None:
     """SettingError when an explicit (A, B) range leaves 0..n_slices-1."""
     if rng == "auto":

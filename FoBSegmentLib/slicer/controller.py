@@ -29,6 +29,7 @@ ACTION_BUTTONS = (
     "predictButton",
     "markReviewedButton",
     "clearReviewedButton",
+    "markAbsentButton",
     "segmentCurrentButton",
     "segmentReviewedButton",
     "undoButton",

@@ -240,6 +240,66 @@ class FoBSegmentLogic:
         ax = self.slice_axis(volume, axis)
         point_lists.set_reviewed(self.scene, volume, segmentation, segment_id, slices, reviewed, ax)
 
+    def absent_slices(self, volume, segmentation, segment_id: str, axis: int | None = None,
+                      current: np.ndarray | None = None) -> list[int]:
+        """Slices marked as not showing the organ (`mark_absent`) along `axis` (default: the volume's
+        axial axis) that the segment leaves empty: drawing the organ there again, or undoing the mark's
+        clearing, lifts a mark. current: the segment's [k, j, i] mask when the caller has it."""
+        ax = self.slice_axis(volume, axis)
+        marked = point_lists.absent_slices(self.scene, segmentation, segment_id, ax)
+        if not marked:
+            return []
+        current = segment_mask(segmentation, segment_id, volume) if current is None else current
+        return [z for z in marked if z < current.shape[ax] and not take_slice(current, ax, z).any()]
+
+    def mark_absent(self, volume, segmentation, segment_id: str, z: int, segmenter: str = "auto",
+                    device: str = "auto", axis: int | None = None, checkpoint: str | None = None
+                    ) -> dict[int, np.ndarray]:
+        """"The organ is not on slice z" (e.g. the chain ran past its end): `begin_mark_absent` +
+        `apply_segment` on the calling thread. Returns {slice: mask} of the slices written."""
+        task = self.begin_mark_absent(volume, segmentation, segment_id, z, segmenter, device, axis, checkpoint)
+        return self.apply_segment(task, task.compute())
+
+    def begin_mark_absent(self, volume, segmentation, segment_id: str, z: int, segmenter: str = "auto",
+                          device: str = "auto", axis: int | None = None, checkpoint: str | None = None
+                          ) -> worker.SegmentTask:
+        """Main thread: the task that marks slice z (along `axis`) as not showing the organ. Applied, it
+        clears slice z and every slice chained from it (the propagation record replayed without z's
+        points, as `fob segment --prompts-in` clears a slice whose points were all removed), removes
+        z's points and keeps the mark: later propagations pass it to the job as an annotated absence
+        (`fob segment --absent-slices`), so no chain runs past it. A slice drawn by the person is
+        refused (ValueError): erase the drawing instead."""
+        ax = self.slice_axis(volume, axis)
+        z = int(z)
+        current = segment_mask(segmentation, segment_id, volume)
+        n = current.shape[ax]
+        if not 0 <= z < n:
+            raise ValueError(f"slice {z} is outside 0..{n - 1}")
+        record = point_lists.propagation_record(self.scene, segmentation, segment_id)
+        if record is not None and (int(record["axis"]) != ax or not record.get("sameVolume", True)):
+            record = None
+        # Without a record, every slice holding the organ is a drawn one (the support of a propagation).
+        drawn = {int(a) for a in record["annotated"]} if record is not None else set(range(n))
+        if z in drawn and take_slice(current, ax, z).any():
+            raise ValueError(f"slice {z} is an annotated slice: erase the organ there with the Segment Editor "
+                             "instead of marking it absent")
+
+        def mark() -> None:
+            point_lists.set_reviewed(self.scene, volume, segmentation, segment_id, [z], False, ax)
+            empty = np.zeros((0, 2))
+            point_lists.show_prompts(self.scene, volume, segmentation, segment_id, {z: PromptSet(empty, empty)}, ax)
+            point_lists.set_absent(self.scene, volume, segmentation, segment_id, [z], True, ax)
+
+        if record is not None and z in {int(e["index"]) for e in record["slices"]}:
+            task = self.begin_segment(volume, segmentation, segment_id, [z], segmenter, device, ax, checkpoint,
+                                      without=(z,))
+        else:
+            cleared = np.zeros_like(take_slice(current, ax, z))
+            task = worker.SegmentTask(volume.GetID(), segmentation.GetID(), segment_id, ax, [z],
+                                      lambda progress=None, cancel=None: worker.SegmentOutcome({z: cleared}))
+        task.on_apply = mark
+        return task
+
     def show_prompts(
         self, volume, segmentation, segment_id: str, prompts_by_slice: dict[int, PromptSet], axis: int | None = None
     ) -> dict[int, PromptSet]:
@@ -490,14 +550,17 @@ class FoBSegmentLogic:
         device: str = "auto",
         axis: int | None = None,
         checkpoint: str | None = None,
+        without: tuple[int, ...] = (),
     ) -> worker.SegmentTask:
         """Main thread: read the prompts, the record and the segment out of MRML (see `segment_slices`);
         the returned task's `compute(progress=None, cancel=None)` normalises the volume, loads the
-        segmenter and segments without touching MRML. Bad input raises ValueError here, before any work."""
+        segmenter and segments without touching MRML. Bad input raises ValueError here, before any work.
+        without: slices whose points count as removed (`begin_mark_absent` removes them when applied)."""
         from FoBSegmentLib.propagation import PropagationCancelled
 
         ax = self.slice_axis(volume, axis)
-        prompts = self.read_prompts(volume, segmentation, segment_id, ax)
+        prompts = {z: ps for z, ps in self.read_prompts(volume, segmentation, segment_id, ax).items()
+                   if z not in without}
         record = point_lists.propagation_record(self.scene, segmentation, segment_id)
         if record is not None and (int(record["axis"]) != ax or not record.get("sameVolume", True)):
             record = None  # another axis, or another patient's support the Logic does not hold
@@ -512,10 +575,12 @@ class FoBSegmentLogic:
         settings = self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint)
         image = self.image_source(volume, settings)
         current = segment_mask(segmentation, segment_id, volume) if record is not None else None
+        absent = ([a for a in self.absent_slices(volume, segmentation, segment_id, ax, current) if a not in without]
+                  if record is not None else [])
 
         def compute(progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
             if record is not None:
-                return self._replay(image(), current, prompts, record, settings, progress, cancel)
+                return self._replay(image(), current, prompts, record, settings, absent, progress, cancel)
             normalised = image().normalised
             seg = self.get_segmenter(segmenter, device, checkpoint)
             masks = {}
@@ -540,6 +605,8 @@ class FoBSegmentLogic:
         segmentation = self.scene.GetNodeByID(task.segmentation_id)
         if volume is None or segmentation is None:
             raise ValueError("the volume or segmentation being segmented was removed from the scene")
+        if task.on_apply is not None:
+            task.on_apply()
         self.write_slices(volume, segmentation, task.segment_id, outcome.masks, task.axis)
         if outcome.prompts:
             self.show_prompts(volume, segmentation, task.segment_id, outcome.prompts, task.axis)
@@ -548,10 +615,11 @@ class FoBSegmentLogic:
         return outcome.masks
 
     def _replay(self, query: PreparedImage, current: np.ndarray, prompts: dict[int, PromptSet], record: dict,
-                settings: JobSettings, progress: ProgressCallback | None = None,
+                settings: JobSettings, absent: list[int], progress: ProgressCallback | None = None,
                 cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
         """Replay the lists' propagation record with their current points (see `segment_slices`); no MRML.
-        current: the segment on the volume's [k, j, i] grid when the task began."""
+        current: the segment on the volume's [k, j, i] grid when the task began; absent: the slices
+        marked as not showing the organ (no re-chained slice passes them)."""
         from FoBSegmentLib.propagation.document import prompt_fingerprint
 
         support = np.zeros_like(current)
@@ -559,7 +627,8 @@ class FoBSegmentLogic:
             put_slice(support, query.axis, int(z), take_slice(current, query.axis, int(z)))
         comps = load_components(settings, replaying=True,
                                 segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint))
-        job = build_job(query, support, settings, components=comps, support_name="the annotated slices")
+        job = build_job(query, support, settings, components=comps, support_name="the annotated slices",
+                        absent_slices=absent)
         result = job.with_prompts(prompts, record).run(progress=progress, cancel=cancel)
         annotated = {int(z) for z in record["annotated"]}
         touched = ({int(e["index"]) for e in record["slices"]} | set(result.order)) - annotated
@@ -661,10 +730,12 @@ class FoBSegmentLogic:
         if not s_mask.any():
             raise ValueError("the support segment is empty: outline the organ on at least one slice")
         ids = (volume.GetID(), segmentation.GetID(), segment_id)
+        absent = self.absent_slices(volume, segmentation, segment_id, settings.axis, s_mask) if same_volume else []
 
         def build() -> PropagationJob:
             engine = build_job(query(), s_mask, settings, support=support() if support is not None else None,
-                               components=self._components(settings, generator), support_name="the support segment")
+                               components=self._components(settings, generator), support_name="the support segment",
+                               absent_slices=absent)
             return PropagationJob(*ids, engine)
 
         return build

@@ -1,5 +1,5 @@
 """Prompts as markups point lists: find, create and style them; points <-> slices; show, read, import and
-export prompts; reviewed (locked) slices.
+export prompts; reviewed (locked) slices; slices marked as not showing the organ.
 
 Each target segment has two `vtkMRMLMarkupsFiducialNode` lists, "FoB <segment> background" (red) and
 "FoB <segment> foreground" (green), found again after a scene reload by their attributes and their
@@ -36,6 +36,8 @@ ROLE_ATTR = "FoBSegment.Role"  # "background" | "foreground"
 SEGMENT_ATTR = "FoBSegment.SegmentID"
 AXIS_ATTR = "FoBSegment.SliceAxis"  # the axis the list's prompts were placed along
 REVIEWED_ATTR = "FoBSegment.ReviewedSlices"  # comma-separated slice indices, on the background list
+# "axis:z,z,...": slices marked as not showing the organ (`set_absent`), on the background list
+ABSENT_ATTR = "FoBSegment.AbsentSlices"
 RECORD_ATTR = "FoBSegment.Propagation"  # the propagation record (JSON) of the lists' prompts, on the background list
 SEGMENTATION_REF = "FoBSegment.segmentation"
 VOLUME_REF = "FoBSegment.volume"
@@ -164,6 +166,27 @@ def set_reviewed(
         for s, c in zip(idx_slice, idx_point):
             if int(s) in chosen:
                 node.SetNthControlPointLocked(int(c), bool(reviewed))
+
+
+def absent_slices(scene, segmentation, segment_id: str, axis: int) -> list[int]:
+    """The slices along `axis` marked as not showing the organ (marks made along another axis: none)."""
+    node = find_point_lists(scene, segmentation, segment_id).get("background")
+    text = node.GetAttribute(ABSENT_ATTR) if node is not None else None
+    if not text or ":" not in text:
+        return []
+    marked_axis, _, zs = text.partition(":")
+    if marked_axis.strip() != str(int(axis)):
+        return []
+    return sorted({int(t) for t in zs.split(",") if t.strip()})
+
+
+def set_absent(scene, volume, segmentation, segment_id: str, slices: list[int], absent: bool, axis: int) -> None:
+    """Mark slices along `axis` as not showing the organ, or unmark them (marks along another axis go)."""
+    chosen = {int(s) for s in slices}
+    current = set(absent_slices(scene, segmentation, segment_id, axis))
+    current = current | chosen if absent else current - chosen
+    lists = prompt_point_lists(scene, volume, segmentation, segment_id)
+    lists["background"].SetAttribute(ABSENT_ATTR, f"{int(axis)}:" + ",".join(str(s) for s in sorted(current)))
 
 
 def show_prompts(

@@ -1,9 +1,9 @@
 """The review panel's rows, without Qt: the slices of the current job with their state, in the order a
 person should check them.
 
-States: "annotated" (drawn by the person, a support slice), "reviewed" (marked reviewed: its points are
-locked), "flagged" (the propagation flagged it; the reason says why), "plain" (segmented, nothing to
-report). Slice indices are along the job's slicing axis of the volume's [k, j, i] array.
+States: "annotated" (drawn by the person, a support slice), "absent" (marked by the person as not
+showing the organ: no chain passes it), "reviewed" (marked reviewed: its points are locked), "flagged"
+(the propagation flagged it; the reason says why), "plain" (segmented, nothing to report). Slice indices are along the job's slicing axis of the volume's [k, j, i] array.
 
 Order: by the engine's review ranking when one is given (a list of {"index", "score", "reason"}, most
 doubtful first, as `fob segment --review-out` writes it), the unranked slices after it in slice order;
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-STATES = ("annotated", "reviewed", "flagged", "plain")
+STATES = ("annotated", "absent", "reviewed", "flagged", "plain")
 TO_CHECK = ("flagged", "plain")
 
 # Keyboard shortcuts of the module (Qt key sequences). Single letters are left to Slicer's slice views
@@ -25,6 +25,7 @@ SHORTCUTS: dict[str, str] = {
     "background point": "Shift+B",
     "foreground point": "Shift+F",
     "accept slice, go to the next to check": "Shift+N",
+    "organ not on this slice": "Shift+E",
 }
 
 
@@ -64,17 +65,19 @@ def review_rows(
     ranking: Sequence[Mapping[str, Any]] | None = None,
     reviewed: Iterable[int] = (),
     annotated: Iterable[int] = (),
+    absent: Iterable[int] = (),
 ) -> list[ReviewRow]:
     """The panel's rows from a propagation's per-slice reports (`PropagationResult.slices`: objects with
     `source` and `flags`), the optional review ranking, and the slices marked reviewed / annotated.
 
-    Skipped slices (outside the organ's range) are not listed unless reviewed or annotated. A ranked
+    Skipped slices (outside the organ's range) are not listed unless reviewed, annotated or absent. A ranked
     slice that is not among the reports is still listed (it is in the job). Raises ValueError for a
     malformed ranking entry.
     """
     reviewed, annotated = {int(z) for z in reviewed}, {int(z) for z in annotated}
+    absent = {int(z) for z in absent}
     ranked = _check_ranking(ranking) if ranking is not None else []
-    slices = {int(z) for z, r in reports.items() if r.source != "skipped"} | reviewed | annotated
+    slices = {int(z) for z, r in reports.items() if r.source != "skipped"} | reviewed | annotated | absent
     slices |= {index for index, _, _ in ranked}
     rank = {}
     for n, (index, score, reason) in enumerate(ranked):
@@ -83,7 +86,9 @@ def review_rows(
     def row(z: int) -> ReviewRow:
         report = reports.get(z)
         flags = _flag_reason(report.flags) if report is not None else ""
-        if z in annotated or (report is not None and report.source == "annotation"):
+        if z in absent:
+            state = "absent"
+        elif z in annotated or (report is not None and report.source == "annotation"):
             state = "annotated"
         elif z in reviewed:
             state = "reviewed"

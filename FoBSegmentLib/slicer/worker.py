@@ -113,6 +113,8 @@ class SegmentTask:
     axis: int
     slices: list[int]
     compute: Callable[..., SegmentOutcome] = field(repr=False)
+    # Main thread, when the outcome is written: what the task changes in MRML besides the segment.
+    on_apply: Callable[[], None] | None = field(default=None, repr=False)
 
 
 def run_propagation(
