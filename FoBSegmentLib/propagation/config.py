@@ -55,6 +55,10 @@ class PropagationConfig:
         (Dice) outline the same cross-section drifting slowly: each slice between them is segmented
         from the shape interpolated between the two (its ring, points and shape prior), not chained
         from one of them. Only for segmenters with a shape prior; None = off.
+    relearn_gap_look: a chain between two annotated slices that show the organ re-learns the graph
+        cut's look at every step from the annotated slices and the slice it steps from: annotations
+        at the organ's tips show little of it (partial volume), and a look learnt from them alone
+        calls the organ's body background, so the chain cannot grow into it.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -101,6 +105,7 @@ class PropagationConfig:
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
     interpolate_agreement: float | None = 0.5
+    relearn_gap_look: bool = True
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -122,8 +127,11 @@ class PropagationConfig:
         """Inverse of `to_json`; unknown keys are ignored (a record written by a newer version)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
-        return cls(**values)
+        return cls(**{**_BEFORE_THE_FIELD, **values})
 
+
+# What a record written before a field existed ran with, where that differs from today's default.
+_BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

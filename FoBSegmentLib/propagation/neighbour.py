@@ -234,11 +234,35 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
           support_index: int, look: Appearance) -> None:
     """Chain from slice z0 (accepted mask `mask0`) one slice at a time in direction `step` up to
     `stop` inclusive; nxt: the annotated slice the chain runs towards (no chain ends before it)."""
+    if not np.any(mask0):
+        return  # an annotated absence: nothing to chain from
+    segmenter = run.segmenter
+    relearn = (run.config.relearn_gap_look and run.config.shape_prior and nxt is not None
+               and run.accepted(nxt).any() and getattr(segmenter, "fit_reference", None) is not None)
+    if not relearn:
+        _chain(run, z0, mask0, step, stop, nxt, support_index, look, False)
+        return
+    kept = segmenter.reference
+    try:
+        _chain(run, z0, mask0, step, stop, nxt, support_index, look, True)
+    finally:
+        segmenter.reference = kept  # the other chains keep the look learnt from the annotations
+
+
+def _relearn_look(run: Runner, parent: int, prev: np.ndarray) -> None:
+    """Fit the segmenter's look to the annotated slices showing the organ and slice `parent` (its
+    accepted mask `prev`), side by side as `learn_appearance` does."""
+    shown = [z for z, rep in sorted(run.reports.items()) if rep.source == "annotation" and run.accepted(z).any()]
+    image = np.concatenate([run.slice(z) for z in shown] + [run.slice(parent)], axis=1)
+    mask = np.concatenate([run.accepted(z) for z in shown] + [prev], axis=1)
+    run.segmenter.fit_reference(image, mask, len(shown) + 1)
+
+
+def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: int | None,
+           support_index: int, look: Appearance, relearn: bool) -> None:
     cfg = run.config
     prev = mask0
     peak = trough = int(prev.sum())
-    if peak == 0:
-        return  # an annotated absence: nothing to chain from
     key = [int(z0), int(step), int(stop), None if nxt is None else int(nxt)]
     z = z0 + step
     while (step > 0 and z <= stop) or (step < 0 and z >= stop):
@@ -246,6 +270,8 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
             break
         run.check_cancel()
         earlier = run.reuse.get(z)
+        if relearn and (earlier is None or earlier[0].chain != key):
+            _relearn_look(run, z - step, prev)
         if earlier is not None and earlier[0].chain == key:
             # The same chain ran here before, from the same annotation: its slices come out the same.
             rep = dataclasses.replace(earlier[0], flags=list(earlier[0].flags))
