@@ -170,9 +170,8 @@ def parse_slices(text: str | None) -> str | tuple[int, int]:
 def parse_slice_list(text: str | None) -> tuple[int, ...]:
     """'12,40' (or '12 40') -> (12, 40): slice indices along the slicing axis, sorted, each once;
     None or '' -> (). Bounds are checked against the volume by the job builder."""
-    parts = [t for t in str(text or "").replace(",", " ").split()]
     try:
-        values = sorted({int(t) for t in parts})
+        values = sorted({int(t) for t in str(text or "").replace(",", " ").split()})
     except ValueError:
         raise SettingError("absent_slices", f"must be slice indices separated by commas, e.g. 12,40; got {text!r}") from None
     return tuple(values)
