@@ -288,7 +288,7 @@ class FoBSegmentLogic:
             point_lists.set_reviewed(self.scene, volume, segmentation, segment_id, [z], False, ax)
             empty = np.zeros((0, 2))
             point_lists.show_prompts(self.scene, volume, segmentation, segment_id, {z: PromptSet(empty, empty)}, ax)
-            point_lists.set_absent(self.scene, volume, segmentation, segment_id, [z], True, ax)
+            point_lists.add_absent(self.scene, volume, segmentation, segment_id, [z], ax)
 
         if record is not None and z in {int(e["index"]) for e in record["slices"]}:
             task = self.begin_segment(volume, segmentation, segment_id, [z], segmenter, device, ax, checkpoint,

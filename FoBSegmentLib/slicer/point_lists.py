@@ -36,7 +36,7 @@ ROLE_ATTR = "FoBSegment.Role"  # "background" | "foreground"
 SEGMENT_ATTR = "FoBSegment.SegmentID"
 AXIS_ATTR = "FoBSegment.SliceAxis"  # the axis the list's prompts were placed along
 REVIEWED_ATTR = "FoBSegment.ReviewedSlices"  # comma-separated slice indices, on the background list
-# "axis:z,z,...": slices marked as not showing the organ (`set_absent`), on the background list
+# "axis:z,z,...": slices marked as not showing the organ (`add_absent`), on the background list
 ABSENT_ATTR = "FoBSegment.AbsentSlices"
 RECORD_ATTR = "FoBSegment.Propagation"  # the propagation record (JSON) of the lists' prompts, on the background list
 SEGMENTATION_REF = "FoBSegment.segmentation"
@@ -180,11 +180,10 @@ def absent_slices(scene, segmentation, segment_id: str, axis: int) -> list[int]:
     return sorted({int(t) for t in zs.split(",") if t.strip()})
 
 
-def set_absent(scene, volume, segmentation, segment_id: str, slices: list[int], absent: bool, axis: int) -> None:
-    """Mark slices along `axis` as not showing the organ, or unmark them (marks along another axis go)."""
-    chosen = {int(s) for s in slices}
-    current = set(absent_slices(scene, segmentation, segment_id, axis))
-    current = current | chosen if absent else current - chosen
+def add_absent(scene, volume, segmentation, segment_id: str, slices: list[int], axis: int) -> None:
+    """Mark slices along `axis` as not showing the organ (marks made along another axis go). A mark is
+    lifted by drawing the organ there again (`FoBSegmentLogic.absent_slices`), not here."""
+    current = set(absent_slices(scene, segmentation, segment_id, axis)) | {int(s) for s in slices}
     lists = prompt_point_lists(scene, volume, segmentation, segment_id)
     lists["background"].SetAttribute(ABSENT_ATTR, f"{int(axis)}:" + ",".join(str(s) for s in sorted(current)))
 
