@@ -239,14 +239,12 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
     segmenter = run.segmenter
     relearn = (run.config.relearn_gap_look and run.config.shape_prior and nxt is not None
                and run.accepted(nxt).any() and getattr(segmenter, "fit_reference", None) is not None)
-    if not relearn:
-        _chain(run, z0, mask0, step, stop, nxt, support_index, look, False)
-        return
-    kept = segmenter.reference
+    kept = segmenter.reference if relearn else None
     try:
-        _chain(run, z0, mask0, step, stop, nxt, support_index, look, True)
+        _chain(run, z0, mask0, step, stop, nxt, support_index, look, relearn)
     finally:
-        segmenter.reference = kept  # the other chains keep the look learnt from the annotations
+        if relearn:
+            segmenter.reference = kept  # the other chains keep the look learnt from the annotations
 
 
 def _relearn_look(run: Runner, parent: int, prev: np.ndarray) -> None:

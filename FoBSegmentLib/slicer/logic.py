@@ -275,9 +275,7 @@ class FoBSegmentLogic:
         n = current.shape[ax]
         if not 0 <= z < n:
             raise ValueError(f"slice {z} is outside 0..{n - 1}")
-        record = point_lists.propagation_record(self.scene, segmentation, segment_id)
-        if record is not None and (int(record["axis"]) != ax or not record.get("sameVolume", True)):
-            record = None
+        record = self._replayable_record(segmentation, segment_id, ax)
         # Without a record, every slice holding the organ is a drawn one (the support of a propagation).
         drawn = {int(a) for a in record["annotated"]} if record is not None else set(range(n))
         if z in drawn and take_slice(current, ax, z).any():
@@ -561,9 +559,7 @@ class FoBSegmentLogic:
         ax = self.slice_axis(volume, axis)
         prompts = {z: ps for z, ps in self.read_prompts(volume, segmentation, segment_id, ax).items()
                    if z not in without}
-        record = point_lists.propagation_record(self.scene, segmentation, segment_id)
-        if record is not None and (int(record["axis"]) != ax or not record.get("sameVolume", True)):
-            record = None  # another axis, or another patient's support the Logic does not hold
+        record = self._replayable_record(segmentation, segment_id, ax)
         recorded = {int(e["index"]) for e in record["slices"]} if record is not None else set()
         if slices is None:
             reviewed = self.reviewed_slices(volume, segmentation, segment_id)
@@ -613,6 +609,14 @@ class FoBSegmentLogic:
         if outcome.record is not None:
             point_lists.set_propagation_record(self.scene, volume, segmentation, task.segment_id, outcome.record)
         return outcome.masks
+
+    def _replayable_record(self, segmentation, segment_id: str, axis: int) -> dict | None:
+        """The point lists' propagation record if this Logic can replay it along `axis`; None for none,
+        another axis, or another patient's support (which the Logic does not hold)."""
+        record = point_lists.propagation_record(self.scene, segmentation, segment_id)
+        if record is not None and (int(record["axis"]) != axis or not record.get("sameVolume", True)):
+            return None
+        return record
 
     def _replay(self, query: PreparedImage, current: np.ndarray, prompts: dict[int, PromptSet], record: dict,
                 settings: JobSettings, absent: list[int], progress: ProgressCallback | None = None,
