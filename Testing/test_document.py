@@ -188,6 +188,27 @@ def test_sam_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsy
     assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ"
 
 
+def test_a_chain_between_two_annotated_tips_replays_with_its_relearnt_look(
+        liver: dict, tmp_path: Path, data_dir: Path, capsys) -> None:
+    """The chain between the liver's two end slices re-learns the look at every step from its parent
+    (`relearn_gap_look`); the record says so per slice and the replay re-learns it, voxel for voxel."""
+    lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz")
+    ref = lab.array == 1
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    sup = np.zeros(ref.shape, np.uint8)
+    sup[[zs[0], zs[-1]]] = ref[[zs[0], zs[-1]]]
+    support = volumes.write_label(tmp_path / "tips.nii.gz", sup, lab.geometry)
+    first, again, p = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "p.mrk.json"
+    fob([liver["image"], "-o", first, "--support-mask", support, "--prompts-out", p, "--quiet"], capsys)
+    entries = json.loads(p.read_text())[RECORD_KEY]["slices"]
+    relearnt = sorted(e["index"] for e in entries if e.get("look") == "parent")
+    assert relearnt and all(zs[0] < z < zs[-1] for z in relearnt), relearnt
+    fob([liver["image"], "-o", again, "--support-mask", support, "--prompts-in", p, "--quiet"], capsys)
+    a, b = read(first), read(again)
+    assert a[zs[0] + 1:zs[-1]].any()
+    assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ"
+
+
 def test_slices_between_two_agreeing_annotations_come_from_their_interpolated_shape(
         liver: dict, tmp_path: Path, data_dir: Path, capsys) -> None:
     lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz")

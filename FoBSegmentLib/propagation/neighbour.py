@@ -8,7 +8,10 @@ Frames: masks are (H, W) bool slices along the run's axis; prompts are (x, y) = 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -236,20 +239,27 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
     `stop` inclusive; nxt: the annotated slice the chain runs towards (no chain ends before it)."""
     if not np.any(mask0):
         return  # an annotated absence: nothing to chain from
-    segmenter = run.segmenter
     relearn = (run.config.relearn_gap_look and run.config.shape_prior and nxt is not None
-               and run.accepted(nxt).any() and getattr(segmenter, "fit_reference", None) is not None)
-    kept = segmenter.reference if relearn else None
-    try:
+               and run.accepted(nxt).any() and getattr(run.segmenter, "fit_reference", None) is not None)
+    with kept_look(run.segmenter, relearn):
         _chain(run, z0, mask0, step, stop, nxt, support_index, look, relearn)
+
+
+@contextmanager
+def kept_look(segmenter: Any, relearning: bool) -> Iterator[None]:
+    """While relearning, the segmenter's look learnt from the annotations is put back afterwards (the
+    other chains keep it)."""
+    kept = segmenter.reference if relearning else None
+    try:
+        yield
     finally:
-        if relearn:
-            segmenter.reference = kept  # the other chains keep the look learnt from the annotations
+        if relearning:
+            segmenter.reference = kept
 
 
-def _relearn_look(run: Runner, parent: int, prev: np.ndarray) -> None:
+def relearn_look(run: Runner, parent: int, prev: np.ndarray) -> None:
     """Fit the segmenter's look to the annotated slices showing the organ and slice `parent` (its
-    accepted mask `prev`), side by side as `learn_appearance` does."""
+    accepted mask `prev`), side by side as `learn_appearance` does (`SliceReport.look` "parent")."""
     shown = [z for z, rep in sorted(run.reports.items()) if rep.source == "annotation" and run.accepted(z).any()]
     image = np.concatenate([run.slice(z) for z in shown] + [run.slice(parent)], axis=1)
     mask = np.concatenate([run.accepted(z) for z in shown] + [prev], axis=1)
@@ -269,7 +279,7 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
         run.check_cancel()
         earlier = run.reuse.get(z)
         if relearn and (earlier is None or earlier[0].chain != key):
-            _relearn_look(run, z - step, prev)
+            relearn_look(run, z - step, prev)
         if earlier is not None and earlier[0].chain == key:
             # The same chain ran here before, from the same annotation: its slices come out the same.
             rep = dataclasses.replace(earlier[0], flags=list(earlier[0].flags))
@@ -290,7 +300,8 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             break
         m, score, ps, retried, fob = got
         rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
-                          prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score)
+                          prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score,
+                          look="parent" if relearn else "annotations")
         if retried:
             rep.flags.append("retried with other prompts")
         end = _end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)

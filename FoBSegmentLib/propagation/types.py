@@ -68,6 +68,9 @@ class SliceReport:
         from the first pass; `neighbour.second_pass`).
     chain: [root, step, stop, next annotated slice or None] of the neighbour chain that produced
         (or ended at) this slice: a later run with the same chain reuses the slice as it was.
+    look: what the segmenter's look was learnt from: "annotations" (the annotated slices or the
+        supports) or "parent" (the annotated slices and the parent's accepted mask, re-learnt for
+        this slice: a chain between two annotated slices, `PropagationConfig.relearn_gap_look`).
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
     flags: review hints, e.g. "area-jump x2.3", "intensity-mismatch", "chain-end: mask vanished".
     """
@@ -79,6 +82,7 @@ class SliceReport:
     parent: int | None = None
     prior: str = "none"
     chain: list | None = None
+    look: str = "annotations"
     score: float | None = None
     fg_max: float | None = None
     flags: list[str] = field(default_factory=list)
