@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from FoBSegmentLib.errors import SettingError
-from FoBSegmentLib.io.coords import slice_axes, take_slice
+from FoBSegmentLib.io.coords import slice_axes, slice_spacing, take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation import (
     PROMPT_SOURCES,
@@ -297,6 +297,7 @@ class Job:
             progress=progress,
             cancel=cancel,
             on_slice=on_slice,
+            spacing=slice_spacing(self.query.volume.geometry, self.axis),
         )
 
 

@@ -23,6 +23,7 @@ from FoBSegmentLib.io.coords import (
     round_ijk,
     slice_axes,
     slice_shape,
+    slice_spacing,
     slice_xy_to_ijk,
     slice_xy_to_ras,
     take_slice,
@@ -163,6 +164,17 @@ def test_slice_extraction_along_each_axis(images: dict[str, sitk.Image], axis: i
     assert np.count_nonzero(np.delete(out, index, axis=axis)) == 0
     with pytest.raises(ValueError, match="outside"):
         take_slice(arr, axis, geom.array_shape[axis])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slice_spacing_names_the_millimetres_of_each_slice_axis(images: dict[str, sitk.Image], axis: int) -> None:
+    img = images["chaos"]
+    geom = Geometry.from_sitk(img)
+    i_mm, j_mm, k_mm = img.GetSpacing()  # SimpleITK: (i, j, k)
+    by_array_axis = {0: k_mm, 1: j_mm, 2: i_mm}  # [k, j, i] arrays
+    rows, cols = slice_axes(axis)
+    assert slice_spacing(geom, axis) == pytest.approx((by_array_axis[axis], by_array_axis[rows], by_array_axis[cols]))
+    assert k_mm > 2 * i_mm  # CHAOS MR: thick slices, so the axes cannot be confused
 
 
 FILES = {

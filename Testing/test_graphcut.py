@@ -108,6 +108,14 @@ def test_prompts_are_hard_constraints_and_results_repeat(patient1) -> None:
 
     far = ndimage.distance_transform_edt(~ref[z]) > seg.max_grow
     assert not (a.mask & far).any()
+    # A reach (`propagation.neighbour.gap_step`) bounds the organ further; one that misses the prior's
+    # neighbourhood altogether is ignored rather than emptying the slice.
+    seg.reach = np.zeros_like(ref[z])
+    seg.reach[:, : int(np.median(np.nonzero(ref[z])[1]))] = True
+    half = seg.segment(image[z + 1], PromptSet(ps.background, np.zeros((0, 2)), prior_mask=ps.prior_mask)).mask
+    assert half.any() and not (half & ~seg.reach).any()
+    seg.reach = ndimage.distance_transform_edt(~ref[z]) > seg.max_grow + 1
+    assert np.array_equal(seg.segment(image[z + 1], ps).mask, a.mask)
 
 
 def test_appearance_model_separates_the_organ(patient1) -> None:

@@ -255,6 +255,13 @@ def slice_shape(geometry: Geometry, axis: int) -> tuple[int, int]:
     return int(shape[rows]), int(shape[cols])
 
 
+def slice_spacing(geometry: Geometry, axis: int) -> tuple[float, float, float]:
+    """Millimetres between slices along `axis`, and between the rows and the columns of a slice."""
+    rows, cols = slice_axes(axis)
+    sp = [float(v) for v in geometry.spacing][::-1]  # spacing is (i, j, k); [k, j, i] array axes
+    return sp[axis], sp[rows], sp[cols]
+
+
 def slice_xy_to_ras(
     points_xy: np.ndarray,
     geometry: Geometry,

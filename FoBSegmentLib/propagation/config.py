@@ -59,6 +59,12 @@ class PropagationConfig:
         cut's look at every step from the annotated slices and the slice it steps from: annotations
         at the organ's tips show little of it (partial volume), and a look learnt from them alone
         calls the organ's body background, so the chain cannot grow into it.
+    tip_ratio / tip_grow_weight / tip_reach: such a chain starts from one of the organ's tips when
+        its annotated slice's equivalent radius (mm) is below `tip_ratio` x the distance (mm) to the
+        annotated slice ahead; it must grow into an organ much larger than its seed. Each step then
+        learns the look from the slice it segments under the parent's mask, pays `tip_grow_weight`
+        per px of growth instead of the graph cut's own weight, and stays within `tip_reach` px
+        per slice of the annotated slice ahead (`neighbour.gap_step`). tip_ratio None = off.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -106,6 +112,9 @@ class PropagationConfig:
     regrow: tuple[float, float] | None = (0.9, 1.3)
     interpolate_agreement: float | None = 0.5
     relearn_gap_look: bool = True
+    tip_ratio: float | None = 0.25
+    tip_grow_weight: float = 0.1
+    tip_reach: float = 10.0
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -131,7 +140,7 @@ class PropagationConfig:
 
 
 # What a record written before a field existed ran with, where that differs from today's default.
-_BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False}
+_BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

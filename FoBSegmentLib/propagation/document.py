@@ -7,7 +7,8 @@ prompts and shape prior came from, flags), a fingerprint of the prompts it recei
 not a point (FoB's coarse probability, a prior that is no accepted slice). It also holds the job's
 configuration, slice range, annotated slices and a fingerprint of the support. What the segmenter
 learnt (graphcut's appearance model) is re-learnt from the support, deterministically, and for a
-slice whose entry says `"look": "parent"` from the support and its parent's accepted mask.
+slice whose entry names another `look` (`neighbour.gap_step`) from the support and its parent's
+accepted mask.
 
 Replay (`replay`) of an unedited file reproduces the mask voxel for voxel. When a person changed
 the points of a slice, that slice is segmented with their points and the slice's recorded shape
@@ -39,9 +40,8 @@ from FoBSegmentLib.propagation.neighbour import (
     chain_stop,
     cross_patient_look,
     fill_areas,
-    kept_look,
+    gap_step,
     learn_appearance,
-    relearn_look,
 )
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.types import PropagationResult, SliceReport, SupportSlice
@@ -118,6 +118,8 @@ def build_record(
             entry["priorMask"] = _pack(ps.prior_mask)
         if rep.look != "annotations":
             entry["look"] = rep.look
+            if rep.ahead is not None:
+                entry["ahead"] = int(rep.ahead)
         if ps.fg_probability is not None:
             entry["fgProbability"] = _pack(quantize_probability(ps.fg_probability))
         entries.append(entry)
@@ -255,15 +257,14 @@ class _Replay:
         elif not edited and e.get("prior") == "self" and ps.prior_mask is not None:
             m, score = ps.prior_mask, None  # a second pass's seed: its mask is in the record
         else:
-            relearnt = e.get("look") == "parent" and parent is not None
-            with kept_look(run.segmenter, relearnt):
-                if relearnt:
-                    relearn_look(run, int(parent), run.accepted(int(parent)))
+            look = e.get("look", "annotations") if parent is not None else "annotations"
+            with gap_step(run, look, z, parent, run.accepted(int(parent)) if parent is not None else None,
+                          e.get("ahead")):
                 m, score = run.segment(z, ps)
         source = "edited" if edited else e.get("source", "neighbour")
         rep = SliceReport(z, source, support_index=e.get("support"), parent=parent, prior=e.get("prior", "none"),
                           score=score, flags=[] if edited else list(e.get("flags", [])),
-                          look=e.get("look", "annotations"))
+                          look=e.get("look", "annotations"), ahead=e.get("ahead"))
         run.accept(z, m, rep, ps)
         run.tick(f"slice {z}")
         self.done.add(z)

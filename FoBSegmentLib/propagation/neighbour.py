@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -239,35 +238,66 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
     `stop` inclusive; nxt: the annotated slice the chain runs towards (no chain ends before it)."""
     if not np.any(mask0):
         return  # an annotated absence: nothing to chain from
-    relearn = (run.config.relearn_gap_look and run.config.shape_prior and nxt is not None
-               and run.accepted(nxt).any() and getattr(run.segmenter, "fit_reference", None) is not None)
-    with kept_look(run.segmenter, relearn):
-        _chain(run, z0, mask0, step, stop, nxt, support_index, look, relearn)
+    _chain(run, z0, mask0, step, stop, nxt, support_index, look, gap_look(run, z0, mask0, nxt))
+
+
+def gap_look(run: Runner, z0: int, mask0: np.ndarray, nxt: int | None) -> str:
+    """How the steps of a chain from annotated slice z0 (mask `mask0`) towards annotated slice `nxt`
+    learn the organ's look (`SliceReport.look`): "annotations" (once, from the annotated slices),
+    "parent" (`relearn_gap_look`: at every step between two annotated slices showing the organ) or
+    "tip" (such a chain starting from one of the organ's tips, `tip_ratio`: it must grow, see
+    `gap_step`)."""
+    cfg = run.config
+    if not (cfg.relearn_gap_look and cfg.shape_prior and nxt is not None and run.accepted(nxt).any()
+            and getattr(run.segmenter, "fit_reference", None) is not None):
+        return "annotations"
+    across, rows, cols = run.spacing
+    radius = np.sqrt(np.count_nonzero(mask0) * rows * cols / np.pi)
+    tip = (cfg.tip_ratio is not None and getattr(run.segmenter, "grow_weight", None) is not None
+           and radius < cfg.tip_ratio * abs(nxt - z0) * across)
+    return "tip" if tip else "parent"
 
 
 @contextmanager
-def kept_look(segmenter: Any, relearning: bool) -> Iterator[None]:
-    """While relearning, the segmenter's look learnt from the annotations is put back afterwards (the
-    other chains keep it)."""
-    kept = segmenter.reference if relearning else None
+def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahead: int | None) -> Iterator[None]:
+    """The segmenter, for one step onto slice z from `parent` (accepted mask `prev`) of a chain whose
+    steps learn their look `look` (`gap_look`), towards annotated slice `ahead`; put back afterwards.
+
+    "parent": the look is fitted to the annotated slices showing the organ and `parent` under
+    `prev`, side by side as `learn_appearance` does: annotations at the organ's tips show little of
+    it (partial volume), and a look learnt from them alone calls the organ's body background.
+    "tip": the chain starts from a tip and must grow, slice after slice, into an organ much larger
+    than its seed. The look is fitted to the annotated slices and slice z itself under `prev` (a
+    growing organ covers its parent's footprint; the parent, at a tip, is mostly partial volume),
+    growth beyond the prior costs `tip_grow_weight` per px instead of the segmenter's own weight,
+    and the organ stays within `tip_reach` px per slice of the annotated slice ahead (it has to
+    shrink back into that annotation by the time it gets there)."""
+    seg = run.segmenter
+    if look == "annotations":
+        yield
+        return
+    kept = (seg.reference, getattr(seg, "grow_weight", None), getattr(seg, "reach", None))
+    cfg = run.config
     try:
+        shown = [a for a, rep in sorted(run.reports.items()) if rep.source == "annotation" and run.accepted(a).any()]
+        source = z if look == "tip" else parent
+        image = np.concatenate([run.slice(a) for a in shown] + [run.slice(source)], axis=1)
+        mask = np.concatenate([run.accepted(a) for a in shown] + [prev], axis=1)
+        seg.fit_reference(image, mask, len(shown) + 1)
+        if look == "tip":
+            from scipy import ndimage
+
+            seg.grow_weight = cfg.tip_grow_weight
+            seg.reach = ndimage.distance_transform_edt(~run.accepted(ahead)) <= cfg.tip_reach * abs(z - ahead)
         yield
     finally:
-        if relearning:
-            segmenter.reference = kept
-
-
-def relearn_look(run: Runner, parent: int, prev: np.ndarray) -> None:
-    """Fit the segmenter's look to the annotated slices showing the organ and slice `parent` (its
-    accepted mask `prev`), side by side as `learn_appearance` does (`SliceReport.look` "parent")."""
-    shown = [z for z, rep in sorted(run.reports.items()) if rep.source == "annotation" and run.accepted(z).any()]
-    image = np.concatenate([run.slice(z) for z in shown] + [run.slice(parent)], axis=1)
-    mask = np.concatenate([run.accepted(z) for z in shown] + [prev], axis=1)
-    run.segmenter.fit_reference(image, mask, len(shown) + 1)
+        seg.reference = kept[0]
+        if look == "tip":
+            seg.grow_weight, seg.reach = kept[1], kept[2]
 
 
 def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: int | None,
-           support_index: int, look: Appearance, relearn: bool) -> None:
+           support_index: int, look: Appearance, step_look: str) -> None:
     cfg = run.config
     prev = mask0
     peak = trough = int(prev.sum())
@@ -278,8 +308,6 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             break
         run.check_cancel()
         earlier = run.reuse.get(z)
-        if relearn and (earlier is None or earlier[0].chain != key):
-            relearn_look(run, z - step, prev)
         if earlier is not None and earlier[0].chain == key:
             # The same chain ran here before, from the same annotation: its slices come out the same.
             rep = dataclasses.replace(earlier[0], flags=list(earlier[0].flags))
@@ -294,17 +322,18 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             peak, trough = (area, area) if area > peak else (peak, min(trough, area))
             z += step
             continue
-        got = _segment_from(run, z, prev, z - step)
-        if got is None:
-            run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
-            break
-        m, score, ps, retried, fob = got
-        rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
-                          prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score,
-                          look="parent" if relearn else "annotations")
-        if retried:
-            rep.flags.append("retried with other prompts")
-        end = _end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
+        with gap_step(run, step_look, z, z - step, prev, nxt):
+            got = _segment_from(run, z, prev, z - step)
+            if got is None:
+                run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
+                break
+            m, score, ps, retried, fob = got
+            rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
+                              prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score,
+                              look=step_look, ahead=nxt if step_look == "tip" else None)
+            if retried:
+                rep.flags.append("retried with other prompts")
+            end = _end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
         area = int(m.sum())
         if end is not None and nxt is not None and area >= cfg.min_area:
             # Between two annotated slices the organ does not end: keep the slice, ask for a look. Towards

@@ -131,6 +131,7 @@ def propagate(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     on_slice: SliceCallback | None = None,
+    spacing: tuple[float, float, float] | None = None,
 ) -> PropagationResult:
     """Segment the organ of `supports` in every slice of `image` along `axis`.
 
@@ -155,6 +156,8 @@ def propagate(
         call wins). Annotated slices and stepping stones outside an explicit range are not
         reported. The masks precede the 3D cleanup: the result's `mask` is the final word. It runs
         on the calling (worker) thread: it must be quick and must not touch MRML or Qt.
+    spacing: mm between slices and between the rows and columns of a slice (`io.coords.slice_spacing`);
+        None: 1 mm each.
     Returns the result with its `record`. Raises ValueError for unusable supports or an explicit
     slice range out of bounds.
     """
@@ -171,6 +174,8 @@ def propagate(
     lo, hi = (0, n - 1) if cfg.slices == "auto" else cfg.slices
     total = len(prompts_in) + len(annotations) if prompts_in is not None else hi - lo + 1
     run = Runner(image, axis, segmenter, cfg, progress, cancel, total=total, on_slice=on_slice)
+    if spacing is not None:
+        run.spacing = tuple(float(v) for v in spacing)
     if cfg.slices != "auto":
         run.report_range = (lo, hi)
     rng = (lo, hi)

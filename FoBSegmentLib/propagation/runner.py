@@ -86,6 +86,8 @@ class Runner:
         self.segmented_count = 0
         # The FoB model of a chained-FoB run: each chained slice is predicted from the previous one.
         self.generator: Any = None
+        # mm between slices, rows and columns (`io.coords.slice_spacing`).
+        self.spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
 
     def slice(self, z: int) -> np.ndarray:
         return np.asarray(take_slice(self.image, self.axis, z), dtype=np.float32)

@@ -68,9 +68,11 @@ class SliceReport:
         from the first pass; `neighbour.second_pass`).
     chain: [root, step, stop, next annotated slice or None] of the neighbour chain that produced
         (or ended at) this slice: a later run with the same chain reuses the slice as it was.
-    look: what the segmenter's look was learnt from: "annotations" (the annotated slices or the
-        supports) or "parent" (the annotated slices and the parent's accepted mask, re-learnt for
-        this slice: a chain between two annotated slices, `PropagationConfig.relearn_gap_look`).
+    look: how the segmenter's look was learnt for this slice (`neighbour.gap_look`): "annotations"
+        (from the annotated slices or the supports), "parent" (re-learnt from the annotated slices and
+        the parent's accepted mask) or "tip" (from the annotated slices and this slice under the
+        parent's mask, with the growth of a chain from the organ's tip; `neighbour.gap_step`).
+    ahead: for look "tip", the annotated slice the chain runs towards.
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
     flags: review hints, e.g. "area-jump x2.3", "intensity-mismatch", "chain-end: mask vanished".
     """
@@ -83,6 +85,7 @@ class SliceReport:
     prior: str = "none"
     chain: list | None = None
     look: str = "annotations"
+    ahead: int | None = None
     score: float | None = None
     fg_max: float | None = None
     flags: list[str] = field(default_factory=list)

@@ -180,6 +180,9 @@ class GraphCutSegmenter:
         self.band, self.band_scale = int(band), float(band_scale)
         self._model_args = {"bins": int(bins), "sigma": float(sigma), "texture_sigma": float(texture_sigma)}
         self.reference: AppearanceModel | None = None
+        # (H, W) bool: the organ may only lie here (None: anywhere); set per slice by the chain
+        # between two annotated slices (`propagation.neighbour.gap_step`).
+        self.reach: np.ndarray | None = None
         self.fallback = GrabCutSegmenter()
         # issue 21: a colour slice with prompts only goes to the colour-GMM graph cut, which beat GrabCut
         # on held-out dermoscopy (docs/RESULTS.md, "Dermoscopy (issue 21)").
@@ -229,6 +232,8 @@ class GraphCutSegmenter:
         seeds_bg = disk_mask(prompts.background, self.seed_radius, height, width)
         outside = ndimage.distance_transform_edt(~prior)  # px to the prior, 0 inside it
         allowed = outside <= self.max_grow
+        if self.reach is not None and (allowed & self.reach).any():
+            allowed &= self.reach
         seeds_fg &= allowed
         rows, cols = np.nonzero(allowed)
         r0, r1 = max(0, rows.min() - 2), min(height, rows.max() + 3)
