@@ -245,16 +245,20 @@ def gap_look(run: Runner, z0: int, mask0: np.ndarray, nxt: int | None) -> str:
     """How the steps of a chain from annotated slice z0 (mask `mask0`) towards annotated slice `nxt`
     learn the organ's look (`SliceReport.look`): "annotations" (once, from the annotated slices),
     "parent" (`relearn_gap_look`: at every step between two annotated slices showing the organ) or
-    "tip" (such a chain starting from one of the organ's tips, `tip_ratio`: it must grow, see
-    `gap_step`)."""
+    "tip" (such a chain starting from one of the organ's tips, `tip_ratio`, from the outermost
+    annotated slice: it must grow, see `gap_step`)."""
     cfg = run.config
     if not (cfg.relearn_gap_look and cfg.shape_prior and nxt is not None and run.accepted(nxt).any()
             and getattr(run.segmenter, "fit_reference", None) is not None):
         return "annotations"
     across, rows, cols = run.spacing
     radius = np.sqrt(np.count_nonzero(mask0) * rows * cols / np.pi)
+    # Outermost: no annotated slice showing the organ lies behind z0 (a slice between two others is
+    # no tip, however small the organ: a tiny kidney's middle slice is not where it grows from).
+    behind = any((a - z0) * (nxt - z0) < 0 for a, rep in run.reports.items()
+                 if rep.source == "annotation" and run.accepted(a).any())
     tip = (cfg.tip_ratio is not None and getattr(run.segmenter, "grow_weight", None) is not None
-           and radius < cfg.tip_ratio * abs(nxt - z0) * across)
+           and not behind and radius < cfg.tip_ratio * abs(nxt - z0) * across)
     return "tip" if tip else "parent"
 
 
