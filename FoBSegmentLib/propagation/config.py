@@ -61,10 +61,11 @@ class PropagationConfig:
         calls the organ's body background, so the chain cannot grow into it.
     tip_ratio / tip_grow_weight / tip_reach: such a chain starts from one of the organ's tips when
         its annotated slice is the outermost one showing the organ on its side and its equivalent
-        radius (mm) is below `tip_ratio` x the distance (mm) to the annotated slice ahead; it must grow into an organ much larger than its seed. Each step then
-        learns the look from the slice it segments under the parent's mask, pays `tip_grow_weight`
-        per px of growth instead of the graph cut's own weight, and stays within `tip_reach` px
-        per slice of the annotated slice ahead (`neighbour.gap_step`). tip_ratio None = off.
+        radius (mm) is below `tip_ratio` x the distance (mm) to the annotated slice ahead; it must
+        grow into an organ much larger than its seed. Each step then learns the look from the
+        slice it segments under the parent's mask, pays `tip_grow_weight` per px of growth instead
+        of the graph cut's own weight, and stays within `tip_reach` px per slice of the annotated
+        slice ahead (`neighbour.gap_step`). tip_ratio None = off.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds

@@ -255,8 +255,7 @@ def gap_look(run: Runner, z0: int, mask0: np.ndarray, nxt: int | None) -> str:
     radius = np.sqrt(np.count_nonzero(mask0) * rows * cols / np.pi)
     # Outermost: no annotated slice showing the organ lies behind z0 (a slice between two others is
     # no tip, however small the organ: a tiny kidney's middle slice is not where it grows from).
-    behind = any((a - z0) * (nxt - z0) < 0 for a, rep in run.reports.items()
-                 if rep.source == "annotation" and run.accepted(a).any())
+    behind = any((a - z0) * (nxt - z0) < 0 for a in run.annotated_with_organ())
     tip = (cfg.tip_ratio is not None and getattr(run.segmenter, "grow_weight", None) is not None
            and not behind and radius < cfg.tip_ratio * abs(nxt - z0) * across)
     return "tip" if tip else "parent"
@@ -283,7 +282,7 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
     kept = (seg.reference, getattr(seg, "grow_weight", None), getattr(seg, "reach", None))
     cfg = run.config
     try:
-        shown = [a for a, rep in sorted(run.reports.items()) if rep.source == "annotation" and run.accepted(a).any()]
+        shown = run.annotated_with_organ()
         source = z if look == "tip" else parent
         image = np.concatenate([run.slice(a) for a in shown] + [run.slice(source)], axis=1)
         mask = np.concatenate([run.accepted(a) for a in shown] + [prev], axis=1)

@@ -96,6 +96,10 @@ class Runner:
         """The accepted (H, W) bool mask of slice z (all False when not segmented)."""
         return np.asarray(take_slice(self.mask, self.axis, z), bool)
 
+    def annotated_with_organ(self) -> list[int]:
+        """The annotated slices that show the organ (not annotated absences), in order."""
+        return [z for z, rep in sorted(self.reports.items()) if rep.source == "annotation" and self.accepted(z).any()]
+
     def tick(self, text: str) -> None:
         self.done += 1
         if self.progress is not None:
