@@ -237,13 +237,36 @@ def test_a_small_organs_middle_slice_is_no_tip(data_dir: Path) -> None:
     assert looks == {"parent"}
 
 
+def test_an_end_slice_where_the_organ_ends_is_a_tip_whatever_its_size(data_dir: Path) -> None:
+    """CHAOS MR 5's spleen drawn on its first and last slice (304 and 1234 px; 3368 px between them):
+    the last is too large against the gap for `tip_ratio`, yet the chain outward from it stops after
+    a slice (the organ ends there, `tip_end`). Stepping as a tip chain, the chain between them grows
+    into the spleen; as a plain gap chain it shrinks away from it."""
+    case = list_cases("chaos", ids=["5"])[0]
+    prepared = prepare_volume(case.image)
+    ref = read_reference(case.label, prepared) == 4
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    support = np.zeros(ref.shape, bool)
+    support[[zs[0], zs[-1]]] = ref[[zs[0], zs[-1]]]
+    got, looks = {}, {}
+    for name, cfg in (("size only", P.PropagationConfig(tip_end=None)), ("end", P.PropagationConfig())):
+        result = build_job(prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
+                           components=Components(None, GraphCutSegmenter(), "neighbour")).run()
+        got[name] = dice(result.mask, ref)
+        looks[name] = {rep.look for z, rep in result.slices.items() if zs[0] < z < zs[-1]}
+    print("\nCHAOS MR 5 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
+    assert looks == {"size only": {"parent"}, "end": {"tip"}}
+    assert got["end"] >= got["size only"] + 0.3
+
+
 def test_config_round_trip() -> None:
     cfg = P.config_for_modality(None, "mr")
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
     # A record written before a field existed replays the way it ran then.
-    old = {k: v for k, v in cfg.to_json().items() if k not in ("relearn_gap_look", "tip_ratio")}
+    old = {k: v for k, v in cfg.to_json().items() if k not in ("relearn_gap_look", "tip_ratio", "tip_end")}
     assert cfg.relearn_gap_look and not P.PropagationConfig.from_json(old).relearn_gap_look
     assert cfg.tip_ratio is not None and P.PropagationConfig.from_json(old).tip_ratio is None
+    assert cfg.tip_end is not None and P.PropagationConfig.from_json(old).tip_end is None
 
 
 def test_a_prompt_correction_segments_only_the_edited_slice_and_its_chain(kidney: Loop) -> None:

@@ -66,6 +66,9 @@ class PropagationConfig:
         slice it segments under the parent's mask, pays `tip_grow_weight` per px of growth instead
         of the graph cut's own weight, and stays within `tip_reach` px per slice of the annotated
         slice ahead (`neighbour.gap_step`). tip_ratio None = off.
+    tip_end: such a chain also starts from a tip when the chain outward from its annotated slice
+        accepted at most `tip_end` slices: the organ ends there, whatever its size (a spleen's end
+        slice can be large against the gap and the organ still doubles beyond it). None = off.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -116,6 +119,7 @@ class PropagationConfig:
     tip_ratio: float | None = 0.25
     tip_grow_weight: float = 0.1
     tip_reach: float = 10.0
+    tip_end: int | None = 1
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -141,7 +145,7 @@ class PropagationConfig:
 
 
 # What a record written before a field existed ran with, where that differs from today's default.
-_BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None}
+_BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

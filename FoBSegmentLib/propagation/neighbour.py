@@ -245,8 +245,9 @@ def gap_look(run: Runner, z0: int, mask0: np.ndarray, nxt: int | None) -> str:
     """How the steps of a chain from annotated slice z0 (mask `mask0`) towards annotated slice `nxt`
     learn the organ's look (`SliceReport.look`): "annotations" (once, from the annotated slices),
     "parent" (`relearn_gap_look`: at every step between two annotated slices showing the organ) or
-    "tip" (such a chain starting from one of the organ's tips, `tip_ratio`, from the outermost
-    annotated slice: it must grow, see `gap_step`)."""
+    "tip" (such a chain starting from one of the organ's tips, from the outermost annotated slice,
+    small against the gap (`tip_ratio`) or where the organ ends (`tip_end`): it must grow, see
+    `gap_step`)."""
     cfg = run.config
     if not (cfg.relearn_gap_look and cfg.shape_prior and nxt is not None and run.accepted(nxt).any()
             and getattr(run.segmenter, "fit_reference", None) is not None):
@@ -257,8 +258,19 @@ def gap_look(run: Runner, z0: int, mask0: np.ndarray, nxt: int | None) -> str:
     # no tip, however small the organ: a tiny kidney's middle slice is not where it grows from).
     behind = any((a - z0) * (nxt - z0) < 0 for a in run.annotated_with_organ())
     tip = (cfg.tip_ratio is not None and getattr(run.segmenter, "grow_weight", None) is not None
-           and not behind and radius < cfg.tip_ratio * abs(nxt - z0) * across)
+           and not behind and (radius < cfg.tip_ratio * abs(nxt - z0) * across
+                               or (cfg.tip_end is not None and _beyond(run, z0, nxt) <= cfg.tip_end)))
     return "tip" if tip else "parent"
+
+
+def _beyond(run: Runner, z0: int, nxt: int) -> int:
+    """How many slices the chain outward from annotated slice z0 (away from `nxt`) accepted in a row:
+    few where the organ ends at z0 (`run_neighbour` runs the outward chains first)."""
+    away = 1 if z0 > nxt else -1
+    z = z0 + away
+    while 0 <= z < run.n and run.reports[z].source == "neighbour" and run.accepted(z).any():
+        z += away
+    return abs(z - z0) - 1
 
 
 @contextmanager
@@ -481,12 +493,12 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     support_of = {z: sup for z, _, sup in seeds}
     for a, b in gaps:
         fill_gap(run, a, masks[a], b, masks[b], support_of[a].index)
-    for z0, mask0, sup in seeds:
-        for step in (-1, 1):
-            bounds = chain_stop(z0, step, seed_slices, rng, areas)
-            if bounds is None or (bounds[1] is not None and tuple(sorted((z0, bounds[1]))) in gaps):
-                continue
-            chain(run, z0, mask0, step, bounds[0], bounds[1], sup.index, look)
+    chains = [(z0, mask0, sup, step, bounds) for z0, mask0, sup in seeds for step in (-1, 1)
+              for bounds in [chain_stop(z0, step, seed_slices, rng, areas)]
+              if bounds is not None and (bounds[1] is None or tuple(sorted((z0, bounds[1]))) not in gaps)]
+    # Outward chains first: where they end tells a gap chain whether it starts from the organ's end.
+    for z0, mask0, sup, step, (stop, nxt) in sorted(chains, key=lambda c: c[4][1] is not None):
+        chain(run, z0, mask0, step, stop, nxt, sup.index, look)
     if not same_volume and run.config.second_pass and run.n > 1:
         second_pass(run, rng, seeds[0][2].index)
     if not same_volume:
