@@ -196,7 +196,8 @@ def test_two_tips_grow_into_the_organ_between_them(data_dir: Path) -> None:
     """CHAOS MR 8's right kidney drawn on its first and last slice only: the look learnt from the two
     tips calls most of the kidney's body background. Re-learnt at every step of the chain between
     them (`relearn_gap_look`), the chain grows into it; stepping as a chain from a tip (`tip_ratio`:
-    the look from the slice being segmented, softer growth, the reach of the annotation ahead), more."""
+    the look from the slice being segmented, softer growth, the reach of the annotation ahead), more;
+    chained again from where the tip chains from both ends agree (`tip_consensus`), more still."""
     case = list_cases("chaos", ids=["8"])[0]
     prepared = prepare_volume(case.image)
     ref = read_reference(case.label, prepared) == 2
@@ -207,16 +208,21 @@ def test_two_tips_grow_into_the_organ_between_them(data_dir: Path) -> None:
     got, looks = {}, {}
     for name, cfg in (("once", P.PropagationConfig(relearn_gap_look=False, tip_ratio=None)),
                       ("parent", P.PropagationConfig(tip_ratio=None)),
-                      ("tip", P.PropagationConfig())):
+                      ("tip", P.PropagationConfig(tip_consensus=None)),
+                      ("consensus", P.PropagationConfig())):
         job = build_job(loop.prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
                         components=Components(None, GraphCutSegmenter(), "neighbour"))
         result = job.run()
         got[name] = dice(result.mask, ref)
         looks[name] = {rep.look for z, rep in result.slices.items() if zs[0] < z < zs[-1]}
+        if name in ("tip", "consensus"):  # the prompts give the mask back (each step's look re-learnt)
+            assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
     print("\nCHAOS MR 8 right kidney from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
-    assert looks == {"once": {"annotations"}, "parent": {"parent"}, "tip": {"tip"}}
+    assert looks == {"once": {"annotations"}, "parent": {"parent"}, "tip": {"tip"},
+                     "consensus": {"annotations", "parent"}}  # the seed where the two agree: its own mask
     assert got["parent"] >= got["once"] + 0.3  # measured 0.167 -> 0.749
     assert got["tip"] >= got["parent"] + 0.05  # measured 0.749 -> 0.847
+    assert got["consensus"] >= got["tip"] + 0.02  # measured 0.847 -> 0.881
 
 
 def test_a_small_organs_middle_slice_is_no_tip(data_dir: Path) -> None:
@@ -249,7 +255,8 @@ def test_an_end_slice_where_the_organ_ends_is_a_tip_whatever_its_size(data_dir: 
     support = np.zeros(ref.shape, bool)
     support[[zs[0], zs[-1]]] = ref[[zs[0], zs[-1]]]
     got, looks = {}, {}
-    for name, cfg in (("size only", P.PropagationConfig(tip_end=None)), ("end", P.PropagationConfig())):
+    for name, cfg in (("size only", P.PropagationConfig(tip_end=None, tip_consensus=None)),
+                      ("end", P.PropagationConfig(tip_consensus=None))):
         result = build_job(prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
                            components=Components(None, GraphCutSegmenter(), "neighbour")).run()
         got[name] = dice(result.mask, ref)

@@ -190,9 +190,10 @@ def test_sam_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsy
 
 def test_a_chain_between_two_annotated_tips_replays_with_its_relearnt_look(
         liver: dict, tmp_path: Path, data_dir: Path, capsys) -> None:
-    """The chain between the liver's two end slices re-learns the look at every step, as a chain from
-    a tip (`neighbour.gap_step`); the record says so per slice, with the annotated slice ahead, and
-    the replay re-learns it, voxel for voxel."""
+    """Between the liver's two end slices, tip chains from both ends agree somewhere (`tip_consensus`):
+    that slice keeps the mask they agree on (prior "self", stored in the record) and the gap is chained
+    from it to both ends, re-learning the look at every step (`neighbour.gap_step`); the record says so
+    per slice and the replay re-learns it, voxel for voxel."""
     lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz")
     ref = lab.array == 1
     zs = np.flatnonzero(ref.any(axis=(1, 2)))
@@ -202,9 +203,10 @@ def test_a_chain_between_two_annotated_tips_replays_with_its_relearnt_look(
     first, again, p = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "p.mrk.json"
     fob([liver["image"], "-o", first, "--support-mask", support, "--prompts-out", p, "--quiet"], capsys)
     entries = json.loads(p.read_text())[RECORD_KEY]["slices"]
-    relearnt = sorted(e["index"] for e in entries if e.get("look") == "tip")
-    assert relearnt == list(range(zs[0] + 1, zs[-1])), relearnt
-    assert {e["ahead"] for e in entries if e.get("look") == "tip"} <= {int(zs[0]), int(zs[-1])}
+    seeds = [e["index"] for e in entries if e.get("prior") == "self"]
+    assert len(seeds) == 1 and zs[0] < seeds[0] < zs[-1] and "priorMask" in entries[[e["index"] for e in entries].index(seeds[0])]
+    relearnt = sorted(e["index"] for e in entries if e.get("look") == "parent")
+    assert relearnt == [z for z in range(zs[0] + 1, zs[-1]) if z != seeds[0]], relearnt
     fob([liver["image"], "-o", again, "--support-mask", support, "--prompts-in", p, "--quiet"], capsys)
     a, b = read(first), read(again)
     assert a[zs[0] + 1:zs[-1]].any()

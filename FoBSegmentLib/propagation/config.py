@@ -69,6 +69,9 @@ class PropagationConfig:
     tip_end: such a chain also starts from a tip when the chain outward from its annotated slice
         accepted at most `tip_end` slices: the organ ends there, whatever its size (a spleen's end
         slice can be large against the gap and the organ still doubles beyond it). None = off.
+    tip_consensus: after a tip chain, a tip chain from the annotation ahead runs back through the
+        gap; where the two agree best, at Dice >= this, the gap is chained again from there out to
+        both annotations (`neighbour.tip_consensus`). None = off.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -120,6 +123,7 @@ class PropagationConfig:
     tip_grow_weight: float = 0.1
     tip_reach: float = 10.0
     tip_end: int | None = 1
+    tip_consensus: float | None = 0.8
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -145,7 +149,8 @@ class PropagationConfig:
 
 
 # What a record written before a field existed ran with, where that differs from today's default.
-_BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None}
+_BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
+                                     "tip_consensus": None}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

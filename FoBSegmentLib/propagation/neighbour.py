@@ -82,7 +82,8 @@ def chain_stop(z0: int, step: int, seed_slices: list[int], rng: tuple[int, int],
 
     Outside the annotated slices the chain runs to the end of the range. Between two annotated
     slices, with `areas` (seed -> pixels; for segmenters with a shape prior), the one showing more
-    of the organ fills the whole gap (ties: the lower slice): a shape-prior chain follows an organ
+    of the organ fills the whole gap (ties: the lower slice; a z0 that is no annotated slice, the
+    seed of `tip_consensus`, fills up to the annotation): a shape-prior chain follows an organ
     that shrinks towards its tip well, but grows out of a tip's handful of pixels badly. Without
     `areas` (GrabCut and the like) each fills up to the midpoint, the lower one taking it.
     docs/RESULTS.md ("Tuning notes") has the measurements."""
@@ -95,7 +96,7 @@ def chain_stop(z0: int, step: int, seed_slices: list[int], rng: tuple[int, int],
         return (stop, nxt) if (stop - z0) * step > 0 else None
     if abs(nxt - z0) < 2:
         return None
-    if areas[z0] > areas[nxt] or (areas[z0] == areas[nxt] and z0 < nxt):
+    if z0 not in areas or areas[z0] > areas[nxt] or (areas[z0] == areas[nxt] and z0 < nxt):
         return nxt - step, nxt
     return None
 
@@ -371,6 +372,40 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
         z += step
 
 
+def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int, look: Appearance) -> None:
+    """After a tip chain from annotated slice z0 (direction `step`) through the gap to annotated slice
+    `nxt`: a tip chain from `nxt` runs back through the gap too. Each grows from its own tip and
+    drifts as it goes, so where they agree best (Dice >= `tip_consensus`) the organ is found twice
+    from independent starts: the gap is chained again from that slice (the two masks' intersection,
+    prior "self" in the record) out to both annotations, as chains that follow a shrinking organ
+    (look "parent"). Without such a slice the first chain stays as it ran."""
+    inside = range(min(z0, nxt) + 1, max(z0, nxt))
+    if not any(run.reports[z].look == "tip" for z in inside):
+        return
+    kept = run.keep(inside)
+    run.total += 2 * len(inside)
+    ahead = run.accepted(nxt).copy()
+    _chain(run, nxt, ahead, -step, z0 + step, z0, support_index, look, gap_look(run, nxt, ahead, z0))
+    agree = {z: dice(kept.mask(z), run.accepted(z)) for z in inside
+             if kept.mask(z).any() and run.accepted(z).any()}
+    best = max(agree, key=lambda z: (agree[z], int(kept.mask(z).sum())), default=None)
+    seed = None if best is None else kept.mask(best) & run.accepted(best)
+    run.restore(kept)
+    if best is None or agree[best] < run.config.tip_consensus or seed.sum() < run.config.min_area:
+        return
+    ps = prompts_from_mask(seed, run.config)
+    if ps is None:
+        return
+    run.accept(best, seed, SliceReport(best, "neighbour", support_index=support_index, prior="self",
+                                       flags=[f"tip chains from slices {z0} and {nxt} agree {agree[best]:.2f} here"]),
+               ps)
+    run.tick(f"slice {best}")
+    for end in (z0, nxt):
+        way = 1 if end > best else -1
+        if abs(end - best) > 1:
+            _chain(run, best, seed, way, end - way, end, support_index, look, "parent")
+
+
 def _back_agreement(run: Runner, z_prev: int, mask: np.ndarray, prev: np.ndarray) -> float:
     """Dice between `prev` (the accepted mask of slice z_prev) and z_prev segmented again with the
     neighbour prompts of `mask` (the candidate of the next slice): low when the chain jumped."""
@@ -499,6 +534,8 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     # Outward chains first: where they end tells a gap chain whether it starts from the organ's end.
     for z0, mask0, sup, step, (stop, nxt) in sorted(chains, key=lambda c: c[4][1] is not None):
         chain(run, z0, mask0, step, stop, nxt, sup.index, look)
+        if nxt is not None and run.config.tip_consensus is not None:
+            tip_consensus(run, z0, step, nxt, sup.index, look)
     if not same_volume and run.config.second_pass and run.n > 1:
         second_pass(run, rng, seeds[0][2].index)
     if not same_volume:
@@ -534,3 +571,4 @@ def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
         chain(run, z1, mask1, step, rng[1] if step > 0 else rng[0], None, support_index, look)
     run.notes.append(f"cross-patient: second pass from query slice {z1}, the largest cross-section the first "
                      f"pass found (slices {lo}-{hi}), with the organ's look learnt from the query itself")
+

@@ -7,6 +7,7 @@ Frames: `image` is [k, j, i] (RGB [k, j, i, 3]); slices are (H, W) along `axis`.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -43,6 +44,15 @@ def cleanup_3d(mask: np.ndarray, axis: int, largest_component: bool, fill_holes:
             sizes[0] = 0
             out = labels == int(np.argmax(sizes))
     return out
+
+
+@dataclass
+class _Kept:
+    slices: dict[int, tuple[np.ndarray, SliceReport, PromptSet | None]]
+    order: list[int]
+
+    def mask(self, z: int) -> np.ndarray:
+        return self.slices[z][0]
 
 
 class Runner:
@@ -167,6 +177,24 @@ class Runner:
         self.prompts.clear()
         self.reports = {z: SliceReport(z, "skipped") for z in range(self.n)}
         self.order.clear()
+
+    def keep(self, zs: range) -> _Kept:
+        """What slices `zs` hold now (masks, reports, prompts, the acceptance order), for `restore`."""
+        return _Kept({z: (self.accepted(z).copy(), self.reports[z], self.prompts.get(z)) for z in zs},
+                     list(self.order))
+
+    def restore(self, kept: _Kept) -> None:
+        """Slices as `keep` found them (a pass tried and taken back)."""
+        for z, (m, rep, ps) in kept.slices.items():
+            put_slice(self.mask, self.axis, z, m)
+            self.reports[z] = rep
+            if ps is None:
+                self.prompts.pop(z, None)
+            else:
+                self.prompts[z] = ps
+            if self._shown(z, rep.source):
+                self.on_slice(int(z), m.copy())
+        self.order[:] = kept.order
 
     def copy_annotations(self, supports: list[SupportSlice]) -> None:
         for s in supports:
