@@ -571,4 +571,3 @@ def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
         chain(run, z1, mask1, step, rng[1] if step > 0 else rng[0], None, support_index, look)
     run.notes.append(f"cross-patient: second pass from query slice {z1}, the largest cross-section the first "
                      f"pass found (slices {lo}-{hi}), with the organ's look learnt from the query itself")
-
