@@ -203,10 +203,10 @@ def test_a_chain_between_two_annotated_tips_replays_with_its_relearnt_look(
     first, again, p = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "p.mrk.json"
     fob([liver["image"], "-o", first, "--support-mask", support, "--prompts-out", p, "--quiet"], capsys)
     entries = json.loads(p.read_text())[RECORD_KEY]["slices"]
-    seeds = [e["index"] for e in entries if e.get("prior") == "self"]
-    assert len(seeds) == 1 and zs[0] < seeds[0] < zs[-1] and "priorMask" in entries[[e["index"] for e in entries].index(seeds[0])]
+    seeds = [e for e in entries if e.get("prior") == "self"]
+    assert len(seeds) == 1 and zs[0] < seeds[0]["index"] < zs[-1] and "priorMask" in seeds[0]
     relearnt = sorted(e["index"] for e in entries if e.get("look") == "parent")
-    assert relearnt == [z for z in range(zs[0] + 1, zs[-1]) if z != seeds[0]], relearnt
+    assert relearnt == [z for z in range(zs[0] + 1, zs[-1]) if z != seeds[0]["index"]], relearnt
     fob([liver["image"], "-o", again, "--support-mask", support, "--prompts-in", p, "--quiet"], capsys)
     a, b = read(first), read(again)
     assert a[zs[0] + 1:zs[-1]].any()

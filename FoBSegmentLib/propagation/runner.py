@@ -186,13 +186,15 @@ class Runner:
     def restore(self, kept: _Kept) -> None:
         """Slices as `keep` found them (a pass tried and taken back)."""
         for z, (m, rep, ps) in kept.slices.items():
+            # A watcher shown the pass's slice is told what the slice holds again, even if that is nothing.
+            told = self._shown(z, self.reports[z].source) or self._shown(z, rep.source)
             put_slice(self.mask, self.axis, z, m)
             self.reports[z] = rep
             if ps is None:
                 self.prompts.pop(z, None)
             else:
                 self.prompts[z] = ps
-            if self._shown(z, rep.source):
+            if told:
                 self.on_slice(int(z), m.copy())
         self.order[:] = kept.order
 
