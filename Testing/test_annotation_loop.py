@@ -192,25 +192,36 @@ def test_three_annotated_slices_beat_one(kidney: Loop) -> None:
     assert dice(three.mask, kidney.ref) > dice(one.mask, kidney.ref)
 
 
+def _drawn_on_its_ends(case_id: str, organ: int) -> tuple:
+    """CHAOS MR case `case_id`: (prepared volume, the organ's reference, the slices it is on, a support
+    with only its first and last slice drawn)."""
+    case = list_cases("chaos", ids=[case_id])[0]
+    prepared = prepare_volume(case.image)
+    ref = read_reference(case.label, prepared) == organ
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    support = np.zeros(ref.shape, bool)
+    support[[zs[0], zs[-1]]] = ref[[zs[0], zs[-1]]]
+    return prepared, ref, zs, support
+
+
+def _run(prepared, support: np.ndarray, cfg: P.PropagationConfig | None = None):
+    return build_job(prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
+                     components=Components(None, GraphCutSegmenter(), "neighbour")).run()
+
+
 def test_two_tips_grow_into_the_organ_between_them(data_dir: Path) -> None:
     """CHAOS MR 8's right kidney drawn on its first and last slice only: the look learnt from the two
     tips calls most of the kidney's body background. Re-learnt at every step of the chain between
     them (`relearn_gap_look`), the chain grows into it; stepping as a chain from a tip (`tip_ratio`:
     the look from the slice being segmented, softer growth, the reach of the annotation ahead), more;
     chained again from where the tip chains from both ends agree (`tip_consensus`), more still."""
-    case = list_cases("chaos", ids=["8"])[0]
-    prepared = prepare_volume(case.image)
-    ref = read_reference(case.label, prepared) == 2
-    zs = np.flatnonzero(ref.any(axis=(1, 2)))
-    loop = Loop("chaos", "8", 2, prepared, ref, int(zs[0]), int(zs[-1]))
-    support = np.zeros(ref.shape, bool)
-    support[[zs[0], zs[-1]]] = ref[[zs[0], zs[-1]]]
+    prepared, ref, zs, support = _drawn_on_its_ends("8", 2)
     got, looks = {}, {}
     for name, cfg in (("once", P.PropagationConfig(relearn_gap_look=False, tip_ratio=None)),
                       ("parent", P.PropagationConfig(tip_ratio=None)),
                       ("tip", P.PropagationConfig(tip_consensus=None)),
                       ("consensus", P.PropagationConfig())):
-        job = build_job(loop.prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
+        job = build_job(prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
                         components=Components(None, GraphCutSegmenter(), "neighbour"))
         result = job.run()
         got[name] = dice(result.mask, ref)
@@ -248,22 +259,49 @@ def test_an_end_slice_where_the_organ_ends_is_a_tip_whatever_its_size(data_dir: 
     the last is too large against the gap for `tip_ratio`, yet the chain outward from it stops after
     a slice (the organ ends there, `tip_end`). Stepping as a tip chain, the chain between them grows
     into the spleen; as a plain gap chain it shrinks away from it."""
-    case = list_cases("chaos", ids=["5"])[0]
-    prepared = prepare_volume(case.image)
-    ref = read_reference(case.label, prepared) == 4
-    zs = np.flatnonzero(ref.any(axis=(1, 2)))
-    support = np.zeros(ref.shape, bool)
-    support[[zs[0], zs[-1]]] = ref[[zs[0], zs[-1]]]
+    prepared, ref, zs, support = _drawn_on_its_ends("5", 4)
     got, looks = {}, {}
     for name, cfg in (("size only", P.PropagationConfig(tip_end=None, tip_consensus=None)),
                       ("end", P.PropagationConfig(tip_consensus=None))):
-        result = build_job(prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
-                           components=Components(None, GraphCutSegmenter(), "neighbour")).run()
+        result = _run(prepared, support, cfg)
         got[name] = dice(result.mask, ref)
         looks[name] = {rep.look for z, rep in result.slices.items() if zs[0] < z < zs[-1]}
     print("\nCHAOS MR 5 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
     assert looks == {"size only": {"parent"}, "end": {"tip"}}
     assert got["end"] >= got["size only"] + 0.3
+
+
+def test_two_ends_that_overlap_are_tips_not_an_interpolated_gap(data_dir: Path) -> None:
+    """CHAOS MR 1's left kidney drawn on its first and last slice: the two masks overlap (Dice >=
+    `interpolate_agreement`), yet the kidney between them is several times their size. Its ends are
+    the organ's tips, so the gap is chained from them (tip chains) rather than filled with the shape
+    interpolated between two tips, which stays tip-sized."""
+    prepared, ref, zs, support = _drawn_on_its_ends("1", LEFT_KIDNEY)
+    assert dice(support[zs[0]], support[zs[-1]]) >= P.PropagationConfig().interpolate_agreement
+    got, sources = {}, {}
+    for name, cfg in (("no tips", P.PropagationConfig(tip_ratio=None)), ("tips", P.PropagationConfig())):
+        result = _run(prepared, support, cfg)
+        got[name] = dice(result.mask, ref)
+        sources[name] = {rep.source for z, rep in result.slices.items() if zs[0] < z < zs[-1]}
+    print("\nCHAOS MR 1 left kidney from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
+    assert sources == {"no tips": {"interpolated"}, "tips": {"neighbour"}}
+    assert got["tips"] >= got["no tips"] + 0.3  # measured 0.467 -> 0.908
+
+
+def test_a_tip_chain_that_vanishes_in_its_gap_is_chained_again_from_its_largest_slice(data_dir: Path) -> None:
+    """CHAOS MR 3's left kidney drawn on its end slices (365 px above, a 6 px fragment below): the tip
+    chain from the upper end shrinks away and vanishes three slices on, the one from the lower end
+    too; the two never meet. The organ does not end between two annotated slices, so the gap is
+    chained again, as a chain that follows a shrinking organ, from the first chain's largest slice."""
+    prepared, ref, zs, support = _drawn_on_its_ends("3", LEFT_KIDNEY)
+    got = {}
+    for name, cfg in (("tip", P.PropagationConfig(tip_consensus=None)), ("again", P.PropagationConfig())):
+        result = _run(prepared, support, cfg)
+        got[name] = dice(result.mask, ref)
+    print("\nCHAOS MR 3 left kidney from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
+    seeds = [rep for rep in result.slices.values() if rep.prior == "self"]
+    assert len(seeds) == 1 and "vanished" in seeds[0].flags[0]
+    assert got["again"] >= got["tip"] + 0.3  # measured 0.156 -> 0.569
 
 
 def test_config_round_trip() -> None:

@@ -110,7 +110,8 @@ def interpolated_gaps(run: Runner, seeds: dict[int, np.ndarray], areas: dict[int
         return []
     zs = sorted(z for z, m in seeds.items() if m.any())
     return [(a, b) for a, b in zip(zs, zs[1:])
-            if b - a >= 2 and dice(seeds[a], seeds[b]) >= cfg.interpolate_agreement]
+            if b - a >= 2 and dice(seeds[a], seeds[b]) >= cfg.interpolate_agreement
+            and gap_look(run, a, seeds[a], b) != "tip" and gap_look(run, b, seeds[b], a) != "tip"]
 
 
 def interpolate_shape(mask_a: np.ndarray, mask_b: np.ndarray, t: float) -> np.ndarray:
@@ -378,27 +379,40 @@ def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int,
     drifts as it goes, so where they agree best (Dice >= `tip_consensus`) the organ is found twice
     from independent starts: the gap is chained again from that slice (the two masks' intersection,
     prior "self" in the record) out to both annotations, as chains that follow a shrinking organ
-    (look "parent"). Without such a slice the first chain stays as it ran."""
+    (look "parent"). Only slices in the middle half of the gap count: nearer an annotation, the chain
+    running towards it is held within `tip_reach` of it and agrees with the other whatever it found.
+    Without such a slice the first chain stays as it ran, unless it vanished before the annotation
+    ahead (the organ does not end between two annotated slices): then the gap is chained again from
+    the first chain's largest cross-section the same way."""
     inside = range(min(z0, nxt) + 1, max(z0, nxt))
     if not any(run.reports[z].look == "tip" for z in inside):
         return
     kept = run.keep(inside)
+    reached = kept.slices[nxt - step][1].source == "neighbour"
     run.total += 2 * len(inside)
     ahead = run.accepted(nxt).copy()
+    for z in inside:
+        run.drop(z)  # the second chain is compared with the first only where it segmented
     _chain(run, nxt, ahead, -step, z0 + step, z0, support_index, look, gap_look(run, nxt, ahead, z0))
-    agree = {z: dice(kept.mask(z), run.accepted(z)) for z in inside
+    middle = [z for z in inside if 4 * min(abs(z - z0), abs(z - nxt)) >= abs(nxt - z0)]
+    agree = {z: dice(kept.mask(z), run.accepted(z)) for z in middle
              if kept.mask(z).any() and run.accepted(z).any()}
     best = max(agree, key=lambda z: (agree[z], int(kept.mask(z).sum())), default=None)
-    seed = None if best is None else kept.mask(best) & run.accepted(best)
+    both = None if best is None else kept.mask(best) & run.accepted(best)
     run.restore(kept)
-    if best is None or agree[best] < run.config.tip_consensus or seed.sum() < run.config.min_area:
+    if best is not None and agree[best] >= run.config.tip_consensus:
+        seed = both
+        why = f"tip chains from slices {z0} and {nxt} agree {agree[best]:.2f} here"
+    elif not reached:
+        best = max(inside, key=lambda z: (int(kept.mask(z).sum()), -z))
+        seed = kept.mask(best)
+        why = f"the tip chain from slice {z0} vanished before slice {nxt}: chained again from its largest cross-section"
+    else:
         return
-    ps = prompts_from_mask(seed, run.config)
+    ps = prompts_from_mask(seed, run.config) if seed.sum() >= run.config.min_area else None
     if ps is None:
         return
-    run.accept(best, seed, SliceReport(best, "neighbour", support_index=support_index, prior="self",
-                                       flags=[f"tip chains from slices {z0} and {nxt} agree {agree[best]:.2f} here"]),
-               ps)
+    run.accept(best, seed, SliceReport(best, "neighbour", support_index=support_index, prior="self", flags=[why]), ps)
     run.tick(f"slice {best}")
     for end in (z0, nxt):
         way = 1 if end > best else -1
@@ -524,18 +538,21 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     seed_slices = sorted(z for z, *_ in seeds)
     masks = {z: m for z, m, _ in seeds}
     areas = fill_areas(run, masks)
-    gaps = interpolated_gaps(run, masks, areas) if same_volume else []
     support_of = {z: sup for z, _, sup in seeds}
+    chains = [(z0, mask0, sup, step, bounds) for z0, mask0, sup in seeds for step in (-1, 1)
+              for bounds in [chain_stop(z0, step, seed_slices, rng, areas)] if bounds is not None]
+    # Outward chains first: where they end tells a gap whether it starts from the organ's end.
+    for z0, mask0, sup, step, (stop, nxt) in chains:
+        if nxt is None:
+            chain(run, z0, mask0, step, stop, nxt, sup.index, look)
+    gaps = interpolated_gaps(run, masks, areas) if same_volume else []
     for a, b in gaps:
         fill_gap(run, a, masks[a], b, masks[b], support_of[a].index)
-    chains = [(z0, mask0, sup, step, bounds) for z0, mask0, sup in seeds for step in (-1, 1)
-              for bounds in [chain_stop(z0, step, seed_slices, rng, areas)]
-              if bounds is not None and (bounds[1] is None or tuple(sorted((z0, bounds[1]))) not in gaps)]
-    # Outward chains first: where they end tells a gap chain whether it starts from the organ's end.
-    for z0, mask0, sup, step, (stop, nxt) in sorted(chains, key=lambda c: c[4][1] is not None):
-        chain(run, z0, mask0, step, stop, nxt, sup.index, look)
-        if nxt is not None and run.config.tip_consensus is not None:
-            tip_consensus(run, z0, step, nxt, sup.index, look)
+    for z0, mask0, sup, step, (stop, nxt) in chains:
+        if nxt is not None and tuple(sorted((z0, nxt))) not in gaps:
+            chain(run, z0, mask0, step, stop, nxt, sup.index, look)
+            if run.config.tip_consensus is not None:
+                tip_consensus(run, z0, step, nxt, sup.index, look)
     if not same_volume and run.config.second_pass and run.n > 1:
         second_pass(run, rng, seeds[0][2].index)
     if not same_volume:

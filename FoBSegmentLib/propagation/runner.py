@@ -7,7 +7,7 @@ Frames: `image` is [k, j, i] (RGB [k, j, i, 3]); slices are (H, W) along `axis`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -180,8 +180,8 @@ class Runner:
 
     def keep(self, zs: range) -> _Kept:
         """What slices `zs` hold now (masks, reports, prompts, the acceptance order), for `restore`."""
-        return _Kept({z: (self.accepted(z).copy(), self.reports[z], self.prompts.get(z)) for z in zs},
-                     list(self.order))
+        return _Kept({z: (self.accepted(z).copy(), replace(self.reports[z], flags=list(self.reports[z].flags)),
+                          self.prompts.get(z)) for z in zs}, list(self.order))
 
     def restore(self, kept: _Kept) -> None:
         """Slices as `keep` found them (a pass tried and taken back)."""
