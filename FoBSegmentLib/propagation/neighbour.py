@@ -379,11 +379,9 @@ def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int,
     drifts as it goes, so where they agree best (Dice >= `tip_consensus`) the organ is found twice
     from independent starts: the gap is chained again from that slice (the two masks' intersection,
     prior "self" in the record) out to both annotations, as chains that follow a shrinking organ
-    (look "parent"). Only slices in the middle half of the gap count: nearer an annotation, the chain
-    running towards it is held within `tip_reach` of it and agrees with the other whatever it found.
-    Without such a slice the first chain stays as it ran, unless it vanished before the annotation
-    ahead (the organ does not end between two annotated slices): then the gap is chained again from
-    the first chain's largest cross-section the same way."""
+    (look "parent"). Without such a slice the first chain stays as it ran, unless it vanished before
+    the annotation ahead (the organ does not end between two annotated slices): then the gap is
+    chained again from the first chain's largest cross-section the same way."""
     inside = range(min(z0, nxt) + 1, max(z0, nxt))
     if not any(run.reports[z].look == "tip" for z in inside):
         return
@@ -394,8 +392,7 @@ def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int,
     for z in inside:
         run.drop(z)  # the second chain is compared with the first only where it segmented
     _chain(run, nxt, ahead, -step, z0 + step, z0, support_index, look, gap_look(run, nxt, ahead, z0))
-    middle = [z for z in inside if 4 * min(abs(z - z0), abs(z - nxt)) >= abs(nxt - z0)]
-    agree = {z: dice(kept.mask(z), run.accepted(z)) for z in middle
+    agree = {z: dice(kept.mask(z), run.accepted(z)) for z in inside
              if kept.mask(z).any() and run.accepted(z).any()}
     best = max(agree, key=lambda z: (agree[z], int(kept.mask(z).sum())), default=None)
     both = None if best is None else kept.mask(best) & run.accepted(best)
