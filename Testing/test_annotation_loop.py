@@ -204,9 +204,10 @@ def _drawn_on_its_ends(case_id: str, organ: int) -> tuple:
     return prepared, ref, zs, support
 
 
-def _run(prepared, support: np.ndarray, cfg: P.PropagationConfig | None = None):
+def _neighbour_job(prepared, support: np.ndarray, cfg: P.PropagationConfig | None = None):
+    """The job that chains `support` through `prepared` with graphcut and no model."""
     return build_job(prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
-                     components=Components(None, GraphCutSegmenter(), "neighbour")).run()
+                     components=Components(None, GraphCutSegmenter(), "neighbour"))
 
 
 def test_two_tips_grow_into_the_organ_between_them(data_dir: Path) -> None:
@@ -221,8 +222,7 @@ def test_two_tips_grow_into_the_organ_between_them(data_dir: Path) -> None:
                       ("parent", P.PropagationConfig(tip_ratio=None)),
                       ("tip", P.PropagationConfig(tip_consensus=None)),
                       ("consensus", P.PropagationConfig())):
-        job = build_job(prepared, support, JobSettings(prompts_from="neighbour", config=cfg),
-                        components=Components(None, GraphCutSegmenter(), "neighbour"))
+        job = _neighbour_job(prepared, support, cfg)
         result = job.run()
         got[name] = dice(result.mask, ref)
         looks[name] = {rep.look for z, rep in result.slices.items() if zs[0] < z < zs[-1]}
@@ -248,9 +248,7 @@ def test_a_small_organs_middle_slice_is_no_tip(data_dir: Path) -> None:
     picks = evenly_spaced_slices(int(zs[0]), int(zs[-1]), 3)  # as the annotation loop spreads them
     support = np.zeros(ref.shape, bool)
     support[picks] = ref[picks]
-    job = build_job(prepare_volume(case.image), support, JobSettings(prompts_from="neighbour"),
-                    components=Components(None, GraphCutSegmenter(), "neighbour"))
-    looks = {rep.look for z, rep in job.run().slices.items() if picks[0] < z < picks[-1] and z not in picks}
+    looks = {rep.look for z, rep in _neighbour_job(prepared, support).run().slices.items() if picks[0] < z < picks[-1] and z not in picks}
     assert looks == {"parent"}
 
 
@@ -263,7 +261,7 @@ def test_an_end_slice_where_the_organ_ends_is_a_tip_whatever_its_size(data_dir: 
     got, looks = {}, {}
     for name, cfg in (("size only", P.PropagationConfig(tip_end=None, tip_consensus=None)),
                       ("end", P.PropagationConfig(tip_consensus=None))):
-        result = _run(prepared, support, cfg)
+        result = _neighbour_job(prepared, support, cfg).run()
         got[name] = dice(result.mask, ref)
         looks[name] = {rep.look for z, rep in result.slices.items() if zs[0] < z < zs[-1]}
     print("\nCHAOS MR 5 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
@@ -280,7 +278,7 @@ def test_two_ends_that_overlap_are_tips_not_an_interpolated_gap(data_dir: Path) 
     assert dice(support[zs[0]], support[zs[-1]]) >= P.PropagationConfig().interpolate_agreement
     got, sources = {}, {}
     for name, cfg in (("no tips", P.PropagationConfig(tip_ratio=None)), ("tips", P.PropagationConfig())):
-        result = _run(prepared, support, cfg)
+        result = _neighbour_job(prepared, support, cfg).run()
         got[name] = dice(result.mask, ref)
         sources[name] = {rep.source for z, rep in result.slices.items() if zs[0] < z < zs[-1]}
     print("\nCHAOS MR 1 left kidney from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
@@ -296,7 +294,7 @@ def test_a_tip_chain_that_vanishes_in_its_gap_is_chained_again_from_its_largest_
     prepared, ref, zs, support = _drawn_on_its_ends("3", LEFT_KIDNEY)
     got = {}
     for name, cfg in (("tip", P.PropagationConfig(tip_consensus=None)), ("again", P.PropagationConfig())):
-        result = _run(prepared, support, cfg)
+        result = _neighbour_job(prepared, support, cfg).run()
         got[name] = dice(result.mask, ref)
     print("\nCHAOS MR 3 left kidney from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
     seeds = [rep for rep in result.slices.values() if rep.prior == "self"]
