@@ -306,12 +306,10 @@ def test_config_round_trip() -> None:
     cfg = P.config_for_modality(None, "mr")
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
     # A record written before a field existed replays the way it ran then.
-    old = {k: v for k, v in cfg.to_json().items() if k not in ("relearn_gap_look", "tip_ratio", "tip_end",
-                                                                 "tip_consensus")}
-    assert cfg.relearn_gap_look and not P.PropagationConfig.from_json(old).relearn_gap_look
-    assert cfg.tip_ratio is not None and P.PropagationConfig.from_json(old).tip_ratio is None
-    assert cfg.tip_end is not None and P.PropagationConfig.from_json(old).tip_end is None
-    assert cfg.tip_consensus is not None and P.PropagationConfig.from_json(old).tip_consensus is None
+    newer = ("relearn_gap_look", "tip_ratio", "tip_end", "tip_consensus", "cross_min_extent")
+    old = P.PropagationConfig.from_json({k: v for k, v in cfg.to_json().items() if k not in newer})
+    assert cfg.relearn_gap_look and not old.relearn_gap_look
+    assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[1:])
 
 
 def test_a_prompt_correction_segments_only_the_edited_slice_and_its_chain(kidney: Loop) -> None:

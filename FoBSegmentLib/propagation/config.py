@@ -94,6 +94,10 @@ class PropagationConfig:
         query's own largest cross-section of it becomes the seed of a second chain that learns the
         organ's look from the query itself (no other scanner's intensities, no other patient's shape
         beyond that slice); the first pass only finds the organ (`neighbour.second_pass`).
+    cross_min_extent: another patient's support: a first pass that follows the organ across fewer mm
+        than this share of the support organ's equivalent diameter did not find it; the next seed
+        candidate is tried, and without one that does, a warning (`neighbour.cross_patient`,
+        `followed_extent`). None = the best-scored seed is kept.
     largest_component: keep only the largest 3D connected component.
     fill_holes: fill enclosed holes in each 2D slice of the result.
     """
@@ -132,6 +136,7 @@ class PropagationConfig:
     fob_stop_prob: float | None = 0.3
     fob_keep_prob: float | None = None
     second_pass: bool = True
+    cross_min_extent: float | None = 0.5
     largest_component: bool = False
     fill_holes: bool = True
 
@@ -150,7 +155,7 @@ class PropagationConfig:
 
 # What a record written before a field existed ran with, where that differs from today's default.
 _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
-                                     "tip_consensus": None}
+                                     "tip_consensus": None, "cross_min_extent": None}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

@@ -8,9 +8,10 @@ the whole slice, driven by the body outline and the spine, then an affine restri
 neighbourhood of the organ), the support mask is carried along, and the query slice where the
 registered support looks most like the query around the organ is chosen: once around the support's
 relative height, once around the volume registration's slice, and the volume registration's own
-placement is kept as a third candidate. The caller segments each candidate's seed and keeps the
-best (`neighbour._cross_patient_seed`). Only the query image and the supports are read (never a
-query reference).
+placement is kept as a third candidate. The caller segments each candidate's seed, chains from the
+best-scored one and moves on to the next when that chain does not follow the organ across the slices
+its size calls for (`neighbour.cross_patient`). Only the query image and the supports are read (never
+a query reference).
 
 Confidence of the organ (`organ_confidence`): the weaker of (a) the normalised cross-correlation
 between the registered support image and the query over the placed organ and a band around it and
@@ -19,7 +20,8 @@ range (after histogram matching), halved when the segmenter drops the seed. Belo
 the organ is taken as not found (a one-line warning, a refusal with `fob segment --strict`).
 Once the chain has run, the result is checked against the whole-volume registration's own
 placement of the organ (`registration_agreement`): when they barely overlap, one of the two is
-wrong, and the same kind of warning says so (`DISPUTED_NOTE`).
+wrong, and the same kind of warning says so (`DISPUTED_NOTE`); so does one when no candidate's
+chain followed the organ (`NOT_FOLLOWED_NOTE`).
 
 Frames: slices are (H, W) = (rows, cols) float images in [0, 1] on the query's pixel grid (the
 supports were resampled to it, `supports.resize_support`); SimpleITK images built from them have
@@ -53,8 +55,11 @@ LOW_CONFIDENCE_NOTE = "cross-patient: organ not found"
 REGISTRATION_AGREEMENT = 0.3
 # Note prefix of that disagreement (a warning, like LOW_CONFIDENCE_NOTE).
 DISPUTED_NOTE = "cross-patient: placement disputed"
+# Note prefix of a warning: no seed candidate's first pass followed the organ across the slices its
+# size calls for (`neighbour.followed_extent`); the organ found may be another structure, or its tip.
+NOT_FOLLOWED_NOTE = "cross-patient: organ not followed"
 # Dice between the seed slice segmented with the support's look and the placed organ below which
-# the look is learnt from the query's seed slice instead (`neighbour._cross_patient_seed`).
+# the look is learnt from the query's seed slice instead (`neighbour.cross_patient_look`).
 SEED_AGREEMENT = 0.3
 # Half-width of the slice search around the whole-volume registration's guess, as a share of the
 # query's slices: that guess is closer than a relative height (`locate(window=...)`) when it holds.
@@ -209,7 +214,7 @@ def locate(
     every support votes: a query slice z for the middle support scores the mean match of all
     supports at their own offsets from it. The winner is then registered again, locally, on its
     own slice. Each candidate is the middle support's placement on its chosen slice; the caller
-    picks among them (`neighbour._cross_patient_seed`), because neither guess is always right:
+    picks among them (`neighbour.cross_patient`), because neither guess is always right:
     relative heights differ between patients, and a whole-volume registration can fail.
     """
     mid = supports[len(supports) // 2]
@@ -428,7 +433,7 @@ def flag_cross_patient(result) -> list[str]:
         return []
     z0, conf = found
     low = conf < LOW_CONFIDENCE
-    disputed = [n for n in result.notes if n.startswith(DISPUTED_NOTE)]
+    disputed = [n for n in result.notes if n.startswith((DISPUTED_NOTE, NOT_FOLLOWED_NOTE))]
     for z, rep in result.slices.items():
         if rep.area <= 0 or rep.source == "annotation":
             continue
@@ -437,7 +442,8 @@ def flag_cross_patient(result) -> list[str]:
         elif low:
             rep.flags.append(f"review: cross-patient organ located with low confidence {conf:.2f}")
         if disputed:
-            rep.flags.append("review: the volume registration places the organ elsewhere")
+            rep.flags.append("review: the organ's placement is in doubt (" + "; ".join(
+                n.split(": ")[1] for n in disputed) + ")")
     if not np.asarray(result.mask).any():
         return [f"{LOW_CONFIDENCE_NOTE}: nothing was segmented from the located seed (query slice {z0}, "
                 f"confidence {conf:.2f})"]

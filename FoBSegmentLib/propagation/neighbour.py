@@ -427,60 +427,78 @@ def _back_agreement(run: Runner, z_prev: int, mask: np.ndarray, prev: np.ndarray
     return dice(back, prev)
 
 
-def _cross_patient_seed(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]
-                        ) -> tuple[int, np.ndarray, SupportSlice, list[SupportSlice]]:
+@dataclass
+class SeedCandidate:
+    """One placement of another patient's organ on a query slice (`_seed_candidates`): slice z, the
+    placed mask (H, W) bool, the appearance match around it, the look the chain learns from
+    (`cross_patient_look`), the middle support matched, the share of the placed organ the segmenter
+    keeps and the share of its core holding the support organ's intensities."""
+
+    z: int
+    moved: np.ndarray
+    appearance: float
+    look: list[SupportSlice]
+    support: SupportSlice
+    kept: float
+    inside: float
+    scores: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        return self.appearance + self.kept
+
+
+def _seed_candidates(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> list[SeedCandidate]:
     """Another patient's support: the locate step (`propagation.locate`) registers the supports onto
-    the query's slices and picks the slice and placement the evidence supports; the chain starts
-    there from the registered support mask. A single 2D image (dermoscopy) has no anatomy to
-    register: the support mask is slid to where the query looks like the lesion (`locate_mask`).
-    The confidence goes to the notes; a low one adds the `LOW_CONFIDENCE_NOTE` line.
-    Returns (seed slice, seed mask, the support it came from, the supports with their intensities
-    mapped onto the query's (another patient's scanner and normalisation differ; the chain learns
-    the organ's look from these)."""
-    from FoBSegmentLib.propagation.locate import (
-        LOW_CONFIDENCE,
-        LOW_CONFIDENCE_NOTE,
-        locate,
-        one_thread,
-        organ_confidence,
-    )
+    the query's slices; each placement it proposes is segmented with the support's look. Returns the
+    candidates, the placement that both looks like the support around the organ and survives
+    segmentation first. A single 2D image (dermoscopy) has no anatomy to register: the support mask
+    is slid to where the query looks like the lesion (`locate_mask`), one candidate."""
+    from FoBSegmentLib.propagation.locate import locate, one_thread
 
     if run.n == 1:
         mid = supports[len(supports) // 2]
         moved, (dx, dy), scale = locate_mask(run.slice(0), mid.image, mid.mask, None, (0.85, 1.0, 1.15))
         run.notes.append(f"no model: the support mask moved by ({dx}, {dy}) px and scaled x{scale:g} "
                          "to the best appearance match")
-        return 0, moved, mid, supports
+        return [SeedCandidate(0, moved, 1.0, supports, mid, 1.0, 1.0)]
     with one_thread():
-        candidates = locate(run.slice, run.n, supports, rng)
-    tried = []
-    for found in candidates:
+        located = locate(run.slice, run.n, supports, rng)
+    out = []
+    for found in located:
         moved, conf = found.mask, found.confidence
         if moved.sum() < run.config.min_area:
             moved, conf = locate_mask(run.slice(found.z), found.support.image, found.support.mask,
                                       int(0.15 * max(run.hw)), (0.85, 1.0, 1.15))[0], -1.0
         look, sup, agree, inside = cross_patient_look(run, supports, found.z, moved)
-        tried.append((conf + agree, found, moved, conf, look, sup, agree, inside))
-    # The placement that both looks like the support around the organ and survives segmentation.
-    _, found, moved, conf, look, sup, agree, inside = max(tried, key=lambda t: t[0])
-    z0, mid = found.z, found.support
-    organ_conf = organ_confidence(conf, inside, agree)
+        out.append(SeedCandidate(found.z, moved, conf, look, sup, agree, inside, found.scores))
+    return sorted(out, key=lambda c: -c.score)  # stable: ties keep the locate step's order
+
+
+def _seed_notes(run: Runner, chosen: SeedCandidate, candidates: list[SeedCandidate], n_supports: int) -> None:
+    """The notes of the seed taken: the organ's confidence (a low one adds the `LOW_CONFIDENCE_NOTE`
+    line), the candidates tried, and where the organ's look came from."""
+    from FoBSegmentLib.propagation.locate import LOW_CONFIDENCE, LOW_CONFIDENCE_NOTE, organ_confidence
+
+    if run.n == 1:
+        return
+    c = chosen
+    organ_conf = organ_confidence(c.appearance, c.inside, c.kept)
     run.notes.append(
-        f"cross-patient: the organ of support slice {mid.index} (of {len(supports)}) registered onto query "
-        f"slice {z0}, confidence {organ_conf:.2f} (appearance match around the organ {conf:.2f}, support "
-        f"intensities inside {inside:.2f}, seed kept {agree:.2f}; appearance per slice tried: "
-        + ", ".join(f"{z}:{v:.2f}" for z, v in sorted(found.scores.items())) + ")"
+        f"cross-patient: the organ of support slice {c.support.index} (of {n_supports}) registered onto query "
+        f"slice {c.z}, confidence {organ_conf:.2f} (appearance match around the organ {c.appearance:.2f}, support "
+        f"intensities inside {c.inside:.2f}, seed kept {c.kept:.2f}; appearance per slice tried: "
+        + ", ".join(f"{z}:{v:.2f}" for z, v in sorted(c.scores.items())) + ")"
     )
-    if len(tried) > 1:
+    if len(candidates) > 1:
         run.notes.append("cross-patient: seed candidates (query slice: appearance + kept): " + ", ".join(
-            f"{t[1].z}: {t[3]:.2f} + {t[6]:.2f}" for t in tried) + f"; slice {z0} taken")
+            f"{t.z}: {t.appearance:.2f} + {t.kept:.2f}" for t in candidates) + f"; slice {c.z} taken")
     if organ_conf < LOW_CONFIDENCE:
-        run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {z0}) matches the support's "
+        run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {c.z}) matches the support's "
                          f"organ with confidence {organ_conf:.2f} < {LOW_CONFIDENCE}; check the result")
-    if all(s is not sup for s in look):  # the look came from the query
-        run.notes.append(f"cross-patient: the seed slice segmented with the support's look keeps {agree:.2f} "
+    if all(s is not c.support for s in c.look):  # the look came from the query
+        run.notes.append(f"cross-patient: the seed slice segmented with the support's look keeps {c.kept:.2f} "
                          "of the placed organ (Dice); the organ's look is learnt from the query's seed slice")
-    return z0, moved, sup, look
 
 
 def cross_patient_look(run: Runner, supports: list[SupportSlice], z0: int, moved: np.ndarray
@@ -511,27 +529,12 @@ def cross_patient_look(run: Runner, supports: list[SupportSlice], z0: int, moved
 
 def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, rng: tuple[int, int]) -> None:
     """Chain outwards in both directions from each annotated slice (same volume), or from a located
-    seed slice (another patient), inside the inclusive slice range `rng`."""
-    if same_volume:
-        look = learn_appearance(run, supports)
-        seeds = [(s.index, s.mask, s) for s in supports]
-    else:
-        z0, moved, mid, matched = _cross_patient_seed(run, supports, rng)
-        look = learn_appearance(run, matched)
-        run.check_cancel()
-        ps = prompts_from_mask(moved, run.config)
-        if ps is None:
-            raise ValueError("the support mask leaves no room for a background ring in the query slice")
-        m, score = run.segment(z0, ps)
-        rep = SliceReport(z0, "neighbour", support_index=mid.index, score=score,
-                          prior="stored" if ps.prior_mask is not None else "none")
-        if m.sum() < run.config.min_area:
-            run.end_chain(z0, rep, "chain-end: mask vanished at the seed slice",
-                          f"the seed slice {z0} gave no mask; nothing segmented")
-            return
-        run.accept(z0, m, rep, ps)
-        run.tick(f"slice {z0}")
-        seeds = [(z0, m, mid)]
+    seed slice (another patient, `cross_patient`), inside the inclusive slice range `rng`."""
+    if not same_volume:
+        cross_patient(run, supports, rng)
+        return
+    look = learn_appearance(run, supports)
+    seeds = [(s.index, s.mask, s) for s in supports]
     seed_slices = sorted(z for z, *_ in seeds)
     masks = {z: m for z, m, _ in seeds}
     areas = fill_areas(run, masks)
@@ -542,7 +545,7 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     for z0, mask0, sup, step, (stop, nxt) in chains:
         if nxt is None:
             chain(run, z0, mask0, step, stop, nxt, sup.index, look)
-    gaps = interpolated_gaps(run, masks, areas) if same_volume else []
+    gaps = interpolated_gaps(run, masks, areas)
     for a, b in gaps:
         fill_gap(run, a, masks[a], b, masks[b], support_of[a].index)
     for z0, mask0, sup, step, (stop, nxt) in chains:
@@ -550,14 +553,101 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
             chain(run, z0, mask0, step, stop, nxt, sup.index, look)
             if run.config.tip_consensus is not None:
                 tip_consensus(run, z0, step, nxt, sup.index, look)
-    if not same_volume and run.config.second_pass and run.n > 1:
-        second_pass(run, rng, seeds[0][2].index)
-    if not same_volume:
-        from FoBSegmentLib.propagation.locate import disputed_note
 
-        note = disputed_note(run.accepted, run.n, supports)
-        if note is not None:
-            run.notes.append(note)
+
+def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
+    """Another patient's support: chain outwards from the best seed candidate (`_seed_candidates`);
+    when that first pass does not follow the organ over a plausible extent (`followed_extent`), the
+    next candidate is tried, and the pass that followed the organ furthest is kept. Then the second
+    pass (`second_pass`) and the check against the whole-volume registration (`disputed_note`)."""
+    from FoBSegmentLib.propagation.locate import NOT_FOLLOWED_NOTE, disputed_note
+
+    candidates = _seed_candidates(run, supports, rng)
+    start, done = len(run.notes), run.done
+
+    def take_back() -> None:
+        # The pass just run goes: its slices, notes and progress ticks (the bar counts them as extra work).
+        nonlocal done
+        run.clear()
+        del run.notes[start:]
+        run.total += run.done - done
+        done = run.done
+
+    extents: list[tuple[float, float]] = []
+    for i, c in enumerate(candidates):
+        if i:
+            take_back()
+        _first_pass(run, c, rng)
+        extents.append(followed_extent(run, c, rng))
+        if extents[-1][0] >= extents[-1][1]:
+            break
+    best = max(range(len(extents)), key=lambda i: (extents[i][0] >= extents[i][1],
+                                                   extents[i][0] / max(extents[i][1], 1e-6), -i))
+    if best != len(extents) - 1:
+        take_back()
+        _first_pass(run, candidates[best], rng)
+    chosen = candidates[best]
+    passes = run.notes[start:]
+    del run.notes[start:]
+    _seed_notes(run, chosen, candidates, len(supports))
+    for i, ((got, needed), c) in enumerate(zip(extents, candidates)):
+        if i != best:
+            run.notes.append(f"cross-patient: the chain from query slice {c.z} followed the organ over {got:.0f} mm, "
+                             f"under the {needed:.0f} mm its size on the support calls for; slice {chosen.z} taken")
+    got, needed = extents[best]
+    if 0 < got < needed:  # (nothing segmented at all has its own warning, `flag_cross_patient`)
+        run.notes.append(f"{NOT_FOLLOWED_NOTE}: no seed candidate's chain followed the organ over the {needed:.0f} mm "
+                         f"its size on the support calls for (at most {got:.0f} mm, from query slice {chosen.z}); "
+                         "check the result")
+    run.notes.extend(passes)
+    if run.config.second_pass and run.n > 1:
+        second_pass(run, rng, chosen.support.index)
+    note = disputed_note(run.accepted, run.n, supports)
+    if note is not None:
+        run.notes.append(note)
+
+
+def _first_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> None:
+    """Segment the seed slice from candidate c's placed mask with its look, then chain outwards to
+    both ends of `rng` (nothing when the seed slice gives no mask)."""
+    look = learn_appearance(run, c.look)
+    run.check_cancel()
+    ps = prompts_from_mask(c.moved, run.config)
+    if ps is None:
+        raise ValueError("the support mask leaves no room for a background ring in the query slice")
+    m, score = run.segment(c.z, ps)
+    rep = SliceReport(c.z, "neighbour", support_index=c.support.index, score=score,
+                      prior="stored" if ps.prior_mask is not None else "none")
+    if m.sum() < run.config.min_area:
+        run.end_chain(c.z, rep, "chain-end: mask vanished at the seed slice",
+                      f"the seed slice {c.z} gave no mask; nothing segmented")
+        return
+    run.accept(c.z, m, rep, ps)
+    run.tick(f"slice {c.z}")
+    for step in (-1, 1):
+        chain(run, c.z, m, step, rng[1] if step > 0 else rng[0], None, c.support.index, look)
+
+
+def followed_extent(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> tuple[float, float]:
+    """(mm, mm): how far the first pass from candidate c followed the organ across slices, and how
+    far it should at least (`config.cross_min_extent` x the equivalent diameter of the support's
+    organ, sqrt(4 area / pi)): an abdominal organ is not a disc, so a chain that follows a structure
+    over a few slices of a large cross-section and loses it was not on the organ. Needed 0 (followed
+    as far as it could): a pass cut by the end of `rng`, and a pass that kept its seed slice alone
+    (both chains ended at their first step: the look carried over from the other scanner failed at
+    once, which says nothing of the placement and is what `second_pass` is there for); with
+    `cross_min_extent` None, every pass."""
+    cfg = run.config
+    if cfg.cross_min_extent is None:
+        return 0.0, 0.0
+    across, rows, cols = run.spacing
+    needed = cfg.cross_min_extent * 2.0 * float(np.sqrt(np.count_nonzero(c.support.mask) * rows * cols / np.pi))
+    zs = [z for z, rep in run.reports.items() if rep.source == "neighbour" and run.accepted(z).any()]
+    if not zs:
+        return 0.0, needed
+    lo, hi = min(zs), max(zs)
+    got = (hi - lo + 1) * across
+    return got, 0.0 if lo <= rng[0] or hi >= rng[1] or lo == hi else needed
 
 
 def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
