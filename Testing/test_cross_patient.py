@@ -127,6 +127,21 @@ def test_no_candidate_that_follows_the_organ_warns(data_dir: Path) -> None:
     assert segmented and all(any("placement is in doubt" in f for f in res.slices[z].flags) for z in segmented)
 
 
+def test_a_chain_that_runs_from_its_seed_to_the_volume_end_only_did_not_follow_the_organ(data_dir: Path) -> None:
+    """Query CHAOS 15, support: the middle slice of CHAOS 19's liver. One seed candidate's chain runs
+    from it to the end of the volume, along the bowel, and never the other way: it is long enough, but
+    a middle support slice's seed sits in the organ's body, not at a tip. It no longer counts as
+    followed; no other candidate's chain follows the liver either, and the result is warned about
+    (it was a silent miss, Dice 0.03)."""
+    from FoBSegmentLib.segmenters import get_segmenter
+
+    prepared, other, ref = _cross_pair(data_dir, "15", "19", 1)
+    res = P.predict_cross(prepared, other, 1, False, get_segmenter("graphcut"))
+    assert any("to the end of the volume only" in n for n in res.notes), res.notes
+    assert res.warnings, res.notes
+    assert dice(np.asarray(res.mask, bool), ref) < 0.2  # the warning is right: the liver was not found
+
+
 def _dermoscopy_support(data_dir: Path, tmp: Path, like: Path) -> tuple[Path, Path]:
     """An unrelated support: a dermoscopy image (grey, resized to the query's slice size) and its
     lesion mask, as one-slice volumes."""

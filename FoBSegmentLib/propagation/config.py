@@ -95,9 +95,10 @@ class PropagationConfig:
         organ's look from the query itself (no other scanner's intensities, no other patient's shape
         beyond that slice); the first pass only finds the organ (`neighbour.second_pass`).
     cross_min_extent: another patient's support: a first pass that follows the organ across fewer mm
-        than this share of the support organ's equivalent diameter did not find it; the next seed
-        candidate is tried, and without one that does, a warning (`neighbour.cross_patient`,
-        `followed_extent`). None = the best-scored seed is kept.
+        than this share of the support organ's equivalent diameter did not find it, nor did one that
+        runs from its seed to the volume's end only or keeps its seed slice alone (after the second
+        pass too); the next seed candidate is tried, and without one that does, a warning
+        (`neighbour.cross_patient`, `followed_extent`). None = the best-scored seed is kept.
     largest_component: keep only the largest 3D connected component.
     fill_holes: fill enclosed holes in each 2D slice of the result.
     """

@@ -573,38 +573,50 @@ def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int
         run.total += run.done - done
         done = run.done
 
-    extents: list[tuple[float, float]] = []
+    extents: list[Extent] = []
     for i, c in enumerate(candidates):
         if i:
             take_back()
-        _first_pass(run, c, rng)
-        extents.append(followed_extent(run, c, rng))
-        if extents[-1][0] >= extents[-1][1]:
+        extents.append(_candidate_pass(run, c, rng))
+        if extents[-1].followed:
             break
-    best = max(range(len(extents)), key=lambda i: (extents[i][0] >= extents[i][1],
-                                                   extents[i][0] / max(extents[i][1], 1e-6), -i))
+    best = max(range(len(extents)), key=lambda i: (extents[i].followed,
+                                                   extents[i].got / max(extents[i].needed, 1e-6), -i))
     if best != len(extents) - 1:
         take_back()
-        _first_pass(run, candidates[best], rng)
+        _candidate_pass(run, candidates[best], rng)
     chosen = candidates[best]
     passes = run.notes[start:]
     del run.notes[start:]
     _seed_notes(run, chosen, candidates, len(supports))
-    for i, ((got, needed), c) in enumerate(zip(extents, candidates)):
+    for i, (e, c) in enumerate(zip(extents, candidates)):
         if i != best:
-            run.notes.append(f"cross-patient: the chain from query slice {c.z} followed the organ over {got:.0f} mm, "
-                             f"under the {needed:.0f} mm its size on the support calls for; slice {chosen.z} taken")
-    got, needed = extents[best]
-    if 0 < got < needed:  # (nothing segmented at all has its own warning, `flag_cross_patient`)
-        run.notes.append(f"{NOT_FOLLOWED_NOTE}: no seed candidate's chain followed the organ over the {needed:.0f} mm "
-                         f"its size on the support calls for (at most {got:.0f} mm, from query slice {chosen.z}); "
-                         "check the result")
+            run.notes.append(f"cross-patient: the chain from query slice {c.z} {e.says()}; slice {chosen.z} taken")
+    e = extents[best]
+    if e.got > 0 and not e.followed:  # (nothing segmented at all has its own warning, `flag_cross_patient`)
+        run.notes.append(f"{NOT_FOLLOWED_NOTE}: no seed candidate's chain followed the organ (the chain from query "
+                         f"slice {chosen.z} {e.says()}); check the result")
     run.notes.extend(passes)
-    if run.config.second_pass and run.n > 1:
+    if run.config.second_pass and run.n > 1 and not extents[best].second:
         second_pass(run, rng, chosen.support.index)
     note = disputed_note(run.accepted, run.n, supports)
     if note is not None:
         run.notes.append(note)
+
+
+def _candidate_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> Extent:
+    """The first pass from candidate c and how far it followed the organ. A first pass that kept its
+    seed slice alone (both chains ended at their first step: the look carried over from the other
+    scanner failed at once, which says nothing of the placement) is judged by the second pass run
+    from that seed with the query's own look (`second_pass`), which is then not run again."""
+    _first_pass(run, c, rng)
+    e = followed_extent(run, c, rng)
+    if not e.alone:
+        return e
+    if not (run.config.second_pass and run.n > 1):
+        return Extent(e.got, 0.0)
+    second_pass(run, rng, c.support.index)
+    return dataclasses.replace(followed_extent(run, c, rng), second=True)
 
 
 def _first_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> None:
@@ -628,26 +640,56 @@ def _first_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> None:
         chain(run, c.z, m, step, rng[1] if step > 0 else rng[0], None, c.support.index, look)
 
 
-def followed_extent(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> tuple[float, float]:
-    """(mm, mm): how far the first pass from candidate c followed the organ across slices, and how
-    far it should at least (`config.cross_min_extent` x the equivalent diameter of the support's
-    organ, sqrt(4 area / pi)): an abdominal organ is not a disc, so a chain that follows a structure
-    over a few slices of a large cross-section and loses it was not on the organ. Needed 0 (followed
-    as far as it could): a pass cut by the end of `rng`, and a pass that kept its seed slice alone
-    (both chains ended at their first step: the look carried over from the other scanner failed at
-    once, which says nothing of the placement and is what `second_pass` is there for); with
-    `cross_min_extent` None, every pass."""
+@dataclass(frozen=True)
+class Extent:
+    """How far a candidate's pass followed the organ across slices (`got`, mm), how far it should at
+    least (`needed`, mm), whether it ran from its seed to an end of the slice range only (`one_way`)
+    or kept its seed slice alone (`alone`), and whether the second pass has run (`second`)."""
+
+    got: float
+    needed: float
+    one_way: bool = False
+    alone: bool = False
+    second: bool = False
+
+    @property
+    def followed(self) -> bool:
+        return not self.one_way and not self.alone and self.got >= self.needed
+
+    def says(self) -> str:
+        if self.alone:
+            return "kept its seed slice alone" + (", in the second pass too" if self.second else "")
+        if self.one_way:
+            return f"ran from it to the end of the volume only ({self.got:.0f} mm)"
+        return f"followed the organ over {self.got:.0f} mm, under the {self.needed:.0f} mm its size on the support calls for"
+
+
+def followed_extent(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> Extent:
+    """How far the first pass from candidate c followed the organ across slices, against how far it
+    should at least (`config.cross_min_extent` x the equivalent diameter of the support's organ,
+    sqrt(4 area / pi)): an abdominal organ is not a disc, so a chain that follows a structure over a
+    few slices of a large cross-section and loses it was not on the organ. A pass cut by an end of
+    `rng` followed the organ as far as it could (needed 0) if it also grew the other way from its
+    seed; one that ran from its seed to the end only (`one_way`) did not: the seed of a middle
+    support slice sits at the body of the organ, not at a tip, and a chain that leaves a tip into the
+    volume's end has as likely left the organ as followed it. A pass that kept its seed slice alone
+    did not (`alone`; `_candidate_pass` gives it the second pass first). With `cross_min_extent`
+    None, every pass followed the organ."""
     cfg = run.config
     if cfg.cross_min_extent is None:
-        return 0.0, 0.0
+        return Extent(0.0, 0.0)
     across, rows, cols = run.spacing
     needed = cfg.cross_min_extent * 2.0 * float(np.sqrt(np.count_nonzero(c.support.mask) * rows * cols / np.pi))
     zs = [z for z, rep in run.reports.items() if rep.source == "neighbour" and run.accepted(z).any()]
     if not zs:
-        return 0.0, needed
+        return Extent(0.0, needed)
     lo, hi = min(zs), max(zs)
     got = (hi - lo + 1) * across
-    return got, 0.0 if lo <= rng[0] or hi >= rng[1] or lo == hi else needed
+    if lo == hi:
+        return Extent(got, needed, alone=True)
+    if (lo <= rng[0] and hi > c.z) or (hi >= rng[1] and lo < c.z):
+        return Extent(got, 0.0)
+    return Extent(got, needed, one_way=lo <= rng[0] or hi >= rng[1])
 
 
 def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
