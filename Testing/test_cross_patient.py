@@ -95,21 +95,18 @@ def test_the_second_pass_learns_the_organ_from_the_query(data_dir: Path) -> None
 def test_a_seed_whose_chain_dies_within_a_few_slices_gives_way_to_the_next_candidate(data_dir: Path) -> None:
     """Query CHAOS 8, support: the middle slice of CHAOS 10's left kidney. The best-scored seed's first
     pass follows a structure over 3 slices (23 mm), under half the kidney's diameter on the support:
-    that was not the kidney. The next seed candidate's chain follows it (`followed_extent`)."""
-    from FoBSegmentLib.propagation import PropagationConfig
+    that was not the kidney. The next seed candidate's chain follows it (`followed_extent`); kept
+    with the best-scored seed (`cross_min_extent` None), the kidney scored 0.627."""
     from FoBSegmentLib.segmenters import get_segmenter
 
     prepared, other, ref = _cross_pair(data_dir, "8", "10", 3)
-    got, notes = {}, {}
-    for extent in (None, 0.5):
-        res = P.predict_cross(prepared, other, 3, False, get_segmenter("graphcut"),
-                              config=PropagationConfig(cross_min_extent=extent))
-        got[extent], notes[extent] = dice(np.asarray(res.mask, bool), ref), res.notes
-        assert res.warnings == []
-    print(f"\nleft kidney, CHAOS 10 -> 8: best-scored seed {got[None]:.3f}, the seed whose chain follows {got[0.5]:.3f}")
-    assert not any("followed the organ over" in n for n in notes[None])
-    assert any("followed the organ over" in n for n in notes[0.5]), notes[0.5]
-    assert got[0.5] > got[None] + 0.1  # measured 0.627 -> 0.781
+    res = P.predict_cross(prepared, other, 3, False, get_segmenter("graphcut"))
+    assert res.warnings == []
+    given_up = [n for n in res.notes if "followed the organ over" in n]
+    assert len(given_up) == 1 and "under the" in given_up[0], res.notes
+    d = dice(np.asarray(res.mask, bool), ref)
+    print(f"\nleft kidney, CHAOS 10 -> 8, the seed whose chain follows the kidney: {d:.3f}")
+    assert d > 0.72  # measured 0.781
 
 
 def test_no_candidate_that_follows_the_organ_warns(data_dir: Path) -> None:

@@ -559,7 +559,8 @@ def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int
     """Another patient's support: chain outwards from the best seed candidate (`_seed_candidates`);
     when that first pass does not follow the organ over a plausible extent (`followed_extent`), the
     next candidate is tried, and the pass that followed the organ furthest is kept. Then the second
-    pass (`second_pass`) and the check against the whole-volume registration (`disputed_note`)."""
+    pass (`second_pass`, unless `_candidate_pass` ran it already) and the check against the
+    whole-volume registration (`disputed_note`)."""
     from FoBSegmentLib.propagation.locate import NOT_FOLLOWED_NOTE, disputed_note
 
     candidates = _seed_candidates(run, supports, rng)
@@ -597,7 +598,7 @@ def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int
         run.notes.append(f"{NOT_FOLLOWED_NOTE}: no seed candidate's chain followed the organ (the chain from query "
                          f"slice {chosen.z} {e.says()}); check the result")
     run.notes.extend(passes)
-    if run.config.second_pass and run.n > 1 and not extents[best].second:
+    if run.config.second_pass and run.n > 1 and not e.second:
         second_pass(run, rng, chosen.support.index)
     note = disputed_note(run.accepted, run.n, supports)
     if note is not None:
