@@ -20,7 +20,7 @@ from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
-from FoBSegmentLib.propagation.runner import Runner
+from FoBSegmentLib.propagation.runner import Kept, Runner
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
 from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
@@ -575,17 +575,20 @@ def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int
         done = run.done
 
     extents: list[Extent] = []
+    tried: list[tuple[Kept, list[str]]] = []  # each pass's slices and notes, should it be kept after all
     for i, c in enumerate(candidates):
         if i:
             take_back()
         extents.append(_candidate_pass(run, c, rng))
         if extents[-1].followed:
             break
+        tried.append((run.keep(range(run.n)), run.notes[start:]))
     best = max(range(len(extents)), key=lambda i: (extents[i].followed,
                                                    extents[i].got / max(extents[i].needed, 1e-6), -i))
     if best != len(extents) - 1:
         take_back()
-        _candidate_pass(run, candidates[best], rng)
+        run.restore(tried[best][0])
+        run.notes.extend(tried[best][1])
     chosen = candidates[best]
     passes = run.notes[start:]
     del run.notes[start:]

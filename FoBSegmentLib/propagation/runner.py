@@ -47,7 +47,7 @@ def cleanup_3d(mask: np.ndarray, axis: int, largest_component: bool, fill_holes:
 
 
 @dataclass
-class _Kept:
+class Kept:
     slices: dict[int, tuple[np.ndarray, SliceReport, PromptSet | None]]
     order: list[int]
 
@@ -178,12 +178,12 @@ class Runner:
         self.reports = {z: SliceReport(z, "skipped") for z in range(self.n)}
         self.order.clear()
 
-    def keep(self, zs: range) -> _Kept:
+    def keep(self, zs: range) -> Kept:
         """What slices `zs` hold now (masks, reports, prompts, the acceptance order), for `restore`."""
-        return _Kept({z: (self.accepted(z).copy(), replace(self.reports[z], flags=list(self.reports[z].flags)),
+        return Kept({z: (self.accepted(z).copy(), replace(self.reports[z], flags=list(self.reports[z].flags)),
                           self.prompts.get(z)) for z in zs}, list(self.order))
 
-    def restore(self, kept: _Kept) -> None:
+    def restore(self, kept: Kept) -> None:
         """Slices as `keep` found them (a pass tried and taken back)."""
         for z, (m, rep, ps) in kept.slices.items():
             # A watcher shown the pass's slice is told what the slice holds again, even if that is nothing.
