@@ -48,6 +48,8 @@ def cleanup_3d(mask: np.ndarray, axis: int, largest_component: bool, fill_holes:
 
 @dataclass
 class Kept:
+    """Some slices of a `Runner` as they were (`Runner.keep`), to put back with `Runner.restore`."""
+
     slices: dict[int, tuple[np.ndarray, SliceReport, PromptSet | None]]
     order: list[int]
 
@@ -181,7 +183,7 @@ class Runner:
     def keep(self, zs: range) -> Kept:
         """What slices `zs` hold now (masks, reports, prompts, the acceptance order), for `restore`."""
         return Kept({z: (self.accepted(z).copy(), replace(self.reports[z], flags=list(self.reports[z].flags)),
-                          self.prompts.get(z)) for z in zs}, list(self.order))
+                         self.prompts.get(z)) for z in zs}, list(self.order))
 
     def restore(self, kept: Kept) -> None:
         """Slices as `keep` found them (a pass tried and taken back)."""
