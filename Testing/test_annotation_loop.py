@@ -192,10 +192,10 @@ def test_three_annotated_slices_beat_one(kidney: Loop) -> None:
     assert dice(three.mask, kidney.ref) > dice(one.mask, kidney.ref)
 
 
-def _drawn_on_its_ends(case_id: str, organ: int) -> tuple:
-    """CHAOS MR case `case_id`: (prepared volume, the organ's reference, the slices it is on, a support
-    with only its first and last slice drawn)."""
-    case = list_cases("chaos", ids=[case_id])[0]
+def _drawn_on_its_ends(case_id: str, organ: int, dataset: str = "chaos") -> tuple:
+    """Case `case_id` of `dataset` (CHAOS MR by default): (prepared volume, the organ's reference, the
+    slices it is on, a support with only its first and last slice drawn)."""
+    case = list_cases(dataset, ids=[case_id])[0]
     prepared = prepare_volume(case.image)
     ref = read_reference(case.label, prepared) == organ
     zs = np.flatnonzero(ref.any(axis=(1, 2)))
@@ -234,6 +234,31 @@ def test_two_tips_grow_into_the_organ_between_them(data_dir: Path) -> None:
     assert got["parent"] >= got["once"] + 0.3  # measured 0.167 -> 0.749
     assert got["tip"] >= got["parent"] + 0.05  # measured 0.749 -> 0.847
     assert got["consensus"] >= got["tip"] + 0.02  # measured 0.847 -> 0.881
+
+
+def test_the_chain_again_from_where_the_tips_agree_shrinks_into_each_end(data_dir: Path) -> None:
+    """Synapse CT 5's spleen drawn on its end slices (25 and 224 px; up to 1337 px between them): the
+    chain run again from where the two tip chains agree fails an end rule at every step towards the
+    upper end, and between two annotations no rule ends it, so without a bound it keeps the spleen's
+    full size up to the 25 px annotation. Held to `tip_reach` px per slice of the annotation ahead
+    (`gap_reach`), it shrinks into it."""
+    prepared, ref, zs, support = _drawn_on_its_ends("5", 4, dataset="synapse")
+    got = {}
+    for name, cfg in (("unbounded", P.PropagationConfig(gap_reach=False)), ("reach", P.PropagationConfig())):
+        job = _neighbour_job(prepared, support, cfg)
+        result = job.run()
+        got[name] = dice(result.mask, ref)
+    print("\nSynapse CT 5 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
+    from scipy import ndimage
+
+    parent = [(z, rep) for z, rep in result.slices.items() if rep.look == "parent"]
+    assert parent and all(rep.ahead in (zs[0], zs[-1]) for _, rep in parent)
+    for z, rep in parent:  # every step lies in the cone of the annotation ahead
+        far = ndimage.distance_transform_edt(~support[rep.ahead]) > cfg.tip_reach * abs(z - rep.ahead)
+        assert not (result.mask[z] & far).any()
+    assert got["reach"] >= got["unbounded"] + 0.05  # measured 0.677 -> 0.784
+    # The record carries each step's annotation ahead: the prompts give the mask back.
+    assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
 
 
 def test_a_small_organs_middle_slice_is_no_tip(data_dir: Path) -> None:
@@ -306,10 +331,11 @@ def test_config_round_trip() -> None:
     cfg = P.config_for_modality(None, "mr")
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
     # A record written before a field existed replays the way it ran then.
-    newer = ("relearn_gap_look", "tip_ratio", "tip_end", "tip_consensus", "cross_min_extent")
+    newer = ("relearn_gap_look", "gap_reach", "tip_ratio", "tip_end", "tip_consensus", "cross_min_extent")
     old = P.PropagationConfig.from_json({k: v for k, v in cfg.to_json().items() if k not in newer})
     assert cfg.relearn_gap_look and not old.relearn_gap_look
-    assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[1:])
+    assert cfg.gap_reach and not old.gap_reach
+    assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[2:])
 
 
 def test_a_prompt_correction_segments_only_the_edited_slice_and_its_chain(kidney: Loop) -> None:

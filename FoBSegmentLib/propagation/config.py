@@ -66,6 +66,11 @@ class PropagationConfig:
         slice it segments under the parent's mask, pays `tip_grow_weight` per px of growth instead
         of the graph cut's own weight, and stays within `tip_reach` px per slice of the annotated
         slice ahead (`neighbour.gap_step`). tip_ratio None = off.
+    gap_reach: every step of a chain between two annotated slices that show the organ (look
+        "parent" too, not only a tip chain's) stays within `tip_reach` px per slice of the
+        annotation ahead: an organ shrinks into its end slice, and a chain that does not follow it
+        (every step fails an end rule, and between annotations none ends it) is held to that cone.
+        Not after `tip_consensus` found no agreement (`neighbour.tip_consensus`).
     tip_end: such a chain also starts from a tip when the chain outward from its annotated slice
         accepted at most `tip_end` slices: the organ ends there, whatever its size (a spleen's end
         slice can be large against the gap and the organ still doubles beyond it). None = off.
@@ -127,6 +132,7 @@ class PropagationConfig:
     tip_ratio: float | None = 0.25
     tip_grow_weight: float = 0.1
     tip_reach: float = 10.0
+    gap_reach: bool = True
     tip_end: int | None = 1
     tip_consensus: float | None = 0.8
     fob_bg_confidence: float = 0.0
@@ -156,7 +162,7 @@ class PropagationConfig:
 
 # What a record written before a field existed ran with, where that differs from today's default.
 _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
-                                     "tip_consensus": None, "cross_min_extent": None}
+                                     "tip_consensus": None, "cross_min_extent": None, "gap_reach": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

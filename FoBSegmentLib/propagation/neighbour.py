@@ -286,9 +286,10 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
     "tip": the chain starts from a tip and must grow, slice after slice, into an organ much larger
     than its seed. The look is fitted to the annotated slices and slice z itself under `prev` (a
     growing organ covers its parent's footprint; the parent, at a tip, is mostly partial volume),
-    growth beyond the prior costs `tip_grow_weight` per px instead of the segmenter's own weight,
-    and the organ stays within `tip_reach` px per slice of the annotated slice ahead (it has to
-    shrink back into that annotation by the time it gets there)."""
+    growth beyond the prior costs `tip_grow_weight` per px instead of the segmenter's own weight.
+    Either way, given `ahead`, the organ stays within `tip_reach` px per slice of that annotated
+    slice: it has to shrink back into that annotation by the time it gets there (`_chain` gives a
+    "parent" step its `ahead` with `config.gap_reach`)."""
     seg = run.segmenter
     if look == "annotations":
         yield
@@ -302,20 +303,27 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
         mask = np.concatenate([run.accepted(a) for a in shown] + [prev], axis=1)
         seg.fit_reference(image, mask, len(shown) + 1)
         if look == "tip":
+            seg.grow_weight = cfg.tip_grow_weight
+        if ahead is not None and run.accepted(ahead).any() and hasattr(seg, "reach"):
             from scipy import ndimage
 
-            seg.grow_weight = cfg.tip_grow_weight
             seg.reach = ndimage.distance_transform_edt(~run.accepted(ahead)) <= cfg.tip_reach * abs(z - ahead)
         yield
     finally:
         seg.reference = kept[0]
         if look == "tip":
-            seg.grow_weight, seg.reach = kept[1], kept[2]
+            seg.grow_weight = kept[1]
+        if hasattr(seg, "reach"):
+            seg.reach = kept[2]
 
 
 def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: int | None,
-           support_index: int, look: Appearance, step_look: str) -> None:
+           support_index: int, look: Appearance, step_look: str, reach: bool = True) -> None:
+    """`chain`'s steps; reach=False: a "parent" chain not held to the reach of the annotation ahead
+    even with `config.gap_reach` (`tip_consensus`'s fallback)."""
     cfg = run.config
+    # The annotated slice whose reach holds each step (`gap_step`), kept in the record for a replay.
+    ahead = nxt if step_look == "tip" or (step_look == "parent" and reach and cfg.gap_reach) else None
     prev = mask0
     peak = trough = int(prev.sum())
     key = [int(z0), int(step), int(stop), None if nxt is None else int(nxt)]
@@ -339,7 +347,7 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             peak, trough = (area, area) if area > peak else (peak, min(trough, area))
             z += step
             continue
-        with gap_step(run, step_look, z, z - step, prev, nxt):
+        with gap_step(run, step_look, z, z - step, prev, ahead):
             got = _segment_from(run, z, prev, z - step)
             if got is None:
                 run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
@@ -347,7 +355,7 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             m, score, ps, retried, fob = got
             rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
                               prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score,
-                              look=step_look, ahead=nxt if step_look == "tip" else None)
+                              look=step_look, ahead=ahead)
             if retried:
                 rep.flags.append("retried with other prompts")
             end = _end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
@@ -381,7 +389,10 @@ def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int,
     prior "self" in the record) out to both annotations, as chains that follow a shrinking organ
     (look "parent"). Without such a slice the first chain stays as it ran, unless it vanished before
     the annotation ahead (the organ does not end between two annotated slices): then the gap is
-    chained again from the first chain's largest cross-section the same way."""
+    chained again from the first chain's largest cross-section the same way, but not held to the
+    annotations' reach (`config.gap_reach`): the two chains never met, so nothing says that
+    cross-section and a small end annotation show the organ in the same place (held to it, CHAOS
+    MR 3's left kidney, drawn on its end slices, vanished: docs/RESULTS.md, "The annotation loop")."""
     inside = range(min(z0, nxt) + 1, max(z0, nxt))
     if not any(run.reports[z].look == "tip" for z in inside):
         return
@@ -397,7 +408,8 @@ def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int,
     best = max(agree, key=lambda z: (agree[z], int(kept.mask(z).sum())), default=None)
     both = None if best is None else kept.mask(best) & run.accepted(best)
     run.restore(kept)
-    if best is not None and agree[best] >= run.config.tip_consensus:
+    agreed = best is not None and agree[best] >= run.config.tip_consensus
+    if agreed:
         seed = both
         why = f"tip chains from slices {z0} and {nxt} agree {agree[best]:.2f} here"
     elif not reached:
@@ -414,7 +426,7 @@ def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int,
     for end in (z0, nxt):
         way = 1 if end > best else -1
         if abs(end - best) > 1:
-            _chain(run, best, seed, way, end - way, end, support_index, look, "parent")
+            _chain(run, best, seed, way, end - way, end, support_index, look, "parent", reach=agreed)
 
 
 def _back_agreement(run: Runner, z_prev: int, mask: np.ndarray, prev: np.ndarray) -> float:

@@ -72,7 +72,8 @@ class SliceReport:
         (from the annotated slices or the supports), "parent" (re-learnt from the annotated slices and
         the parent's accepted mask) or "tip" (from the annotated slices and this slice under the
         parent's mask, with the growth of a chain from the organ's tip; `neighbour.gap_step`).
-    ahead: for look "tip", the annotated slice the chain runs towards.
+    ahead: for look "tip" or "parent", the annotated slice the chain runs towards (its reach,
+        `neighbour.gap_step`).
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
     flags: review hints, e.g. "area-jump x2.3", "intensity-mismatch", "chain-end: mask vanished".
     """
