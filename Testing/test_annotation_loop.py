@@ -251,10 +251,11 @@ def test_the_chain_again_from_where_the_tips_agree_shrinks_into_each_end(data_di
     print("\nSynapse CT 5 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
     from scipy import ndimage
 
+    reach = P.PropagationConfig().tip_reach  # the last run's, the default
     parent = [(z, rep) for z, rep in result.slices.items() if rep.look == "parent"]
     assert parent and all(rep.ahead in (zs[0], zs[-1]) for _, rep in parent)
     for z, rep in parent:  # every step lies in the cone of the annotation ahead
-        far = ndimage.distance_transform_edt(~support[rep.ahead]) > cfg.tip_reach * abs(z - rep.ahead)
+        far = ndimage.distance_transform_edt(~support[rep.ahead]) > reach * abs(z - rep.ahead)
         assert not (result.mask[z] & far).any()
     assert got["reach"] >= got["unbounded"] + 0.05  # measured 0.677 -> 0.784
     # The record carries each step's annotation ahead: the prompts give the mask back.
