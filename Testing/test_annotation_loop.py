@@ -262,6 +262,30 @@ def test_the_chain_again_from_where_the_tips_agree_shrinks_into_each_end(data_di
     assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
 
 
+def test_a_chain_past_the_outermost_annotation_learns_the_look_from_it_alone(data_dir: Path) -> None:
+    """CHAOS MR 39's left kidney drawn on 3 slices spread over it (its ends left out): with the look
+    pooled from all three, the chains outward from the outermost ones run on past the kidney's ends
+    (9715 px segmented on slices without kidney); learnt from each one's own slice
+    (`outward_own_look`), they stop near where the kidney ends."""
+    case = list_cases("chaos", ids=["39"])[0]
+    prepared = prepare_volume(case.image)
+    ref = read_reference(case.label, prepared) == LEFT_KIDNEY
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    drawn = inner_slices(int(zs[0]), int(zs[-1]), 3)
+    support = np.zeros(ref.shape, bool)
+    support[drawn] = ref[drawn]
+    got, beyond = {}, {}
+    for name, own in (("pooled", False), ("own", True)):
+        cfg = P.config_for_modality(P.PropagationConfig(outward_own_look=own), prepared.modality)
+        result = _neighbour_job(prepared, support, cfg).run()
+        got[name] = dice(result.mask, ref)
+        beyond[name] = int(result.mask[zs[-1] + 1:].sum() + result.mask[:zs[0]].sum())
+    print(f"\nCHAOS MR 39 left kidney from slices {drawn}: Dice {got['pooled']:.3f} -> {got['own']:.3f}, "
+          f"px beyond the kidney {beyond['pooled']} -> {beyond['own']}")
+    assert got["own"] >= got["pooled"] + 0.05
+    assert beyond["own"] < beyond["pooled"]
+
+
 def test_a_small_organs_middle_slice_is_no_tip(data_dir: Path) -> None:
     """Synapse CT 7's right kidney is small (100 px on its middle slice, radius about 7 mm, under a
     quarter of the 30 mm to either end). Drawn on its ends and middle, the chains from the middle are
@@ -332,11 +356,12 @@ def test_config_round_trip() -> None:
     cfg = P.config_for_modality(None, "mr")
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
     # A record written before a field existed replays the way it ran then.
-    newer = ("relearn_gap_look", "gap_reach", "tip_ratio", "tip_end", "tip_consensus", "cross_min_extent")
+    newer = ("relearn_gap_look", "gap_reach", "outward_own_look", "tip_ratio", "tip_end", "tip_consensus", "cross_min_extent")
     old = P.PropagationConfig.from_json({k: v for k, v in cfg.to_json().items() if k not in newer})
     assert cfg.relearn_gap_look and not old.relearn_gap_look
     assert cfg.gap_reach and not old.gap_reach
-    assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[2:])
+    assert cfg.outward_own_look and not old.outward_own_look
+    assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[3:])
 
 
 def test_a_prompt_correction_segments_only_the_edited_slice_and_its_chain(kidney: Loop) -> None:

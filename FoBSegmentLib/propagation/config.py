@@ -71,6 +71,12 @@ class PropagationConfig:
         annotation ahead: an organ shrinks into its end slice, and a chain that does not follow it
         (every step fails an end rule, and between annotations none ends it) is held to that cone.
         Not after `tip_consensus` found no agreement (`neighbour.tip_consensus`).
+    outward_own_look: a chain running outward from the outermost annotated slice (towards the
+        organ's end, no annotation ahead) learns the organ's look, and its end rules' intensity
+        ranges, from that slice alone instead of from every annotated slice pooled: slices drawn
+        far away, often near the organ's other end (partial volume), widen the pooled look, and
+        the chain runs on past the organ's end (`neighbour.run_neighbour`). With one annotated
+        slice both are the same.
     tip_end: such a chain also starts from a tip when the chain outward from its annotated slice
         accepted at most `tip_end` slices: the organ ends there, whatever its size (a spleen's end
         slice can be large against the gap and the organ still doubles beyond it). None = off.
@@ -133,6 +139,7 @@ class PropagationConfig:
     tip_grow_weight: float = 0.1
     tip_reach: float = 10.0
     gap_reach: bool = True
+    outward_own_look: bool = True
     tip_end: int | None = 1
     tip_consensus: float | None = 0.8
     fob_bg_confidence: float = 0.0
@@ -162,7 +169,8 @@ class PropagationConfig:
 
 # What a record written before a field existed ran with, where that differs from today's default.
 _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
-                                     "tip_consensus": None, "cross_min_extent": None, "gap_reach": False}
+                                     "tip_consensus": None, "cross_min_extent": None, "gap_reach": False,
+                                     "outward_own_look": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

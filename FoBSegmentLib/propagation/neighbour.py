@@ -75,6 +75,22 @@ def learn_appearance(run: Runner, supports: list[SupportSlice]) -> Appearance:
     )
 
 
+@contextmanager
+def outward_look(run: Runner, sup: SupportSlice, supports: list[SupportSlice], pooled: Appearance
+                 ) -> Iterator[Appearance]:
+    """The look of a chain outward from annotated slice `sup`: with `config.outward_own_look` and
+    other annotated slices showing the organ, learnt from `sup` alone (the segmenter's too, put back
+    afterwards); otherwise the pooled look `pooled`."""
+    shown = [s for s in supports if s.mask.any()]
+    if not (run.config.outward_own_look and len(shown) > 1 and sup.mask.any()):
+        yield pooled
+        return
+    try:
+        yield learn_appearance(run, [sup])
+    finally:
+        learn_appearance(run, supports)
+
+
 def chain_stop(z0: int, step: int, seed_slices: list[int], rng: tuple[int, int],
                areas: dict[int, int] | None) -> tuple[int, int | None] | None:
     """Where a chain from seed z0 in direction `step` ends: (last slice, next annotated slice or None);
@@ -556,7 +572,8 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     # Outward chains first: where they end tells a gap whether it starts from the organ's end.
     for z0, mask0, sup, step, (stop, nxt) in chains:
         if nxt is None:
-            chain(run, z0, mask0, step, stop, nxt, sup.index, look)
+            with outward_look(run, sup, supports, look) as own:
+                chain(run, z0, mask0, step, stop, nxt, sup.index, own)
     gaps = interpolated_gaps(run, masks, areas)
     for a, b in gaps:
         fill_gap(run, a, masks[a], b, masks[b], support_of[a].index)
