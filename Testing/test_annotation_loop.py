@@ -277,9 +277,14 @@ def test_a_chain_past_the_outermost_annotation_learns_the_look_from_it_alone(dat
     got, beyond = {}, {}
     for name, own in (("pooled", False), ("own", True)):
         cfg = P.config_for_modality(P.PropagationConfig(outward_own_look=own), prepared.modality)
-        result = _neighbour_job(prepared, support, cfg).run()
+        job = _neighbour_job(prepared, support, cfg)
+        result = job.run()
         got[name] = dice(result.mask, ref)
         beyond[name] = int(result.mask[zs[-1] + 1:].sum() + result.mask[:zs[0]].sum())
+    outward = {z: rep.look for z, rep in result.slices.items() if rep.source == "neighbour" and not drawn[0] < z < drawn[-1]}
+    assert outward and set(outward.values()) == {"own"}
+    # The record names each step's look: the prompts give the mask back.
+    assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
     print(f"\nCHAOS MR 39 left kidney from slices {drawn}: Dice {got['pooled']:.3f} -> {got['own']:.3f}, "
           f"px beyond the kidney {beyond['pooled']} -> {beyond['own']}")
     assert got["own"] >= got["pooled"] + 0.05

@@ -69,26 +69,20 @@ def learn_appearance(run: Runner, supports: list[SupportSlice]) -> Appearance:
     fit_reference = getattr(run.segmenter, "fit_reference", None)
     if cfg.shape_prior and fit_reference is not None:
         fit_reference(image, mask, len(shown))
+    return _intensities(cfg, image, mask)
+
+
+def _intensities(cfg: PropagationConfig, image: np.ndarray, mask: np.ndarray) -> Appearance:
     return Appearance(
         intensity_range(image, mask),
         intensity_range(image, mask, cfg.median_band) if cfg.median_band else None,
     )
 
 
-@contextmanager
-def outward_look(run: Runner, sup: SupportSlice, supports: list[SupportSlice], pooled: Appearance
-                 ) -> Iterator[Appearance]:
-    """The look of a chain outward from annotated slice `sup`: with `config.outward_own_look` and
-    other annotated slices showing the organ, learnt from `sup` alone (the segmenter's too, put back
-    afterwards); otherwise the pooled look `pooled`."""
-    shown = [s for s in supports if s.mask.any()]
-    if not (run.config.outward_own_look and len(shown) > 1 and sup.mask.any()):
-        yield pooled
-        return
-    try:
-        yield learn_appearance(run, [sup])
-    finally:
-        learn_appearance(run, supports)
+def nearest_annotation(run: Runner, z: int) -> int:
+    """The annotated slice showing the organ nearest slice z (the root of a chain outward from the
+    annotated span, for z beyond it)."""
+    return min(run.annotated_with_organ(), key=lambda a: (abs(a - z), a))
 
 
 def chain_stop(z0: int, step: int, seed_slices: list[int], rng: tuple[int, int],
@@ -261,13 +255,21 @@ def chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: in
 
 def gap_look(run: Runner, z0: int, mask0: np.ndarray, nxt: int | None) -> str:
     """How the steps of a chain from annotated slice z0 (mask `mask0`) towards annotated slice `nxt`
-    learn the organ's look (`SliceReport.look`): "annotations" (once, from the annotated slices),
+    learn the organ's look (`SliceReport.look`): "own" (outward, nxt None, with
+    `config.outward_own_look` and several annotated slices: from the annotated slice it runs from
+    alone), "annotations" (once, from the annotated slices),
     "parent" (`relearn_gap_look`: at every step between two annotated slices showing the organ) or
     "tip" (such a chain starting from one of the organ's tips, from the outermost annotated slice,
     small against the gap (`tip_ratio`) or where the organ ends (`tip_end`): it must grow, see
     `gap_step`)."""
     cfg = run.config
-    if not (cfg.relearn_gap_look and cfg.shape_prior and nxt is not None and run.accepted(nxt).any()
+    if nxt is None:
+        # Outward from the annotated span: annotations drawn far away, near the organ's other end
+        # (partial volume), widen a pooled look and the chain runs on past this end.
+        own = (cfg.outward_own_look and cfg.shape_prior and len(run.annotated_with_organ()) > 1
+               and getattr(run.segmenter, "fit_reference", None) is not None)
+        return "own" if own else "annotations"
+    if not (cfg.relearn_gap_look and cfg.shape_prior and run.accepted(nxt).any()
             and getattr(run.segmenter, "fit_reference", None) is not None):
         return "annotations"
     across, rows, cols = run.spacing
@@ -296,6 +298,7 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
     """The segmenter, for one step onto slice z from `parent` (accepted mask `prev`) of a chain whose
     steps learn their look `look` (`gap_look`), towards annotated slice `ahead`; put back afterwards.
 
+    "own": the look is fitted to the annotated slice nearest z alone (`gap_look`).
     "parent": the look is fitted to the annotated slices showing the organ and `parent` under
     `prev`, side by side as `learn_appearance` does: annotations at the organ's tips show little of
     it (partial volume), and a look learnt from them alone calls the organ's body background.
@@ -313,6 +316,11 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
     kept = (seg.reference, getattr(seg, "grow_weight", None), getattr(seg, "reach", None))
     cfg = run.config
     try:
+        if look == "own":
+            root = nearest_annotation(run, z)
+            seg.fit_reference(run.slice(root), run.accepted(root))
+            yield
+            return
         shown = run.annotated_with_organ()
         source = z if look == "tip" else parent
         image = np.concatenate([run.slice(a) for a in shown] + [run.slice(source)], axis=1)
@@ -340,6 +348,9 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
     cfg = run.config
     # The annotated slice whose reach holds each step (`gap_step`), kept in the record for a replay.
     ahead = nxt if step_look == "tip" or (step_look == "parent" and reach and cfg.gap_reach) else None
+    if step_look == "own":
+        root = nearest_annotation(run, z0)
+        look = _intensities(cfg, run.slice(root), run.accepted(root))
     prev = mask0
     peak = trough = int(prev.sum())
     key = [int(z0), int(step), int(stop), None if nxt is None else int(nxt)]
@@ -572,8 +583,7 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     # Outward chains first: where they end tells a gap whether it starts from the organ's end.
     for z0, mask0, sup, step, (stop, nxt) in chains:
         if nxt is None:
-            with outward_look(run, sup, supports, look) as own:
-                chain(run, z0, mask0, step, stop, nxt, sup.index, own)
+            chain(run, z0, mask0, step, stop, nxt, sup.index, look)
     gaps = interpolated_gaps(run, masks, areas)
     for a, b in gaps:
         fill_gap(run, a, masks[a], b, masks[b], support_of[a].index)

@@ -69,7 +69,8 @@ class SliceReport:
     chain: [root, step, stop, next annotated slice or None] of the neighbour chain that produced
         (or ended at) this slice: a later run with the same chain reuses the slice as it was.
     look: how the segmenter's look was learnt for this slice (`neighbour.gap_look`): "annotations"
-        (from the annotated slices or the supports), "parent" (re-learnt from the annotated slices and
+        (from the annotated slices or the supports), "own" (a chain outward from the annotated span,
+        from the annotated slice nearest it alone), "parent" (re-learnt from the annotated slices and
         the parent's accepted mask) or "tip" (from the annotated slices and this slice under the
         parent's mask, with the growth of a chain from the organ's tip; `neighbour.gap_step`).
     ahead: for look "tip" or "parent", the annotated slice the chain runs towards (its reach,
