@@ -75,7 +75,7 @@ class PropagationConfig:
         organ's end, no annotation ahead) learns the organ's look, and its end rules' intensity
         ranges, from that slice alone instead of from every annotated slice pooled: slices drawn
         far away, often near the organ's other end (partial volume), widen the pooled look, and
-        the chain runs on past the organ's end (`neighbour.run_neighbour`). With one annotated
+        the chain runs on past the organ's end (`neighbour.gap_look`, look "own"). With one annotated
         slice both are the same.
     tip_end: such a chain also starts from a tip when the chain outward from its annotated slice
         accepted at most `tip_end` slices: the organ ends there, whatever its size (a spleen's end

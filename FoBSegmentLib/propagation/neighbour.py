@@ -263,14 +263,13 @@ def gap_look(run: Runner, z0: int, mask0: np.ndarray, nxt: int | None) -> str:
     small against the gap (`tip_ratio`) or where the organ ends (`tip_end`): it must grow, see
     `gap_step`)."""
     cfg = run.config
+    relearns = cfg.shape_prior and getattr(run.segmenter, "fit_reference", None) is not None
     if nxt is None:
         # Outward from the annotated span: annotations drawn far away, near the organ's other end
         # (partial volume), widen a pooled look and the chain runs on past this end.
-        own = (cfg.outward_own_look and cfg.shape_prior and len(run.annotated_with_organ()) > 1
-               and getattr(run.segmenter, "fit_reference", None) is not None)
+        own = relearns and cfg.outward_own_look and len(run.annotated_with_organ()) > 1
         return "own" if own else "annotations"
-    if not (cfg.relearn_gap_look and cfg.shape_prior and run.accepted(nxt).any()
-            and getattr(run.segmenter, "fit_reference", None) is not None):
+    if not (relearns and cfg.relearn_gap_look and run.accepted(nxt).any()):
         return "annotations"
     across, rows, cols = run.spacing
     radius = np.sqrt(np.count_nonzero(mask0) * rows * cols / np.pi)
