@@ -150,6 +150,41 @@ def test_a_chain_that_runs_from_its_seed_to_the_volume_end_only_did_not_follow_t
     assert dice(np.asarray(res.mask, bool), ref) < 0.2  # the warning is right: the liver was not found
 
 
+def test_when_no_chain_with_the_support_look_follows_the_organ_the_query_look_is_tried(data_dir: Path) -> None:
+    """Query CHAOS 13, support: the middle slice of CHAOS 15's liver. With the look matched from the
+    other scan, no seed candidate's chain follows the liver (the best runs 31 mm of the 79 mm it
+    needs; two keep their seed slice alone). The same candidates again with the look of the query's
+    own seed slice: the chain from slice 23 follows it (Dice 0.008 before). Still a warning: the
+    support's look, the placement's evidence, did not hold."""
+    from FoBSegmentLib.propagation.locate import NOT_FOLLOWED_NOTE
+    from FoBSegmentLib.segmenters import get_segmenter
+
+    prepared, other, ref = _cross_pair(data_dir, "13", "15", 1)
+    res = P.predict_cross(prepared, other, 1, False, get_segmenter("graphcut"))
+    assert any(w.startswith(NOT_FOLLOWED_NOTE) and "with the support's look" in w for w in res.warnings), res.notes
+    assert any("with the query's look followed the organ over" in n for n in res.notes), res.notes
+    d = dice(np.asarray(res.mask, bool), ref)
+    print(f"\nliver, CHAOS 15 -> 13, with the query's look: {d:.3f}")
+    assert d > 0.75  # measured 0.854
+
+
+def test_a_seed_with_the_query_look_replays_from_its_record(data_dir: Path) -> None:
+    """Query CHAOS 10, support: the middle slice of CHAOS 13's spleen, without the second pass: the
+    first candidate's chain with the query's look is kept, so the record's seed says where its look
+    came from ("look": "query") and the replay learns that look again: the same mask, voxel for voxel."""
+    from FoBSegmentLib.propagation import PropagationConfig
+    from FoBSegmentLib.segmenters import get_segmenter
+
+    prepared, other, ref = _cross_pair(data_dir, "10", "13", 4)
+    job = P.cross_job(prepared, other, 4, False, get_segmenter("graphcut"), config=PropagationConfig(second_pass=False))
+    live = job.run()
+    seeds = [e for e in live.record["slices"] if e.get("parent") is None]
+    assert [e.get("look") for e in seeds] == ["query"], seeds
+    again = job.with_prompts(live.prompts, live.record).run()
+    assert np.asarray(live.mask).any() and np.array_equal(np.asarray(live.mask), np.asarray(again.mask))
+    assert dice(np.asarray(live.mask, bool), ref) > 0.75  # measured 0.862
+
+
 def _dermoscopy_support(data_dir: Path, tmp: Path, like: Path) -> tuple[Path, Path]:
     """An unrelated support: a dermoscopy image (grey, resized to the query's slice size) and its
     lesion mask, as one-slice volumes."""

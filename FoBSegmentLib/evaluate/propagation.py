@@ -387,6 +387,12 @@ def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segm
     """`fob segment QUERY --support-image OTHER --support-mask OTHER_MASK` through the one job
     builder: the support is the other patient's organ on its middle slice (whole=False) or its whole
     labelled organ (whole=True). Only the query's image is read, never its reference."""
+    return cross_job(query, other, organ, whole, segmenter, generator, config).run()
+
+
+def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmenter: Any,
+              generator: Any = None, config: Any = None) -> Any:
+    """The `job.Job` that `predict_cross` runs."""
     from FoBSegmentLib.job import Components, JobSettings, build_job
 
     sup = other.labels == organ
@@ -404,7 +410,7 @@ def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segm
                     components=Components(generator, segmenter, source),
                     support_name=f"label {organ} of case {other.case.case_id}")
     job.support_transform = other_affine(query, other)
-    return job.run()
+    return job
 
 
 def _confidence(notes: list[str]) -> float | None:

@@ -42,6 +42,7 @@ from FoBSegmentLib.propagation.neighbour import (
     fill_areas,
     gap_step,
     learn_appearance,
+    query_seed_look,
 )
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.types import PropagationResult, SliceReport, SupportSlice
@@ -195,7 +196,9 @@ class _Replay:
                 looks = [SupportSlice(z1, run.slice(z1), _unpack(own["priorMask"]), run.n)]
             elif not same_volume and seed is not None and run.n > 1:
                 # Another patient's support: the look the live run learnt from the located seed.
-                looks = cross_patient_look(run, supports, int(seed["index"]), _unpack(seed["priorMask"]))[0]
+                z0, moved = int(seed["index"]), _unpack(seed["priorMask"])
+                looks = (query_seed_look(run, z0, moved) if seed.get("look") == "query"
+                         else cross_patient_look(run, supports, z0, moved)[0])
             self.look = learn_appearance(run, looks)
         self.done: set[int] = set()
         self.dirty: set[int] = set()

@@ -480,10 +480,17 @@ class SeedCandidate:
     kept: float
     inside: float
     scores: dict[int, float] = dataclasses.field(default_factory=dict)
+    # The look was switched to the query's own seed slice after no chain with the support's look
+    # followed the organ (`query_look_candidates`), not because the seed dropped the placed organ.
+    query_look: bool = False
 
     @property
     def score(self) -> float:
         return self.appearance + self.kept
+
+    @property
+    def look_from_query(self) -> bool:
+        return all(s is not self.support for s in self.look)
 
 
 def _seed_candidates(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> list[SeedCandidate]:
@@ -534,7 +541,7 @@ def _seed_notes(run: Runner, chosen: SeedCandidate, candidates: list[SeedCandida
     if organ_conf < LOW_CONFIDENCE:
         run.notes.append(f"{LOW_CONFIDENCE_NOTE}: the best placement (query slice {c.z}) matches the support's "
                          f"organ with confidence {organ_conf:.2f} < {LOW_CONFIDENCE}; check the result")
-    if all(s is not c.support for s in c.look):  # the look came from the query
+    if c.look_from_query and not c.query_look:  # (a query_look seed has its own warning, `cross_patient`)
         run.notes.append(f"cross-patient: the seed slice segmented with the support's look keeps {c.kept:.2f} "
                          "of the placed organ (Dice); the organ's look is learnt from the query's seed slice")
 
@@ -561,8 +568,27 @@ def cross_patient_look(run: Runner, supports: list[SupportSlice], z0: int, moved
     core = core_of(moved)
     inside = intensity_match(run.slice(z0), core, intensity_range(sup.image, sup.mask)) if core.any() else 0.0
     if agree < SEED_AGREEMENT and core.sum() >= run.config.min_area:
-        return [SupportSlice(z0, run.slice(z0), core, run.n)], sup, agree, inside
+        return query_seed_look(run, z0, moved), sup, agree, inside
     return matched, sup, agree, inside
+
+
+def query_seed_look(run: Runner, z0: int, moved: np.ndarray) -> list[SupportSlice]:
+    """The look of the query's own seed slice z0: the core of the placed organ `moved` ((H, W)
+    bool; `locate.core_of`) on it, as the one support the segmenter learns from."""
+    from FoBSegmentLib.propagation.locate import core_of
+
+    return [SupportSlice(z0, run.slice(z0), core_of(moved), run.n)]
+
+
+def query_look_candidates(run: Runner, candidates: list[SeedCandidate]) -> list[SeedCandidate]:
+    """The candidates whose chains learnt the support's look, again with the look of the query's own
+    seed slice (`query_seed_look`): tried when no chain with the support's look followed the organ.
+    Intensities matched from another scanner can fit the organ's look on the seed slice and not
+    beyond it, while the placement is right."""
+    from FoBSegmentLib.propagation.locate import core_of
+
+    return [dataclasses.replace(c, look=query_seed_look(run, c.z, c.moved), query_look=True) for c in candidates
+            if not c.look_from_query and core_of(c.moved).sum() >= run.config.min_area]
 
 
 def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, rng: tuple[int, int]) -> None:
@@ -596,9 +622,10 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
 def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
     """Another patient's support: chain outwards from the best seed candidate (`_seed_candidates`);
     when that first pass does not follow the organ over a plausible extent (`followed_extent`), the
-    next candidate is tried, and the pass that followed the organ furthest is kept. Then the second
-    pass (`second_pass`, unless `_candidate_pass` ran it already) and the check against the
-    whole-volume registration (`disputed_note`)."""
+    next candidate is tried; when none does, the candidates again with the query's own look
+    (`query_look_candidates`, a warning even when one follows), and the pass that followed the organ
+    furthest is kept. Then the second pass (`second_pass`, unless `_candidate_pass` ran it already) and
+    the check against the whole-volume registration (`disputed_note`)."""
     from FoBSegmentLib.propagation.locate import NOT_FOLLOWED_NOTE, disputed_note
 
     candidates = _seed_candidates(run, supports, rng)
@@ -614,30 +641,39 @@ def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int
 
     extents: list[Extent] = []
     tried: list[tuple[Kept, list[str]]] = []  # each pass's slices and notes, should it be kept after all
-    for i, c in enumerate(candidates):
+    order = list(candidates)
+    for i, c in enumerate(order):  # grows once: the query's look after the support's (`query_look_candidates`)
         if i:
             take_back()
         extents.append(_candidate_pass(run, c, rng))
         if extents[-1].followed:
             break
         tried.append((run.keep(range(run.n)), run.notes[start:]))
+        if i == len(candidates) - 1 and run.n > 1:
+            order += query_look_candidates(run, candidates)
     best = max(range(len(extents)), key=lambda i: (extents[i].followed,
                                                    extents[i].got / max(extents[i].needed, 1e-6), -i))
     if best != len(extents) - 1:
         take_back()
         run.restore(tried[best][0])
         run.notes.extend(tried[best][1])
-    chosen = candidates[best]
+    chosen = order[best]
     passes = run.notes[start:]
     del run.notes[start:]
     _seed_notes(run, chosen, candidates, len(supports))
-    for i, (e, c) in enumerate(zip(extents, candidates)):
+    both = len(extents) > len(candidates)  # the same slices were tried with both looks
+    for i, (e, c) in enumerate(zip(extents, order)):
         if i != best:
-            run.notes.append(f"cross-patient: the chain from query slice {c.z} {e.says()}; slice {chosen.z} taken")
+            look = (" with the query's look" if c.look_from_query else " with the support's look") if both else ""
+            run.notes.append(f"cross-patient: the chain from query slice {c.z}{look} {e.says()}; slice {chosen.z} taken")
     e = extents[best]
     if e.got > 0 and not e.followed:  # (nothing segmented at all has its own warning, `flag_cross_patient`)
         run.notes.append(f"{NOT_FOLLOWED_NOTE}: no seed candidate's chain followed the organ (the chain from query "
                          f"slice {chosen.z} {e.says()}); check the result")
+    elif chosen.query_look:
+        # Found with the query's look only: the support's look, the placement's evidence, did not hold.
+        run.notes.append(f"{NOT_FOLLOWED_NOTE}: no seed candidate's chain followed the organ with the support's "
+                         f"look; the chain from query slice {chosen.z} with the query's own look did; check the result")
     run.notes.extend(passes)
     if run.config.second_pass and run.n > 1 and not e.second:
         second_pass(run, rng, chosen.support.index)
@@ -670,8 +706,9 @@ def _first_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> None:
     if ps is None:
         raise ValueError("the support mask leaves no room for a background ring in the query slice")
     m, score = run.segment(c.z, ps)
-    rep = SliceReport(c.z, "neighbour", support_index=c.support.index, score=score,
-                      prior="stored" if ps.prior_mask is not None else "none")
+    prior = "stored" if ps.prior_mask is not None else "none"
+    rep = SliceReport(c.z, "neighbour", support_index=c.support.index, score=score, prior=prior,
+                      look="query" if c.query_look else "annotations")
     if m.sum() < run.config.min_area:
         run.end_chain(c.z, rep, "chain-end: mask vanished at the seed slice",
                       f"the seed slice {c.z} gave no mask; nothing segmented")

@@ -72,7 +72,9 @@ class SliceReport:
         (from the annotated slices or the supports), "own" (a chain outward from the annotated span,
         from the annotated slice nearest it alone), "parent" (re-learnt from the annotated slices and
         the parent's accepted mask) or "tip" (from the annotated slices and this slice under the
-        parent's mask, with the growth of a chain from the organ's tip; `neighbour.gap_step`).
+        parent's mask, with the growth of a chain from the organ's tip; `neighbour.gap_step`); on the
+        seed of a cross-patient first pass, "query" when its look was learnt from the query's own seed
+        slice after no chain with the support's look followed the organ (`neighbour.cross_patient`).
     ahead: for look "tip" or "parent", the annotated slice the chain runs towards (its reach,
         `neighbour.gap_step`).
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
