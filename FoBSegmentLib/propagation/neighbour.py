@@ -585,10 +585,9 @@ def query_look_candidates(run: Runner, candidates: list[SeedCandidate]) -> list[
     seed slice (`query_seed_look`): tried when no chain with the support's look followed the organ.
     Intensities matched from another scanner can fit the organ's look on the seed slice and not
     beyond it, while the placement is right."""
-    from FoBSegmentLib.propagation.locate import core_of
-
-    return [dataclasses.replace(c, look=query_seed_look(run, c.z, c.moved), query_look=True) for c in candidates
-            if not c.look_from_query and core_of(c.moved).sum() >= run.config.min_area]
+    looks = [(c, query_seed_look(run, c.z, c.moved)) for c in candidates if not c.look_from_query]
+    return [dataclasses.replace(c, look=look, query_look=True) for c, look in looks
+            if look[0].mask.sum() >= run.config.min_area]
 
 
 def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, rng: tuple[int, int]) -> None:
