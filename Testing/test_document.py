@@ -190,10 +190,11 @@ def test_sam_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsy
 
 def test_a_chain_between_two_annotated_tips_replays_with_its_relearnt_look(
         liver: dict, tmp_path: Path, data_dir: Path, capsys) -> None:
-    """Between the liver's two end slices, tip chains from both ends agree somewhere (`tip_consensus`):
-    that slice keeps the mask they agree on (prior "self", stored in the record) and the gap is chained
-    from it to both ends, re-learning the look at every step (`neighbour.gap_step`); the record says so
-    per slice and the replay re-learns it, voxel for voxel."""
+    """The liver drawn on its two end slices only: both are tips, so the slice midway between them, as
+    the first pass chained it, becomes a body seed (`neighbour.body_seed_pass`: look "body", its mask
+    stored in the record as prior "self") and the gap is chained from it to both ends, re-learning the
+    look at every step (`neighbour.gap_step`); the record says so per slice and the replay re-learns
+    the look of the annotations and the body seed, voxel for voxel."""
     lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz")
     ref = lab.array == 1
     zs = np.flatnonzero(ref.any(axis=(1, 2)))
@@ -205,6 +206,7 @@ def test_a_chain_between_two_annotated_tips_replays_with_its_relearnt_look(
     entries = json.loads(p.read_text())[RECORD_KEY]["slices"]
     seeds = [e for e in entries if e.get("prior") == "self"]
     assert len(seeds) == 1 and zs[0] < seeds[0]["index"] < zs[-1] and "priorMask" in seeds[0]
+    assert seeds[0]["look"] == "body"
     relearnt = sorted(e["index"] for e in entries if e.get("look") == "parent")
     assert relearnt == [z for z in range(zs[0] + 1, zs[-1]) if z != seeds[0]["index"]], relearnt
     fob([liver["image"], "-o", again, "--support-mask", support, "--prompts-in", p, "--quiet"], capsys)

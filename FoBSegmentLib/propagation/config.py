@@ -83,6 +83,10 @@ class PropagationConfig:
     tip_consensus: after a tip chain, a tip chain from the annotation ahead runs back through the
         gap; where the two agree best, at Dice >= this, the gap is chained again from there out to
         both annotations (`neighbour.tip_consensus`). None = off.
+    body_seed: when two neighbouring annotated slices are both tips of the organ (each starts a tip
+        chain towards the other, e.g. a person drew only its first and last slices), the slice midway
+        between them, as the first pass chained it, joins them as a seed whose look is learnt too,
+        and the propagation runs again from all of them (`neighbour.body_seed_pass`).
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -142,6 +146,7 @@ class PropagationConfig:
     outward_own_look: bool = True
     tip_end: int | None = 1
     tip_consensus: float | None = 0.8
+    body_seed: bool = True
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -170,7 +175,7 @@ class PropagationConfig:
 # What a record written before a field existed ran with, where that differs from today's default.
 _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
                                      "tip_consensus": None, "cross_min_extent": None, "gap_reach": False,
-                                     "outward_own_look": False}
+                                     "outward_own_look": False, "body_seed": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

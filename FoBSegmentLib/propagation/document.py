@@ -180,8 +180,15 @@ class _Replay:
         self.record = record
         self.entries = {int(e["index"]): e for e in record["slices"]}
         self.annotated = {s.index for s in supports} if same_volume else set()
+        # Body seeds (`neighbour.body_seed_pass`): seeds of the chains like the annotated slices, their
+        # masks in the record, their look learnt with the annotations'.
+        body = [SupportSlice(z, run.slice(z), _unpack(e["priorMask"]), run.n) for z, e in sorted(self.entries.items())
+                if same_volume and e.get("look") == "body" and "priorMask" in e]
+        run.body_seeds = {s.index for s in body}
+        supports = sorted([*supports, *body], key=lambda s: s.index)
         self.support_of = {s.index: s for s in supports}
-        self.seed_slices = sorted(self.annotated) or sorted(z for z, e in self.entries.items() if e.get("parent") is None)
+        self.seed_slices = (sorted(self.annotated | run.body_seeds)
+                            or sorted(z for z, e in self.entries.items() if e.get("parent") is None))
         self.rng = (int(record["range"][0]), int(record["range"][1]))
         self.seed_areas = fill_areas(run, {z: self.support_of[z].mask for z in self.seed_slices
                                            if z in self.support_of})

@@ -355,7 +355,7 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
     key = [int(z0), int(step), int(stop), None if nxt is None else int(nxt)]
     z = z0 + step
     while (step > 0 and z <= stop) or (step < 0 and z >= stop):
-        if run.reports[z].source == "annotation":
+        if run.is_seed(z):
             break
         run.check_cancel()
         earlier = run.reuse.get(z)
@@ -596,6 +596,13 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
     if not same_volume:
         cross_patient(run, supports, rng)
         return
+    _chain_from_seeds(run, supports, rng)
+    if run.config.body_seed:
+        body_seed_pass(run, supports, rng)
+
+
+def _chain_from_seeds(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
+    """Same volume: every chain from the annotated slices (and body seeds) `supports`."""
     look = learn_appearance(run, supports)
     seeds = [(s.index, s.mask, s) for s in supports]
     seed_slices = sorted(z for z, *_ in seeds)
@@ -616,6 +623,49 @@ def run_neighbour(run: Runner, supports: list[SupportSlice], same_volume: bool, 
             chain(run, z0, mask0, step, stop, nxt, sup.index, look)
             if run.config.tip_consensus is not None:
                 tip_consensus(run, z0, step, nxt, sup.index, look)
+
+
+def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
+    """After the chains from the annotated slices (same volume): when two neighbouring annotated
+    slices are both tips of the organ (each starts a tip chain towards the other, `gap_look`), all
+    they show of it is partial volume, and the look learnt from them is not its body's. The slice
+    midway between them, as the first pass chained it, then joins them as a body seed (`Runner.body_seeds`,
+    look "body" and prior "self" in the record, which stores its mask): the look is learnt from the
+    annotations and it, and the propagation runs again, the gap filled from it out to both
+    annotations. Nothing else changes: the body seed is a segmented slice like the others, listed
+    for review (docs/RESULTS.md, "The annotation loop", measured this)."""
+    def found(z: int) -> bool:
+        return run.reports[z].source == "neighbour" and run.accepted(z).sum() >= run.config.min_area
+
+    shown = sorted((s for s in supports if s.mask.any()), key=lambda s: s.index)
+    body = []
+    for a, b in zip(shown, shown[1:]):
+        if b.index - a.index < 2 or not (gap_look(run, a.index, a.mask, b.index) == "tip"
+                                         == gap_look(run, b.index, b.mask, a.index)):
+            continue
+        # The middle, not the largest cross-section: a chain that leaked is widest where it leaked.
+        z = (a.index + b.index) // 2
+        if not found(z):
+            z = max(range(a.index + 1, b.index), key=lambda k: (int(run.accepted(k).sum()), -k))
+        if found(z):
+            body.append((z, a.index, b.index, run.accepted(z).copy(), run.prompts[z]))
+    if not body:
+        return
+    run.check_cancel()
+    run.clear()
+    run.total = run.done + rng[1] - rng[0] + 1
+    run.copy_annotations(supports)
+    seeds = list(supports)
+    for z, a, b, mask, first in body:
+        run.body_seeds.add(z)
+        why = f"body seed: annotated slices {a} and {b} are both the organ's tips; chained again from here"
+        run.accept(z, mask, SliceReport(z, "neighbour", prior="self", look="body", flags=[why]),
+                   PromptSet(first.background, first.foreground, prior_mask=mask))
+        run.tick(f"slice {z}")
+        seeds.append(SupportSlice(z, run.slice(z), mask, run.n))
+        run.notes.append(f"annotated slices {a} and {b} are both tips of the organ: chained again from slice {z} "
+                         "between them, as the first pass found it, with the look learnt from it too")
+    _chain_from_seeds(run, sorted(seeds, key=lambda s: s.index), rng)
 
 
 def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:

@@ -100,6 +100,8 @@ class Runner:
         self.generator: Any = None
         # mm between slices, rows and columns (`io.coords.slice_spacing`).
         self.spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+        # Slices no person drew that seed chains as an annotated slice does (`neighbour.body_seed_pass`).
+        self.body_seeds: set[int] = set()
 
     def slice(self, z: int) -> np.ndarray:
         return np.asarray(take_slice(self.image, self.axis, z), dtype=np.float32)
@@ -109,8 +111,13 @@ class Runner:
         return np.asarray(take_slice(self.mask, self.axis, z), bool)
 
     def annotated_with_organ(self) -> list[int]:
-        """The annotated slices that show the organ (not annotated absences), in order."""
-        return [z for z, rep in sorted(self.reports.items()) if rep.source == "annotation" and self.accepted(z).any()]
+        """The annotated slices that show the organ (not annotated absences) and the body seeds, in order."""
+        return [z for z, rep in sorted(self.reports.items())
+                if (rep.source == "annotation" or z in self.body_seeds) and self.accepted(z).any()]
+
+    def is_seed(self, z: int) -> bool:
+        """Whether slice z is annotated or a body seed: no chain passes it."""
+        return self.reports[z].source == "annotation" or z in self.body_seeds
 
     def tick(self, text: str) -> None:
         self.done += 1
@@ -179,6 +186,7 @@ class Runner:
         self.prompts.clear()
         self.reports = {z: SliceReport(z, "skipped") for z in range(self.n)}
         self.order.clear()
+        self.body_seeds.clear()
 
     def keep(self, zs: range) -> Kept:
         """What slices `zs` hold now (masks, reports, prompts, the acceptance order), for `restore`."""

@@ -64,8 +64,9 @@ class SliceReport:
         chaining), None when the prompts did not come from another slice.
     prior: where the shape prior came from: "parent", "none", "stored" (a mask kept in the
         propagation record, e.g. another patient's support moved onto the seed slice), or "self"
-        (the slice's own mask is kept in the record: the seed of a cross-patient second pass, taken
-        from the first pass; `neighbour.second_pass`).
+        (the slice's own mask is kept in the record: the seed of a cross-patient second pass or a
+        body seed, taken from the first pass, `neighbour.second_pass` / `body_seed_pass`; the seed
+        where two tip chains agree, `neighbour.tip_consensus`).
     chain: [root, step, stop, next annotated slice or None] of the neighbour chain that produced
         (or ended at) this slice: a later run with the same chain reuses the slice as it was.
     look: how the segmenter's look was learnt for this slice (`neighbour.gap_look`): "annotations"
@@ -74,7 +75,9 @@ class SliceReport:
         the parent's accepted mask) or "tip" (from the annotated slices and this slice under the
         parent's mask, with the growth of a chain from the organ's tip; `neighbour.gap_step`); on the
         seed of a cross-patient first pass, "query" when its look was learnt from the query's own seed
-        slice after no chain with the support's look followed the organ (`neighbour.cross_patient`).
+        slice after no chain with the support's look followed the organ (`neighbour.cross_patient`);
+        "body" on a body seed (`neighbour.body_seed_pass`: its mask, stored in the record, comes
+        from the first pass, and the look is learnt from it and the annotated slices).
     ahead: for look "tip" or "parent", the annotated slice the chain runs towards (its reach,
         `neighbour.gap_step`).
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
