@@ -112,8 +112,7 @@ class Runner:
 
     def annotated_with_organ(self) -> list[int]:
         """The annotated slices that show the organ (not annotated absences) and the body seeds, in order."""
-        return [z for z, rep in sorted(self.reports.items())
-                if (rep.source == "annotation" or z in self.body_seeds) and self.accepted(z).any()]
+        return [z for z in sorted(self.reports) if self.is_seed(z) and self.accepted(z).any()]
 
     def is_seed(self, z: int) -> bool:
         """Whether slice z is annotated or a body seed: no chain passes it."""
