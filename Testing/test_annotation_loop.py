@@ -363,21 +363,26 @@ def test_a_body_seed_between_two_tips_brings_the_organs_look(data_dir: Path) -> 
     """CHAOS MR 2's spleen drawn on its first and last slice only: both are tips, and the look learnt
     from them is partial volume. The slice midway between them, as the first pass chained it, joins
     them as a body seed (`body_seed`): the propagation runs again with its look learnt too and the
-    gap filled from it. The record stores its mask and the prompts give the result back; the body
-    seed is no annotation, so the review ranking lists it. With a third annotated slice (the middle)
-    no body seed is made."""
+    gap filled from it. Segmented again from its own mask (`body_seed_refine`), the body seed grows
+    to the organ's edge the first pass's tip chains lagged behind. The record stores its mask and the
+    prompts give the result back; the body seed is no annotation, so the review ranking lists it.
+    With a third annotated slice (the middle) no body seed is made."""
     prepared, ref, zs, support = _drawn_on_its_ends("2", 4)
-    got = {}
-    for name, on in (("tips", False), ("body seed", True)):
-        job = _neighbour_job(prepared, support, P.config_for_modality(P.PropagationConfig(body_seed=on), "mr"))
+    got, seed = {}, {}
+    for name, on, rounds in (("tips", False, 0), ("body seed", True, 0), ("refined", True, 5)):
+        cfg = P.PropagationConfig(body_seed=on, body_seed_refine=rounds)
+        job = _neighbour_job(prepared, support, P.config_for_modality(cfg, "mr"))
         result = job.run()
         got[name] = dice(result.mask, ref)
-    print("\nCHAOS MR 2 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
-    body = [z for z, rep in result.slices.items() if rep.look == "body"]
+        body = [z for z, rep in result.slices.items() if rep.look == "body"]
+        seed[name] = dice(result.accepted[body[0]], ref[body[0]]) if body else None
+    print("\nCHAOS MR 2 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values())
+          + f"; body seed {seed['body seed']:.3f} -> {seed['refined']:.3f} refined")
     assert body == [(zs[0] + zs[-1]) // 2] and result.slices[body[0]].prior == "self"
     assert {rep.look for z, rep in result.slices.items() if zs[0] < z < zs[-1] and z not in body} == {"parent"}
     assert body[0] in [item.index for item in review_ranking(result)]
     assert got["body seed"] >= got["tips"] + 0.05  # measured 0.709 -> 0.804
+    assert seed["refined"] >= seed["body seed"] + 0.02 and got["refined"] >= got["body seed"] + 0.02
     assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
     support[body[0]] = ref[body[0]]
     assert not any(rep.look == "body" for rep in _neighbour_job(prepared, support).run().slices.values())
@@ -392,6 +397,8 @@ def test_config_round_trip() -> None:
     old = P.PropagationConfig.from_json({k: v for k, v in cfg.to_json().items() if k not in newer})
     assert all(getattr(cfg, k) is True and getattr(old, k) is False for k in newer[:4])
     assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[4:])
+    assert cfg.body_seed_refine > 0 and P.PropagationConfig.from_json(
+        {k: v for k, v in cfg.to_json().items() if k != "body_seed_refine"}).body_seed_refine == 0
 
 
 def test_a_prompt_correction_segments_only_the_edited_slice_and_its_chain(kidney: Loop) -> None:

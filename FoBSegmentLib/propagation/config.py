@@ -87,6 +87,10 @@ class PropagationConfig:
         chain towards the other, e.g. a person drew only its first and last slices), the slice midway
         between them, as the first pass chained it, joins them as a seed whose look is learnt too,
         and the propagation runs again from all of them (`neighbour.body_seed_pass`).
+    body_seed_refine: the body seed is segmented again from its own mask, with the look of the
+        annotations and itself, until it changes by less than 1 % (Dice >= 0.99), at most this many
+        times (`neighbour.refine_body_seed`; 0 = taken as the first pass chained it). A chain grown
+        from a tip stops short of the organ's body; each round grows it towards the edge the image shows.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -147,6 +151,7 @@ class PropagationConfig:
     tip_end: int | None = 1
     tip_consensus: float | None = 0.8
     body_seed: bool = True
+    body_seed_refine: int = 5
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -175,7 +180,8 @@ class PropagationConfig:
 # What a record written before a field existed ran with, where that differs from today's default.
 _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
                                      "tip_consensus": None, "cross_min_extent": None, "gap_reach": False,
-                                     "outward_own_look": False, "body_seed": False}
+                                     "outward_own_look": False, "body_seed": False,
+                                     "body_seed_refine": 0}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

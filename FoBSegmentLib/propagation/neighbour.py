@@ -629,7 +629,7 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
     """After the chains from the annotated slices (same volume): when two neighbouring annotated
     slices are both tips of the organ (each starts a tip chain towards the other, `gap_look`), all
     they show of it is partial volume, and the look learnt from them is not its body's. The slice
-    midway between them, as the first pass chained it, then joins them as a body seed (`Runner.body_seeds`,
+    midway between them, as the first pass chained it and `refine_body_seed` grew it, then joins them as a body seed (`Runner.body_seeds`,
     look "body" and prior "self" in the record, which stores its mask): the look is learnt from the
     annotations and it, and the propagation runs again, the gap filled from it out to both
     annotations. Nothing else changes: the body seed is a segmented slice like the others, listed
@@ -648,7 +648,7 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
         if not found(z):
             z = max(range(a.index + 1, b.index), key=lambda k: (int(run.accepted(k).sum()), -k))
         if found(z):
-            body.append((z, a.index, b.index, run.accepted(z).copy(), run.prompts[z]))
+            body.append((z, a.index, b.index, *refine_body_seed(run, z, run.accepted(z).copy(), run.prompts[z])))
     if not body:
         return
     run.check_cancel()
@@ -656,16 +656,36 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
     run.total = run.done + rng[1] - rng[0] + 1
     run.copy_annotations(supports)
     seeds = list(supports)
-    for z, a, b, mask, first in body:
+    for z, a, b, mask, made in body:
         run.body_seeds.add(z)
         why = f"body seed: annotated slices {a} and {b} are both the organ's tips; chained again from here"
         run.accept(z, mask, SliceReport(z, "neighbour", prior="self", look="body", flags=[why]),
-                   PromptSet(first.background, first.foreground, prior_mask=mask))
+                   PromptSet(made.background, made.foreground, prior_mask=mask))
         run.tick(f"slice {z}")
         seeds.append(SupportSlice(z, run.slice(z), mask, run.n))
         run.notes.append(f"annotated slices {a} and {b} are both tips of the organ: chained again from slice {z} "
                          "between them, as the first pass found it, with the look learnt from it too")
     _chain_from_seeds(run, sorted(seeds, key=lambda s: s.index), rng)
+
+
+def refine_body_seed(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet) -> tuple[np.ndarray, PromptSet]:
+    """The body seed on slice z (its mask and the prompts that made it, as the first pass chained it)
+    segmented again from its own mask, the look fitted to the annotated slices and z under the mask,
+    until it changes by less than 1 %, at most `config.body_seed_refine` times; returns the last mask
+    and its prompts. A chain grown from a tip lags behind the organ's edge (the tips are partial
+    volume), and every round moves the mask towards the edge the image shows (docs/RESULTS.md, "The
+    annotation loop", measured it)."""
+    for _ in range(run.config.body_seed_refine):
+        run.check_cancel()
+        with gap_step(run, "parent", z, z, mask, None):
+            got = _segment_from(run, z, mask, z)
+        if got is None or got[0].sum() < run.config.min_area:
+            break
+        settled = dice(got[0], mask) >= 0.99
+        mask, prompts = got[0], got[2]
+        if settled:
+            break
+    return mask, prompts
 
 
 def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
