@@ -629,11 +629,11 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
     """After the chains from the annotated slices (same volume): when two neighbouring annotated
     slices are both tips of the organ (each starts a tip chain towards the other, `gap_look`), all
     they show of it is partial volume, and the look learnt from them is not its body's. The slice
-    midway between them, as the first pass chained it and `refine_body_seed` grew it, then joins them as a body seed (`Runner.body_seeds`,
-    look "body" and prior "self" in the record, which stores its mask): the look is learnt from the
-    annotations and it, and the propagation runs again, the gap filled from it out to both
-    annotations. Nothing else changes: the body seed is a segmented slice like the others, listed
-    for review (docs/RESULTS.md, "The annotation loop", measured this)."""
+    midway between them, as the first pass chained it and `refine_body_seed` grew it, then joins
+    them as a body seed (`Runner.body_seeds`, look "body" and prior "self" in the record, which
+    stores its mask): the look is learnt from the annotations and it, and the propagation runs
+    again, the gap filled from it out to both annotations. Nothing else changes: the body seed is a
+    segmented slice like the others, listed for review (docs/RESULTS.md, "The annotation loop", measured this)."""
     def found(z: int) -> bool:
         return run.reports[z].source == "neighbour" and run.accepted(z).sum() >= run.config.min_area
 
@@ -673,8 +673,8 @@ def refine_body_seed(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet) 
     segmented again from its own mask, the look fitted to the annotated slices and z under the mask,
     until it changes by less than 1 %, at most `config.body_seed_refine` times; returns the last mask
     and its prompts. A chain grown from a tip lags behind the organ's edge (the tips are partial
-    volume), and every round moves the mask towards the edge the image shows (docs/RESULTS.md, "The
-    annotation loop", measured it)."""
+    volume), and every round moves the mask towards the edge the image shows (docs/RESULTS.md,
+    "Tuning notes", `body_seed_refine`)."""
     for _ in range(run.config.body_seed_refine):
         run.check_cancel()
         with gap_step(run, "parent", z, z, mask, None):
