@@ -651,9 +651,7 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
             body.append((z, a.index, b.index, *refine_body_seed(run, z, run.accepted(z).copy(), run.prompts[z])))
     if not body:
         return
-    run.check_cancel()
-    run.clear()
-    run.total = run.done + rng[1] - rng[0] + 1
+    run.start_over(rng)
     run.copy_annotations(supports)
     seeds = list(supports)
     for z, a, b, mask, made in body:
@@ -854,9 +852,7 @@ def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
     lo, hi = min(areas), max(areas)
     mask1 = run.accepted(z1).copy()
     first = run.prompts[z1]
-    run.check_cancel()
-    run.clear()
-    run.total = run.done + rng[1] - rng[0] + 1
+    run.start_over(rng)
     look = learn_appearance(run, [SupportSlice(z1, run.slice(z1), mask1, run.n)])
     ps = PromptSet(first.background, first.foreground, prior_mask=mask1)
     run.accept(z1, mask1, SliceReport(z1, "neighbour", support_index=support_index, prior="self"), ps)

@@ -187,6 +187,13 @@ class Runner:
         self.order.clear()
         self.body_seeds.clear()
 
+    def start_over(self, rng: tuple[int, int]) -> None:
+        """A pass that runs again over the inclusive slice range `rng` (a cross-patient second pass,
+        a body-seed pass): every slice forgotten (`clear`), that range counted as the work left."""
+        self.check_cancel()
+        self.clear()
+        self.total = self.done + rng[1] - rng[0] + 1
+
     def keep(self, zs: range) -> Kept:
         """What slices `zs` hold now (masks, reports, prompts, the acceptance order), for `restore`."""
         return Kept({z: (self.accepted(z).copy(), replace(self.reports[z], flags=list(self.reports[z].flags)),
