@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from FoBSegmentLib import cli
 from FoBSegmentLib import propagation as P
@@ -388,6 +389,29 @@ def test_a_body_seed_between_two_tips_brings_the_organs_look(data_dir: Path) -> 
     assert not any(rep.look == "body" for rep in _neighbour_job(prepared, support).run().slices.values())
 
 
+def test_a_body_seed_in_two_pieces_keeps_the_one_between_the_tips(data_dir: Path) -> None:
+    """Synapse CT 11's spleen drawn on its first and last slice only: the tip chains run into the
+    stomach, and the body seed's rounds split it into the spleen and a larger piece on the stomach.
+    The piece nearest the two tips' mean centre is kept (`body_seed_one_piece`), with the foreground
+    points that lie on it; the record's replay gives the result back."""
+    prepared, ref, zs, support = _drawn_on_its_ends("11", 4, "synapse")
+    got, pieces = {}, {}
+    for on in (False, True):
+        job = _neighbour_job(prepared, support, P.config_for_modality(P.PropagationConfig(body_seed_one_piece=on), "ct"))
+        result = job.run()
+        body = [z for z, rep in result.slices.items() if rep.look == "body"]
+        assert len(body) == 1
+        got[on] = dice(result.mask, ref)
+        pieces[on] = ndimage.label(result.accepted[body[0]])[1]
+    print(f"\nSynapse CT 11 spleen from its two end slices: Dice {got[False]:.3f} -> {got[True]:.3f}, "
+          f"body seed pieces {pieces[False]} -> {pieces[True]}")
+    assert pieces[False] > 1 and pieces[True] == 1
+    assert got[True] >= got[False] + 0.2  # measured 0.537 -> 0.924 in the protocol's job
+    fg = np.round(result.prompts[body[0]].foreground).astype(int)
+    assert len(fg) and result.accepted[body[0]][fg[:, 1], fg[:, 0]].all()
+    assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
+
+
 def test_config_round_trip() -> None:
     cfg = P.config_for_modality(None, "mr")
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
@@ -399,6 +423,8 @@ def test_config_round_trip() -> None:
     assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[4:])
     assert cfg.body_seed_refine > 0 and P.PropagationConfig.from_json(
         {k: v for k, v in cfg.to_json().items() if k != "body_seed_refine"}).body_seed_refine == 0
+    assert cfg.body_seed_one_piece and not P.PropagationConfig.from_json(
+        {k: v for k, v in cfg.to_json().items() if k != "body_seed_one_piece"}).body_seed_one_piece
 
 
 def test_a_prompt_correction_segments_only_the_edited_slice_and_its_chain(kidney: Loop) -> None:

@@ -91,6 +91,9 @@ class PropagationConfig:
         annotations and itself, until it changes by less than 1 % (Dice >= 0.99), at most this many
         times (`neighbour.refine_body_seed`; 0 = taken as the first pass chained it). A chain grown
         from a tip stops short of the organ's body; each round grows it towards the edge the image shows.
+    body_seed_one_piece: a body seed that comes out of its rounds in several pieces keeps the one
+        nearest the two tips' mean centre (`neighbour.one_body_piece`): the organ between its two tips
+        is one body, and a piece away from both is a neighbour the tip chains ran into.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -152,6 +155,7 @@ class PropagationConfig:
     tip_consensus: float | None = 0.8
     body_seed: bool = True
     body_seed_refine: int = 5
+    body_seed_one_piece: bool = True
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -181,7 +185,7 @@ class PropagationConfig:
 _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
                                      "tip_consensus": None, "cross_min_extent": None, "gap_reach": False,
                                      "outward_own_look": False, "body_seed": False,
-                                     "body_seed_refine": 0}
+                                     "body_seed_refine": 0, "body_seed_one_piece": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {
