@@ -94,6 +94,12 @@ class PropagationConfig:
     body_seed_one_piece: a body seed that comes out of its rounds in several pieces keeps the one
         nearest the two tips' mean centre (`neighbour.one_body_piece`): the organ between its two tips
         is one body, and a piece away from both is a neighbour the tip chains ran into.
+    body_seed_trim: after those rounds, the body seed is segmented again until it settles with its
+        look trimmed: its pixels whose smoothed intensity lies more than this many robust standard
+        deviations from its median are learnt as surroundings (`neighbour.refine_body_seed`). None =
+        off (the default; the CT preset 2.5): on CT the organs are homogeneous and a leak into a
+        neighbour of other intensities shrinks away; on MR a kidney's medulla or a spleen's own range
+        is cut too.
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
     fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
@@ -156,6 +162,7 @@ class PropagationConfig:
     body_seed: bool = True
     body_seed_refine: int = 5
     body_seed_one_piece: bool = True
+    body_seed_trim: float | None = None
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -190,7 +197,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": Non
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {
     "mr": {"fg_area_per_point": 350.0, "back_check": 0.8},
-    "ct": {"back_check": 0.7},
+    "ct": {"back_check": 0.7, "body_seed_trim": 2.5},
 }
 
 

@@ -294,7 +294,8 @@ def _beyond(run: Runner, z0: int, nxt: int) -> int:
 
 
 @contextmanager
-def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahead: int | None) -> Iterator[None]:
+def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahead: int | None,
+             exclude: np.ndarray | None = None) -> Iterator[None]:
     """The segmenter, for one step onto slice z from `parent` (accepted mask `prev`) of a chain whose
     steps learn their look `look` (`gap_look`), towards annotated slice `ahead`; put back afterwards.
 
@@ -308,7 +309,8 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
     growth beyond the prior costs `tip_grow_weight` per px instead of the segmenter's own weight.
     Either way, given `ahead`, the organ stays within `tip_reach` px per slice of that annotated
     slice: it has to shrink back into that annotation by the time it gets there (`_chain` gives a
-    "parent" step its `ahead` with `config.gap_reach`)."""
+    "parent" step its `ahead` with `config.gap_reach`). exclude: (H, W) bool, pixels of `prev` the
+    look learns as surroundings (a trimmed body seed, `refine_body_seed`)."""
     seg = run.segmenter
     if look == "annotations":
         yield
@@ -325,7 +327,11 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
         source = z if look == "tip" else parent
         image = np.concatenate([run.slice(a) for a in shown] + [run.slice(source)], axis=1)
         mask = np.concatenate([run.accepted(a) for a in shown] + [prev], axis=1)
-        seg.fit_reference(image, mask, len(shown) + 1)
+        if exclude is None:
+            seg.fit_reference(image, mask, len(shown) + 1)
+        else:
+            seg.fit_reference(image, mask, len(shown) + 1,
+                              exclude=np.concatenate([np.zeros_like(run.accepted(a)) for a in shown] + [exclude], axis=1))
         if look == "tip":
             seg.grow_weight = cfg.tip_grow_weight
         if ahead is not None and run.accepted(ahead).any() and hasattr(seg, "reach"):
@@ -649,10 +655,8 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
         if not found(z):
             z = max(range(a.index + 1, b.index), key=lambda k: (int(run.accepted(k).sum()), -k))
         if found(z):
-            mask, made = refine_body_seed(run, z, run.accepted(z).copy(), run.prompts[z])
-            if run.config.body_seed_one_piece:
-                mask, made = one_body_piece(mask, made, a.mask, b.mask)
-            body.append((z, a.index, b.index, mask, made))
+            body.append((z, a.index, b.index,
+                         *refine_body_seed(run, z, run.accepted(z).copy(), run.prompts[z], (a.mask, b.mask))))
     if not body:
         return
     run.start_over(rng)
@@ -670,16 +674,39 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
     _chain_from_seeds(run, sorted(seeds, key=lambda s: s.index), rng)
 
 
-def refine_body_seed(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet) -> tuple[np.ndarray, PromptSet]:
+def refine_body_seed(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet,
+                     tips: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, PromptSet]:
     """The body seed on slice z (its mask and the prompts that made it, as the first pass chained it)
-    segmented again from its own mask, the look fitted to the annotated slices and z under the mask,
-    until it changes by less than 1 %, at most `config.body_seed_refine` times; returns the last mask
-    and its prompts. A chain grown from a tip lags behind the organ's edge (the tips are partial
-    volume), and every round moves the mask towards the edge the image shows (docs/RESULTS.md,
-    "Tuning notes", `body_seed_refine`)."""
+    between the two tips `tips` (their masks), made ready to seed the gap; returns its mask and the
+    prompts that made it (docs/RESULTS.md, "Tuning notes", the `body_seed_*` rows).
+
+    1. Segmented again from its own mask, the look fitted to the annotated slices and z under the
+       mask, until it settles (`_settle`, `config.body_seed_refine`): a chain grown from a tip lags
+       behind the organ's edge (the tips are partial volume); every round moves the mask towards the
+       edge the image shows.
+    2. In several pieces, the one between the tips (`one_body_piece`, `config.body_seed_one_piece`).
+    3. With `config.body_seed_trim` (CT): segmented again until it settles with the look trimmed, the
+       seed's pixels of other intensities learnt as surroundings: on CT a tip chain's leak into a
+       neighbour of other intensities is learnt as organ otherwise, and no round could shrink it."""
+    cfg = run.config
+    mask, prompts = _settle(run, z, mask, prompts)
+    for trim in (None, cfg.body_seed_trim):
+        if trim is not None:
+            mask, prompts = _settle(run, z, mask, prompts, trim)
+        if cfg.body_seed_one_piece:
+            mask, prompts = one_body_piece(mask, prompts, *tips)
+    return mask, prompts
+
+
+def _settle(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet, trim: float | None = None
+            ) -> tuple[np.ndarray, PromptSet]:
+    """Slice z segmented again from its own mask until it changes by less than 1 % (Dice >= 0.99),
+    at most `config.body_seed_refine` times; trim: the look learns the mask's intensity outliers
+    (`GraphCutSegmenter.outliers`, beyond `trim` robust standard deviations) as surroundings."""
     for _ in range(run.config.body_seed_refine):
         run.check_cancel()
-        with gap_step(run, "parent", z, z, mask, None):
+        exclude = None if trim is None else run.segmenter.outliers(run.slice(z), mask, trim)
+        with gap_step(run, "parent", z, z, mask, None, exclude):
             got = _segment_from(run, z, mask, z)
         if got is None or got[0].sum() < run.config.min_area:
             break

@@ -190,16 +190,35 @@ class GraphCutSegmenter:
 
         self.colour_fallback = ColourGraphCutSegmenter()
 
-    def fit_reference(self, image: np.ndarray, mask: np.ndarray, slices: int = 1) -> None:
+    def fit_reference(self, image: np.ndarray, mask: np.ndarray, slices: int = 1,
+                      exclude: np.ndarray | None = None) -> None:
         """Learn the organ's appearance from annotated slices: image (H, W[, 3]) and mask (H, W) bool,
         `slices` annotated slices side by side (the organ's size per slice sets the surroundings'
-        ring, `band_scale`). Every later `segment` call scores pixels with it (until `clear_reference`)."""
+        ring, `band_scale`). exclude: (H, W) bool, pixels of the mask learnt as surroundings, not
+        organ (`outliers`). Every later `segment` call scores pixels with it (until `clear_reference`)."""
         img = _grey01(check_image(image))
         m = np.asarray(mask, bool)
         if m.shape != img.shape:
             raise ValueError(f"reference mask has shape {m.shape}, the image is {img.shape}")
-        self.reference = AppearanceModel(band=self.surroundings_band(m.sum() / max(1, int(slices))),
-                                         **self._model_args).fit(img, m)
+        model = AppearanceModel(band=self.surroundings_band(m.sum() / max(1, int(slices))), **self._model_args)
+        if exclude is None:
+            self.reference = model.fit(img, m)
+            return
+        ring = cv2.dilate(m.astype(np.uint8), _disk(model.band)).astype(bool) & ~m
+        self.reference = model.fit(img, m & ~exclude, ring | (m & exclude))
+
+    def outliers(self, image: np.ndarray, mask: np.ndarray, k: float) -> np.ndarray:
+        """(H, W) bool: the pixels of `mask` whose smoothed intensity (the appearance model's first
+        feature) lies more than k robust standard deviations (1.4826 x the median absolute deviation)
+        from the mask's median. image (H, W[, 3]), mask (H, W) bool."""
+        smooth = cv2.GaussianBlur(_grey01(check_image(image)), (0, 0), self._model_args["sigma"])
+        m = np.asarray(mask, bool)
+        if not m.any():
+            return m.copy()
+        inside = smooth[m]
+        median = float(np.median(inside))
+        spread = 1.4826 * float(np.median(np.abs(inside - median))) + 1e-3
+        return m & (np.abs(smooth - median) > k * spread)
 
     def surroundings_band(self, area: float) -> int:
         """Width in px of the ring the appearance model learns the surroundings from, for an organ of
