@@ -190,3 +190,27 @@ def test_an_organ_sized_ring_keeps_the_left_kidney_out_of_the_spleen(data_dir: P
     # Measured 0.626 -> 0.847.
     assert after > 0.8
     assert after > before + 0.15
+
+
+def test_outliers_learnt_as_surroundings_turn_the_look_against_them(patient1) -> None:
+    """CHAOS 1's spleen with a 4-px ring of its surroundings drawn as organ too (a leak):
+    `outliers` finds pixels of other intensities, nearly all on the leak, and a look fitted with them
+    excluded (`fit_reference(exclude=...)`) scores them as surroundings, where the plain fit calls
+    them organ; the spleen itself stays organ."""
+    import cv2
+
+    image, labels = patient1
+    ref = labels == 4
+    z = int(np.argmax(ref.sum(axis=(1, 2))))
+    grown = cv2.dilate(ref[z].astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    seg = GraphCutSegmenter()
+    out = seg.outliers(image[z], grown, 2.5)
+    assert out.sum() > 100 and (out & ~ref[z]).sum() > 0.95 * out.sum()  # measured 442 px, 441 on the leak
+    seg.fit_reference(image[z], grown)
+    plain = seg.reference.log_ratio(image[z])
+    seg.fit_reference(image[z], grown, exclude=out)
+    trimmed = seg.reference.log_ratio(image[z])
+    assert (plain[out] > 0).mean() > 0.8 and (trimmed[out] > 0).mean() < 0.2  # measured 0.93 -> 0.06
+    assert (trimmed[ref[z]] > 0).mean() > 0.95
+    with pytest.raises(ValueError, match="exclude mask has shape"):
+        seg.fit_reference(image[z], grown, exclude=out[:10])

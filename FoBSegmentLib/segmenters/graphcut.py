@@ -204,6 +204,9 @@ class GraphCutSegmenter:
         if exclude is None:
             self.reference = model.fit(img, m)
             return
+        exclude = np.asarray(exclude, bool)
+        if exclude.shape != m.shape:
+            raise ValueError(f"exclude mask has shape {exclude.shape}, the image is {img.shape}")
         ring = cv2.dilate(m.astype(np.uint8), _disk(model.band)).astype(bool) & ~m
         self.reference = model.fit(img, m & ~exclude, ring | (m & exclude))
 
