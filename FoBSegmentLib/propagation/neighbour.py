@@ -327,11 +327,9 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
         source = z if look == "tip" else parent
         image = np.concatenate([run.slice(a) for a in shown] + [run.slice(source)], axis=1)
         mask = np.concatenate([run.accepted(a) for a in shown] + [prev], axis=1)
-        if exclude is None:
-            seg.fit_reference(image, mask, len(shown) + 1)
-        else:
-            seg.fit_reference(image, mask, len(shown) + 1,
-                              exclude=np.concatenate([np.zeros_like(run.accepted(a)) for a in shown] + [exclude], axis=1))
+        if exclude is not None:
+            exclude = np.concatenate([np.zeros_like(run.accepted(a)) for a in shown] + [exclude], axis=1)
+        seg.fit_reference(image, mask, len(shown) + 1, exclude=exclude)
         if look == "tip":
             seg.grow_weight = cfg.tip_grow_weight
         if ahead is not None and run.accepted(ahead).any() and hasattr(seg, "reach"):
@@ -690,10 +688,11 @@ def refine_body_seed(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet,
        neighbour of other intensities is learnt as organ otherwise, and no round could shrink it."""
     cfg = run.config
     mask, prompts = _settle(run, z, mask, prompts)
-    for trim in (None, cfg.body_seed_trim):
-        if trim is not None:
-            mask, prompts = _settle(run, z, mask, prompts, trim)
-        if cfg.body_seed_one_piece:
+    if cfg.body_seed_one_piece:
+        mask, prompts = one_body_piece(mask, prompts, *tips)
+    if cfg.body_seed_trim is not None:
+        mask, prompts = _settle(run, z, mask, prompts, cfg.body_seed_trim)
+        if cfg.body_seed_one_piece:  # the trimmed rounds can split it again
             mask, prompts = one_body_piece(mask, prompts, *tips)
     return mask, prompts
 

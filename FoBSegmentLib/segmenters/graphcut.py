@@ -92,14 +92,17 @@ class AppearanceModel:
     def fit(self, image: np.ndarray, organ: np.ndarray, surroundings: np.ndarray | None = None) -> AppearanceModel:
         """Learn from `organ` pixels and `surroundings` pixels (default: a `band`-px ring around the organ)."""
         if surroundings is None:
-            near = cv2.dilate(organ.astype(np.uint8), _disk(self.band)).astype(bool)
-            surroundings = near & ~organ
+            surroundings = self.ring(organ)
         if organ.sum() < 5 or surroundings.sum() < 5:
             raise ValueError("the appearance model needs at least 5 organ and 5 surrounding pixels")
         a, b = self.features(image)
         self.organ = self._histogram(a[organ], b[organ])
         self.surroundings = self._histogram(a[surroundings], b[surroundings])
         return self
+
+    def ring(self, organ: np.ndarray) -> np.ndarray:
+        """(H, W) bool: the `band`-px ring around `organ` (H, W) bool, the surroundings by default."""
+        return cv2.dilate(organ.astype(np.uint8), _disk(self.band)).astype(bool) & ~organ
 
     def log_ratio(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float: log p(features | organ) - log p(features | surroundings)."""
@@ -207,8 +210,7 @@ class GraphCutSegmenter:
         exclude = np.asarray(exclude, bool)
         if exclude.shape != m.shape:
             raise ValueError(f"exclude mask has shape {exclude.shape}, the image is {img.shape}")
-        ring = cv2.dilate(m.astype(np.uint8), _disk(model.band)).astype(bool) & ~m
-        self.reference = model.fit(img, m & ~exclude, ring | (m & exclude))
+        self.reference = model.fit(img, m & ~exclude, model.ring(m) | (m & exclude))
 
     def outliers(self, image: np.ndarray, mask: np.ndarray, k: float) -> np.ndarray:
         """(H, W) bool: the pixels of `mask` whose smoothed intensity (the appearance model's first
