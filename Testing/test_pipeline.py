@@ -99,7 +99,8 @@ def test_modality_defaults_foreground_points_and_back_check() -> None:
     small = (yy - 128) ** 2 + (xx - 128) ** 2 < 15**2  # ~700 px: a kidney-sized one
     mr = P.config_for_modality(None, "mr")
     ct = P.config_for_modality(None, "ct")
-    assert mr.fg_area_per_point > 0 and ct.fg_area_per_point == 0 and ct == P.PropagationConfig(back_check=0.7)
+    assert mr.fg_area_per_point > 0 and ct.fg_area_per_point == 0
+    assert ct == P.PropagationConfig(back_check=0.7, body_seed_trim=2.5) and mr.body_seed_trim is None
     assert mr.back_check == 0.8 and P.PropagationConfig().back_check is None
     assert len(P.prompts_from_mask(big, mr).foreground) == mr.max_foreground
     assert len(P.prompts_from_mask(small, mr).foreground) == mr.n_foreground  # small organs keep 4
