@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.labelmap import dice  # noqa: F401  (the one dice lives with the runtime code)
 
 # Width (px) of the band outside the organ where background prompts are useful. FoB places its ring
@@ -41,14 +42,6 @@ class DiceCounter:
     def dice(self) -> float:
         denom = 2 * self.tp + self.fp + self.fn
         return 1.0 if denom == 0 else 2.0 * self.tp / denom
-
-
-def _point_pixels(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest pixel (row, col) of (x, y) points, clipped into the image."""
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    cols = np.clip(np.rint(pts[:, 0]).astype(int), 0, shape[1] - 1)
-    rows = np.clip(np.rint(pts[:, 1]).astype(int), 0, shape[0] - 1)
-    return rows, cols
 
 
 @dataclass
@@ -103,7 +96,7 @@ def prompt_quality(
     q = PromptQuality()
     bg = np.asarray(background, dtype=np.float64).reshape(-1, 2)
     if len(bg):
-        r, c = _point_pixels(bg, g.shape)
+        r, c = point_pixels(bg, g.shape)
         out = ~g[r, c]
         dist = np.where(out, outside[r, c], inside[r, c])
         q.bg_outside = float(out.mean())
@@ -111,7 +104,7 @@ def prompt_quality(
         q.bg_distance = float(dist.mean())
     fg = np.asarray(foreground, dtype=np.float64).reshape(-1, 2)
     if len(fg):
-        r, c = _point_pixels(fg, g.shape)
+        r, c = point_pixels(fg, g.shape)
         q.fg_inside = float(g[r, c].mean())
     return q
 

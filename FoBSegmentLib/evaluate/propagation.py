@@ -58,7 +58,7 @@ from FoBSegmentLib.evaluate.interpolation import (
     organ_slice_range,
 )
 from FoBSegmentLib.evaluate.metrics import best_stop_dice, dice, error_breakdown
-from FoBSegmentLib.io.coords import put_slice, take_slice
+from FoBSegmentLib.io.coords import point_pixels, put_slice, take_slice
 
 # Method -> (short label, what it is). Pipeline methods map to a `--prompts-from` source.
 METHODS: dict[str, tuple[str, str]] = {
@@ -234,9 +234,7 @@ def ring_quality(background: np.ndarray, reference: np.ndarray) -> tuple[int, in
     pts = np.asarray(background, np.float64).reshape(-1, 2)
     if len(pts) == 0:
         return 0, 0, None
-    h, w = ref.shape
-    c = np.clip(np.round(pts[:, 0]).astype(int), 0, w - 1)
-    r = np.clip(np.round(pts[:, 1]).astype(int), 0, h - 1)
+    r, c = point_pixels(pts, ref.shape)
     inside = int(ref[r, c].sum())
     if not ref.any():
         return len(pts), inside, None

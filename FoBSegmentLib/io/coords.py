@@ -118,6 +118,15 @@ def slice_axes(axis: int) -> tuple[int, int]:
     return rows, cols
 
 
+def point_pixels(points_xy: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) int arrays: the nearest pixel of each (x, y) = (column, row) point of (N, 2)
+    `points_xy`, clipped into an image of `shape` (H, W, ...)."""
+    pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    cols = np.clip(np.rint(pts[:, 0]).astype(int), 0, shape[1] - 1)
+    rows = np.clip(np.rint(pts[:, 1]).astype(int), 0, shape[0] - 1)
+    return rows, cols
+
+
 def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     """2D slice of a [k, j, i] array along `axis`, as (H, W) = (rows, cols) per `slice_axes` (a view)."""
     if not 0 <= index < volume.shape[axis]:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.model import checkpoint
 from FoBSegmentLib.model.bppc import support_prototypes
 from FoBSegmentLib.model.config import FoBConfig
@@ -152,8 +153,7 @@ class SupportFeatures:
 def _drop_foreground_like(bg: np.ndarray, prob: np.ndarray, threshold: float, keep_min: int = 3) -> np.ndarray:
     """(N, 2) (x, y) query-frame background prompts without those where the (H, W) coarse P_fg is
     >= threshold; the `keep_min` least foreground-like stay (in ring order) so a ring still encloses."""
-    h, w = prob.shape
-    p = prob[np.clip(np.rint(bg[:, 1]).astype(int), 0, h - 1), np.clip(np.rint(bg[:, 0]).astype(int), 0, w - 1)]
+    p = prob[point_pixels(bg, prob.shape)]
     keep = p < threshold
     if keep.sum() < min(keep_min, len(bg)):
         keep = np.zeros(len(bg), bool)

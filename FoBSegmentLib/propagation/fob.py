@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.stopping import organ_range_from_probability
@@ -175,14 +176,9 @@ def chained_prompts(neighbour: PromptSet, step: FoBStep, prev: np.ndarray, confi
     `config.fob_data_term`, FoB's coarse probability for the segmenter's data term. Frames: (x, y)
     pixels, masks (H, W) bool."""
     prev = np.asarray(prev, bool)
-    h, w = prev.shape
 
     def inside(points: np.ndarray) -> np.ndarray:
-        if len(points) == 0:
-            return np.zeros(0, bool)
-        c = np.clip(np.round(points[:, 0]).astype(int), 0, w - 1)
-        r = np.clip(np.round(points[:, 1]).astype(int), 0, h - 1)
-        return prev[r, c]
+        return prev[point_pixels(points, prev.shape)]
 
     ring = step.ring(config.fob_spr)
     ok = np.zeros(len(ring), bool)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.labelmap import dice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.ring import ring_points
@@ -128,8 +129,6 @@ def interpolated_gaps(run: Runner, seeds: dict[int, np.ndarray], areas: dict[int
 def interpolate_shape(mask_a: np.ndarray, mask_b: np.ndarray, t: float) -> np.ndarray:
     """The shape a fraction t (0..1) of the way from (H, W) bool mask_a to mask_b: the zero level of the
     linearly blended signed distance maps (shape-based interpolation, Raya and Udupa 1990)."""
-    from scipy import ndimage
-
     def signed(m: np.ndarray) -> np.ndarray:
         return ndimage.distance_transform_edt(~m) - ndimage.distance_transform_edt(m)
 
@@ -333,8 +332,6 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
         if look == "tip":
             seg.grow_weight = cfg.tip_grow_weight
         if ahead is not None and run.accepted(ahead).any() and hasattr(seg, "reach"):
-            from scipy import ndimage
-
             seg.reach = ndimage.distance_transform_edt(~run.accepted(ahead)) <= cfg.tip_reach * abs(z - ahead)
         yield
     finally:
@@ -730,11 +727,7 @@ def one_body_piece(mask: np.ndarray, prompts: PromptSet, tip_a: np.ndarray, tip_
     centres = np.asarray(ndimage.center_of_mass(mask, labels, range(1, n + 1)))
     piece = labels == 1 + int(np.argmin(np.hypot(*(centres - centre).T)))
     fg = prompts.foreground
-    if len(fg):
-        cols = np.clip(np.round(fg[:, 0]).astype(int), 0, mask.shape[1] - 1)
-        rows = np.clip(np.round(fg[:, 1]).astype(int), 0, mask.shape[0] - 1)
-        fg = fg[piece[rows, cols]]
-    return piece, dataclasses.replace(prompts, foreground=fg, prior_mask=piece)
+    return piece, dataclasses.replace(prompts, foreground=fg[piece[point_pixels(fg, piece.shape)]], prior_mask=piece)
 
 
 def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
