@@ -32,6 +32,7 @@ from FoBSegmentLib.propagation import (
     check_slice_range,
     chunk_supports,
     config_for_modality,
+    parse_slices,
     propagate,
     support_slices_from_volume,
 )
@@ -50,7 +51,8 @@ class JobSettings:
         model and the segmenter. segmenter / sam_checkpoint: `segmenters.get_segmenter` arguments.
     modality: auto | ct | mr | rgb, the intensity preset and the propagation's modality preset.
     window: CT (level, width) in HU, None = the abdominal default. axis: array axis of [k, j, i] to
-        slice along, None = the rule of `default_slice_axis`. slices: "auto" or (first, last).
+        slice along, None = the rule of `default_slice_axis`. slices: "auto", (first, last) or the
+        same as `fob segment --slices` text ("A:B").
     config: the propagation's base configuration (None = defaults); the modality preset is applied to
         the fields left at their defaults unless `modality_presets` is False.
     """
@@ -306,7 +308,9 @@ def job_config(settings: JobSettings, modality: str, n_slices: int) -> Propagati
     cfg = dataclasses.replace(settings.config) if settings.config is not None else PropagationConfig()
     if settings.modality_presets:
         cfg = config_for_modality(cfg, modality)
-    cfg.slices = settings.slices if settings.slices == "auto" else (int(settings.slices[0]), int(settings.slices[1]))
+    # Text as `fob segment --slices` takes it ("auto", "A:B") or a (first, last) pair.
+    rng = parse_slices(settings.slices) if isinstance(settings.slices, str) else settings.slices
+    cfg.slices = rng if rng == "auto" else (int(rng[0]), int(rng[1]))
     check_slice_range(cfg.slices, n_slices)
     cfg.largest_component = bool(settings.largest_component or cfg.largest_component)
     return cfg

@@ -46,6 +46,19 @@ def test_parse_and_check_slices() -> None:
         P.check_slice_range((-1, 3), 31)
 
 
+def test_a_job_takes_its_slice_range_as_text_or_as_a_pair() -> None:
+    # `fob bench`'s propagation group passed "A:B" and the job read it character by character.
+    from FoBSegmentLib.errors import SettingError
+    from FoBSegmentLib.job import JobSettings, job_config
+
+    for given in ("5:32", (5, 32)):
+        assert job_config(JobSettings(slices=given), "mr", 40).slices == (5, 32)
+    assert job_config(JobSettings(slices="auto"), "mr", 40).slices == "auto"
+    for bad, why in (("5-32", "must be 'auto' or 'A:B'"), ("5:40", "out of bounds")):
+        with pytest.raises(SettingError, match=why):
+            job_config(JobSettings(slices=bad), "mr", 40)
+
+
 def _sup(index: int) -> P.SupportSlice:
     return P.SupportSlice(index, np.zeros((4, 4)), np.ones((4, 4), bool))
 

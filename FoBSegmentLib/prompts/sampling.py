@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from FoBSegmentLib.morphology import depth
 from FoBSegmentLib.prompts.ring import ring_points
 
 
@@ -85,7 +86,7 @@ def interior_points(mask: np.ndarray, count: int, deep_px: float = 12.0) -> np.n
     m = np.asarray(mask, bool)
     if not m.any() or count < 1:
         return np.zeros((0, 2))
-    dist = ndi.distance_transform_edt(m)
+    dist = depth(m)
     dmax = float(dist.max())
     deep = dist >= max(1.0, 0.3 * dmax, min(0.5 * dmax, deep_px))
     if not deep.any():

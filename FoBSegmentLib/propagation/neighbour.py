@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.labelmap import dice
+from FoBSegmentLib.morphology import distance_to
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
@@ -332,7 +333,8 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
         if look == "tip":
             seg.grow_weight = cfg.tip_grow_weight
         if ahead is not None and run.accepted(ahead).any() and hasattr(seg, "reach"):
-            seg.reach = ndimage.distance_transform_edt(~run.accepted(ahead)) <= cfg.tip_reach * abs(z - ahead)
+            radius = cfg.tip_reach * abs(z - ahead)
+            seg.reach = distance_to(run.accepted(ahead), radius) <= radius
         yield
     finally:
         seg.reference = kept[0]

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from FoBSegmentLib import morphology
 from FoBSegmentLib.io.coords import put_slice, slice_axes, take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PropagationConfig
@@ -36,7 +37,7 @@ def cleanup_3d(mask: np.ndarray, axis: int, largest_component: bool, fill_holes:
         for z in range(out.shape[axis]):
             sl = take_slice(out, axis, z)
             if sl.any():
-                put_slice(out, axis, z, ndimage.binary_fill_holes(sl))
+                put_slice(out, axis, z, morphology.fill_holes(sl))
     if largest_component and out.any():
         labels, n = ndimage.label(out, structure=np.ones((3, 3, 3), bool))
         if n > 1:

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from FoBSegmentLib import morphology
 from FoBSegmentLib.device import resolve_device as resolve_device  # re-exported: older imports keep working
 from FoBSegmentLib.prompts import PromptSet
 
@@ -176,7 +177,7 @@ def keep_seeded_components(mask: np.ndarray, seeds: np.ndarray | None, fill_hole
         sizes[0] = 0
         keep = labels == int(np.argmax(sizes))
     if fill_holes:
-        keep = ndimage.binary_fill_holes(keep)
+        keep = morphology.fill_holes(keep)
     return keep
 
 

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from FoBSegmentLib.morphology import depth, dilate, distance_to, fill_holes
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters.base import (
     SegmentationResult,
@@ -102,7 +103,7 @@ class AppearanceModel:
 
     def ring(self, organ: np.ndarray) -> np.ndarray:
         """(H, W) bool: the `band`-px ring around `organ` (H, W) bool, the surroundings by default."""
-        return cv2.dilate(organ.astype(np.uint8), _disk(self.band)).astype(bool) & ~organ
+        return dilate(organ, _disk(self.band)) & ~organ
 
     def log_ratio(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float: log p(features | organ) - log p(features | surroundings)."""
@@ -254,7 +255,8 @@ class GraphCutSegmenter:
             return self.fallback.segment(image, prompts)
         seeds_fg = disk_mask(prompts.foreground, self.seed_radius, height, width)
         seeds_bg = disk_mask(prompts.background, self.seed_radius, height, width)
-        outside = ndimage.distance_transform_edt(~prior)  # px to the prior, 0 inside it
+        # px to the prior, 0 inside it; exact on the crop below (within max_grow + 2 px of the prior)
+        outside = distance_to(prior, self.max_grow + 1)
         allowed = outside <= self.max_grow
         if self.reach is not None and (allowed & self.reach).any():
             allowed &= self.reach
@@ -272,7 +274,7 @@ class GraphCutSegmenter:
             ratio = ratio + self.prob_weight * np.log(p / (1.0 - p))
         # Signed distance to the prior's edge (> 0 outside); the crop holds the prior and a
         # max_grow ring around it, so the inside distance can be taken on the crop.
-        dist = outside[r0:r1, c0:c1] - ndimage.distance_transform_edt(prior[r0:r1, c0:c1])
+        dist = outside[r0:r1, c0:c1] - depth(prior[r0:r1, c0:c1])
         cost_fg = np.maximum(-ratio, 0.0) + self.grow_weight * np.maximum(dist - self.grow_tolerance, 0.0)
         cost_bg = np.maximum(ratio, 0.0) + self.shrink_weight * np.maximum(-dist - self.grow_tolerance, 0.0)
         cost_fg[~allowed[r0:r1, c0:c1]] = _HARD
@@ -283,7 +285,7 @@ class GraphCutSegmenter:
 
         mask = np.zeros((height, width), bool)
         mask[r0:r1, c0:c1] = mask_c
-        mask = ndimage.binary_fill_holes(_keep_supported(mask, seeds_fg, prior))
+        mask = fill_holes(_keep_supported(mask, seeds_fg, prior))
         full_ratio = np.zeros((height, width), np.float32)
         full_ratio[r0:r1, c0:c1] = ratio
         score = float((full_ratio[mask] > 0).mean()) if mask.any() else 0.0
