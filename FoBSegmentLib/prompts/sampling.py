@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from FoBSegmentLib.morphology import depth
+from FoBSegmentLib.morphology import depth as mask_depth
 from FoBSegmentLib.prompts.ring import ring_points
 
 
@@ -58,7 +58,7 @@ def farthest_points(
     if len(rows) == 0:
         return np.zeros((0, 2))
     if depth is None:
-        depth = ndi.distance_transform_edt(reg)
+        depth = mask_depth(reg)
     pts = np.stack([cols, rows], axis=1).astype(np.float64)
     start = int(np.argmax(depth[rows, cols]))
     return pts[farthest_point_sampling(pts, n, start, min_spacing)]
@@ -86,7 +86,7 @@ def interior_points(mask: np.ndarray, count: int, deep_px: float = 12.0) -> np.n
     m = np.asarray(mask, bool)
     if not m.any() or count < 1:
         return np.zeros((0, 2))
-    dist = depth(m)
+    dist = mask_depth(m)
     dmax = float(dist.max())
     deep = dist >= max(1.0, 0.3 * dmax, min(0.5 * dmax, deep_px))
     if not deep.any():
