@@ -85,6 +85,17 @@ def test_predict_batch_matches_predict(chaos_pair, gen):
         np.testing.assert_allclose(ps.fg_probability, one.fg_probability, atol=1e-4)
 
 
+def test_coarse_probabilities_are_the_prompts_maps(chaos_pair, gen):
+    """The coarse map alone (no background heads) is the prompts' fg_probability to the bit."""
+    img_s, m_s, img_q, _ = chaos_pair
+    queries = [img_q, img_s, cv2.resize(img_q, (200, 180))]
+    maps = gen.coarse_probabilities(gen.encode_support(img_s, m_s), queries, batch_size=2)
+    for ps, prob in zip(gen.predict_batch(img_s, m_s, queries, batch_size=2), maps):
+        assert prob.shape == ps.fg_probability.shape and np.array_equal(prob, ps.fg_probability)
+    with pytest.raises(ValueError, match="batch_size"):
+        gen.coarse_probabilities(gen.encode_support(img_s, m_s), queries, batch_size=0)
+
+
 def test_predict_with_details(chaos_pair, gen):
     img_s, m_s, img_q, _ = chaos_pair
     d = gen.predict_with_details(img_s, m_s, img_q)

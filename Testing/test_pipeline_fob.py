@@ -130,3 +130,47 @@ def test_default_model_same_volume_quality(chaos2, mode: str) -> None:
     # Measured with the shipped lite model: fob 0.383 mean (its auto range spans almost the whole
     # volume), hybrid 0.715 (the neighbour chain's stopping rule decides, as without a model).
     assert np.mean(list(scores.values())) >= {"fob": 0.33, "hybrid": 0.67}[mode]
+
+
+class _ReferenceGenerator:
+    """A generator whose coarse probability is the reference organ of the query slice (found by its
+    pixels): it makes FoB's organ range known exactly, to test the range search itself."""
+
+    def __init__(self, norm: np.ndarray, ref: np.ndarray) -> None:
+        self.norm, self.ref, self.predicted = norm, ref, []
+
+    def predict(self, support_image, support_mask, query_image) -> PromptSet:
+        z = next(k for k in range(len(self.norm)) if np.array_equal(self.norm[k], query_image))
+        self.predicted.append(z)
+        return PromptSet(np.zeros((0, 2)), np.zeros((0, 2)), fg_probability=self.ref[z].astype(np.float32))
+
+
+def test_hybrid_range_predicts_only_what_can_move_it(chaos2) -> None:
+    """The organ's range from FoB's coarse map reads the slices outward from the annotated span up to
+    the first one without the organ, and gives what predicting every slice gives."""
+    from FoBSegmentLib.propagation.fob import hybrid_range, predict_slices
+    from FoBSegmentLib.propagation.runner import Runner
+    from FoBSegmentLib.propagation.stopping import organ_range_from_probability
+
+    norm, lab = chaos2
+    ref = lab == 3
+    first, last = (int(v) for v in np.flatnonzero(ref.any(axis=(1, 2)))[[0, -1]])
+    cfg = P.PropagationConfig()
+    for annotated in ([(first + last) // 2], [first + 2, last - 2]):
+        support = np.zeros_like(ref)
+        for z in annotated:
+            support[z] = ref[z]
+        sups = P.support_slices_from_volume(norm, support, 0)
+        gen = _ReferenceGenerator(norm, ref)
+        got = hybrid_range(Runner(norm, 0, None, cfg, None, None, 1), sups, gen, True, (0, len(norm) - 1))
+        assert got == (first - cfg.margin, last + cfg.margin)
+        span = range(annotated[0], annotated[-1] + 1)
+        assert not set(gen.predicted) & set(span)
+        assert set(gen.predicted) <= set(range(first - 8, last + 9))  # up to one batch past the organ
+        _, areas = predict_slices(Runner(norm, 0, None, cfg, None, None, 1), sups, gen, True, list(range(len(norm))))
+        assert got == organ_range_from_probability(areas, len(norm), annotated, cfg.margin)
+    # An annotated absence ends the search (and the range).
+    absent = P.SupportSlice(last - 1, norm[last - 1], np.zeros_like(ref[0]), len(norm))
+    gen = _ReferenceGenerator(norm, ref)
+    hybrid_range(Runner(norm, 0, None, cfg, None, None, 1), [*sups, absent], gen, True, (0, len(norm) - 1))
+    assert max(gen.predicted) == last - 1

@@ -59,6 +59,15 @@ class FoBNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def coarse_probability(
+        self, fq: torch.Tensor, tq: torch.Tensor, fg_prototype: torch.Tensor, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The coarse foreground map alone (no background heads): (cosine, P_fg at the feature
+        resolution, P_fg (B, S, S) in the working frame)."""
+        cos, prob = self.bcm.coarse_foreground(fq, fg_prototype, tq)
+        prob_up = F.interpolate(prob.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        return cos, prob, prob_up
+
     def _query_forward(
         self,
         fq: torch.Tensor,
@@ -67,10 +76,7 @@ class FoBNet(nn.Module):
         fg_prototype: torch.Tensor,
         size: int,
     ) -> dict[str, torch.Tensor]:
-        cos, prob = self.bcm.coarse_foreground(fq, fg_prototype, tq)
-        prob_up = F.interpolate(prob.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True)[
-            :, 0
-        ]
+        cos, prob, prob_up = self.coarse_probability(fq, tq, fg_prototype, size)
         out = self.bcm(fq, cos, bg_prototypes, size)
         coarse, peak = heatmap_argmax(out["heatmaps"])
         spr = self.spr(fq, coarse, None, bg_prototypes, size, self.config.sigma)

@@ -8,6 +8,7 @@ Inference (numpy in, PromptSet out; eval mode and torch.inference_mode inside)::
     many = gen.predict_batch(support_image, support_mask, [q1, q2, ...], batch_size=8)
     sup = gen.encode_support(support_image, support_mask)   # cache once, reuse for many queries
     details = gen.predict_from_support(sup, [q1, q2])       # list of dicts (see predict_with_details)
+    maps = gen.coarse_probabilities(sup, [q1, q2])          # P_fg only, (H, W) each, no ring heads
 
 - support_image, query_image: (H, W) or (H, W, 3) real arrays of any size (also (H, W, 1)); raw
   intensities or [0, 1] both work: every image is resized to the square working size S
@@ -150,6 +151,16 @@ class SupportFeatures:
 # ----------------------------------------------------------------------------- the predictor
 
 
+def _query_probabilities(prob: torch.Tensor, chunk: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[np.ndarray]:
+    """P_fg (B, S, S) in the working frame -> per query its (H, W) float32 map in [0, 1] in the query's
+    frame; chunk: the batch's (prepared tensor, (H, W)) pairs."""
+    return [
+        F.interpolate(prob[i][None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
+        .clamp(0.0, 1.0).float().cpu().numpy()
+        for i, (_, shape) in enumerate(chunk)
+    ]
+
+
 def _drop_foreground_like(bg: np.ndarray, prob: np.ndarray, threshold: float, keep_min: int = 3) -> np.ndarray:
     """(N, 2) (x, y) query-frame background prompts without those where the (H, W) coarse P_fg is
     >= threshold; the `keep_min` least foreground-like stay (in ring order) so a ring still encloses."""
@@ -214,6 +225,14 @@ class FoBPromptGenerator(FoBNet):
         work = normalize_image(_resize_image(img, self.config.image_size))
         return torch.from_numpy(np.ascontiguousarray(work.transpose(2, 0, 1))), img.shape[:2]
 
+    def _prepare_queries(self, query_images: Sequence[np.ndarray], batch_size: int
+                         ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(query_images, np.ndarray):
+            raise ValueError("query_images must be a list of (H, W[, 3]) arrays; use predict() for one image")
+        return [self._prepare(q, f"query_images[{i}]") for i, q in enumerate(query_images)]
+
     def encode_support(self, support_image: np.ndarray, support_mask: np.ndarray) -> SupportFeatures:
         """Encode one support slice once: (H, W[, 3]) image + (H, W) bool mask -> SupportFeatures."""
         img, shape = self._prepare(support_image, "support_image")
@@ -270,11 +289,7 @@ class FoBPromptGenerator(FoBNet):
         Each dict: 'prompts' PromptSet (query frame), 'bg_confidence' (N_p,) heatmap peak values,
         'coarse_background' (N_p, 2) BCM argmax points (query frame), 'fg_probability_max' float.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(query_images, np.ndarray):
-            raise ValueError("query_images must be a list of (H, W[, 3]) arrays; use predict() for one image")
-        prepared = [self._prepare(q, f"query_images[{i}]") for i, q in enumerate(query_images)]
+        prepared = self._prepare_queries(query_images, batch_size)
         size = self.config.image_size
         results: list[dict[str, Any]] = []
         dev = self.device
@@ -288,16 +303,7 @@ class FoBPromptGenerator(FoBNet):
                 out = self._query_forward(
                     fq, tq, bg_p, support.fg_prototype.to(dev, fq.dtype).expand(nb, -1), size
                 )
-                prob_q = [
-                    F.interpolate(
-                        out["fg_prob"][i][None, None], size=shape, mode="bilinear", align_corners=False
-                    )[0, 0]
-                    .clamp(0.0, 1.0)
-                    .float()
-                    .cpu()
-                    .numpy()
-                    for i, (_, shape) in enumerate(chunk)
-                ]
+                prob_q = _query_probabilities(out["fg_prob"], chunk)
             prob_w = out["fg_prob"].float().cpu().numpy()
             refined = out["refined_points"].float().cpu().numpy()
             coarse = out["coarse_points"].float().cpu().numpy()
@@ -316,6 +322,24 @@ class FoBPromptGenerator(FoBNet):
                     }
                 )
         return results
+
+    def coarse_probabilities(
+        self, support: SupportFeatures, query_images: Sequence[np.ndarray], batch_size: int = 8
+    ) -> list[np.ndarray]:
+        """The coarse foreground map P_fg of each query, (H, W) float32 in [0, 1] in the query's frame:
+        `predict_from_support`'s `fg_probability` to the bit (same batches, same operations) without
+        the background ring's heads (BCM heatmaps, SPR), for callers that need where the organ is
+        and not the prompts (the organ range of the `hybrid` source)."""
+        size = self.config.image_size
+        prepared = self._prepare_queries(query_images, batch_size)
+        out: list[np.ndarray] = []
+        for start in range(0, len(prepared), batch_size):
+            chunk = prepared[start : start + batch_size]
+            with self._inference():
+                fq, tq = self.encoder(torch.stack([t for t, _ in chunk]).to(self.device))
+                fg = support.fg_prototype.to(self.device, fq.dtype).expand(len(chunk), -1)
+                out += _query_probabilities(self.coarse_probability(fq, tq, fg, size)[2], chunk)
+        return out
 
     def predict_with_details(
         self, support_image: np.ndarray, support_mask: np.ndarray, query_image: np.ndarray

@@ -32,10 +32,13 @@ def dequantize_probability(q: np.ndarray) -> np.ndarray:
 
 
 def predict_slices(
-    run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, candidates: list[int], batch: int = 8
+    run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, candidates: list[int], batch: int = 8,
+    prompts: bool = True, encoded: dict[int, Any] | None = None,
 ) -> tuple[dict[int, PromptSet], dict[int, int]]:
     """FoB predictions for the candidate slices and, per slice, the count of confident pixels
-    (0 below `min_prob_area`)."""
+    (0 below `min_prob_area`). prompts=False: only the coarse probability is needed (a generator
+    with `coarse_probabilities` then skips the background ring's heads, and encodes each support
+    once, kept in `encoded` (support index -> its encoding) across calls; the PromptSets hold no points)."""
     cfg = run.config
     # FoB learns from slices that show the organ; an annotated absence teaches it nothing.
     assign = assign_supports(candidates, [s for s in supports if s.mask.any()], same_volume)
@@ -50,7 +53,13 @@ def predict_slices(
         for start in range(0, len(zs), batch):
             run.check_cancel()
             part = zs[start : start + batch]
-            if hasattr(generator, "predict_batch"):
+            if not prompts and hasattr(generator, "coarse_probabilities"):
+                encoded = {} if encoded is None else encoded
+                if sup.index not in encoded:
+                    encoded[sup.index] = generator.encode_support(sup.image, sup.mask)
+                probs = generator.coarse_probabilities(encoded[sup.index], [run.slice(z) for z in part])
+                out = [PromptSet(np.zeros((0, 2)), np.zeros((0, 2)), fg_probability=p) for p in probs]
+            elif hasattr(generator, "predict_batch"):
                 out = generator.predict_batch(sup.image, sup.mask, [run.slice(z) for z in part])
             else:
                 out = [generator.predict(sup.image, sup.mask, run.slice(z)) for z in part]
@@ -76,13 +85,40 @@ def organ_range(run: Runner, areas: dict[int, int], anchor: list[int] | None) ->
 
 
 def hybrid_range(
-    run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, rng: tuple[int, int]
+    run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, rng: tuple[int, int],
+    batch: int = 8,
 ) -> tuple[int, int]:
-    """The organ's slice range from FoB's coarse probability (an explicit --slices range wins)."""
+    """The organ's slice range from FoB's coarse probability (an explicit --slices range wins).
+
+    Another patient's support: every slice of `rng` is predicted (the longest run of slices where
+    FoB sees the organ wins). The same volume: the range is the annotated span joined with the runs
+    that touch it (`organ_range_from_probability`), so only the slices outward from the span up to
+    the first one where FoB sees no organ can move it; they alone are predicted, in batches, which
+    gives the same range as predicting every slice for a fraction of the work."""
     if run.config.slices != "auto":
         return rng
-    _, areas = predict_slices(run, supports, generator, same_volume, list(range(rng[0], rng[1] + 1)))
-    return organ_range(run, areas, [s.index for s in supports if s.mask.any()] if same_volume else None)
+    present = [s.index for s in supports if s.mask.any()] if same_volume else []
+    if not present:
+        _, areas = predict_slices(run, supports, generator, same_volume, list(range(rng[0], rng[1] + 1)),
+                                  prompts=False)
+        return organ_range(run, areas, None)
+    absent = [s.index for s in supports if not s.mask.any()]
+    # An annotated absence ends the range anyway (`propagate._inside_absent`); the absence itself is
+    # still predicted, since whether FoB sees the organ there decides the range's end before clipping.
+    below = max([a for a in absent if a < min(present)], default=rng[0])
+    above = min([a for a in absent if a > max(present)], default=rng[1])
+    areas: dict[int, int] = {}
+    encoded: dict[int, Any] = {}
+    for step, start, end in ((-1, min(present) - 1, max(rng[0], below)), (1, max(present) + 1, min(rng[1], above))):
+        z = start
+        while (z - end) * step <= 0:
+            part = list(range(z, end + step, step))[:batch]
+            _, got = predict_slices(run, supports, generator, same_volume, part, prompts=False, encoded=encoded)
+            areas.update(got)
+            if not all(got.values()):
+                break
+            z += step * len(part)
+    return organ_range(run, areas, present)
 
 
 def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, rng: tuple[int, int]) -> None:
