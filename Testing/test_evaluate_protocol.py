@@ -350,3 +350,18 @@ def test_fold_training_ids_never_hold_a_fold_member(data_dir, tmp_path):
     # image folders have their own folds since issue 21 (Testing/test_skin.py); an empty folder has none
     with pytest.raises(ValueError, match="volume folders"):
         P.fold_training_ids(tmp_path, 0)
+
+
+def test_fob_map_hands_the_coarse_components_with_a_foreground_prompt():
+    prob = np.zeros((20, 20), np.float32)
+    prob[2:6, 2:6] = 0.9
+    prob[12:18, 12:18] = 0.8
+    pred = P.SlicePrediction(background=np.array([[0.0, 0.0], [19.0, 0.0], [19.0, 19.0]]),
+                             foreground=np.array([[14.0, 15.0]]), fg_probability=prob, background_coarse=None)
+    ps = P.methods_prompts("fob-map", pred, np.zeros((20, 20), bool))
+    assert np.array_equal(ps.prior_mask, prob == np.float32(0.8))  # the component the point lies on only
+    assert np.array_equal(ps.background, pred.background) and ps.fg_probability is prob
+    pred.foreground = np.array([[10.0, 0.0]])  # no point on the map: all of it
+    assert np.array_equal(P.methods_prompts("fob-map", pred, np.zeros((20, 20), bool)).prior_mask, prob >= 0.5)
+    pred.fg_probability = np.zeros((20, 20), np.float32)  # an empty map gives no mask prompt
+    assert P.methods_prompts("fob-map", pred, np.zeros((20, 20), bool)).prior_mask is None

@@ -172,3 +172,26 @@ def test_grabcut_answers_empty_when_the_ring_leaves_no_room() -> None:
     result = get_segmenter("grabcut").segment(image, PromptSet(background=ring))
     assert result.mask.shape == (64, 64) and result.mask.dtype == bool
     assert not result.mask.any() and result.score == 0.0
+
+
+def test_grabcut_starts_from_a_mask_prompt(spleen):
+    """With a prior mask (a mask prompt) GrabCut starts from it, not from the ring's polygon: a rough
+    mask (the spleen shrunk and shifted) comes back closer to the organ, with or without a ring, and a
+    ring through the organ no longer cuts it."""
+    import cv2
+
+    img, mask, prompts = spleen
+    rough = np.roll(cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool), 4, axis=1)
+    seg = get_segmenter("grabcut")
+    got = seg.segment(img, PromptSet(prompts.background[:2], prompts.foreground[:2], prior_mask=rough))
+    assert dice(got.mask, mask) > max(0.85, dice(rough, mask) + 0.05)
+    assert 0.0 < got.score <= 1.0
+    # a ring through the organ: from the polygon the organ is lost, from the mask prompt it is not
+    rows, cols = np.nonzero(mask)
+    cy, cx = rows.mean(), cols.mean()
+    inner = np.array([[cx - 8, cy - 8], [cx + 8, cy - 8], [cx + 8, cy + 8], [cx - 8, cy + 8]])
+    cut = seg.segment(img, PromptSet(inner, prompts.foreground[:1]))
+    kept = seg.segment(img, PromptSet(inner, prompts.foreground[:1], prior_mask=rough))
+    assert dice(kept.mask, mask) > dice(cut.mask, mask) + 0.3
+    with pytest.raises(ValueError, match="at least 3 background prompts"):
+        seg.segment(img, PromptSet(prompts.background[:2], prompts.foreground[:2]))

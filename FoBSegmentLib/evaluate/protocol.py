@@ -42,6 +42,7 @@ import numpy as np
 
 from FoBSegmentLib.evaluate.baselines import (
     coarse_mask,
+    coarse_region,
     confidence_prompts,
     mask_sampled_prompts,
     oracle_prompts,
@@ -58,7 +59,7 @@ from FoBSegmentLib.prompts import PromptSet
 
 SUPPORT_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
 # Methods and what they measure. 'coarse' needs no segmenter; 'oracle' reads the query label.
-ALL_METHODS = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle")
+ALL_METHODS = ("fob", "fob-nospr", "fob-map", "confidence", "mask-sampled", "coarse", "oracle")
 # Skin protocol only: they need the support image (colour) as well as the generator's output.
 SKIN_METHODS = ("lesion", "lesion-colour")
 # Two folds: every image is held out once with two models (the CPU budget of issue 21).
@@ -66,6 +67,7 @@ SKIN_FOLDS = 2
 METHOD_LABELS = {
     "fob": "FoB (BPPC+BCM+SPR)",
     "fob-nospr": "FoB without SPR (coarse argmax)",
+    "fob-map": "FoB's prompts with its coarse map as a mask prompt (the segmenter starts from it)",
     "confidence": "(i) most confident fg/bg points",
     "mask-sampled": "(ii) points sampled in/out of coarse mask (ProtoSAM-style)",
     "coarse": "(iii) coarse fg map > 0.5 (ALPNet-like, no segmenter)",
@@ -205,6 +207,11 @@ def methods_prompts(
         raise ValueError(f"method {method!r} needs a prompt generator")
     if method == "fob":
         return PromptSet(pred.background, pred.foreground, pred.fg_probability)
+    if method == "fob-map":
+        if pred.fg_probability is None:
+            raise ValueError("method 'fob-map' needs the generator's coarse foreground map")
+        region = coarse_region(pred.fg_probability, pred.foreground)
+        return PromptSet(pred.background, pred.foreground, pred.fg_probability, region if region.any() else None)
     if method == "fob-nospr":
         if pred.background_coarse is None:
             raise ValueError("the generator gives no coarse (pre-SPR) background prompts")

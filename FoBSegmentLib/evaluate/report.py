@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 
 from FoBSegmentLib.atomic import write_text_atomic
+from FoBSegmentLib.evaluate.protocol import ALL_METHODS, SKIN_METHODS
 
 DEFAULT_SECTION = "fob-protocol"
 FILE_HEADER = "# FoBSegment evaluation results\n\nEvery table below is written by a command; do not edit by hand.\n"
 
-ORDER = ("fob", "fob-nospr", "confidence", "mask-sampled", "coarse", "oracle", "lesion", "lesion-colour")
+# The protocol's own method order (one list, `protocol.ALL_METHODS`), then the dermoscopy methods.
+ORDER = (*ALL_METHODS, *SKIN_METHODS)
 
 
 def _pct(v: float | None) -> str:
