@@ -175,14 +175,14 @@ def test_grabcut_answers_empty_when_the_ring_leaves_no_room() -> None:
 
 
 def test_grabcut_starts_from_a_mask_prompt(spleen):
-    """With a prior mask (a mask prompt) GrabCut starts from it, not from the ring's polygon: a rough
+    """With `mask_prompt` and a prior mask, GrabCut starts from the mask, not from the ring's polygon: a rough
     mask (the spleen shrunk and shifted) comes back closer to the organ, with or without a ring, and a
     ring through the organ no longer cuts it."""
     import cv2
 
     img, mask, prompts = spleen
     rough = np.roll(cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool), 4, axis=1)
-    seg = get_segmenter("grabcut")
+    seg = get_segmenter("grabcut", mask_prompt=True)
     got = seg.segment(img, PromptSet(prompts.background[:2], prompts.foreground[:2], prior_mask=rough))
     assert dice(got.mask, mask) > max(0.85, dice(rough, mask) + 0.05)
     assert 0.0 < got.score <= 1.0
@@ -195,3 +195,8 @@ def test_grabcut_starts_from_a_mask_prompt(spleen):
     assert dice(kept.mask, mask) > dice(cut.mask, mask) + 0.3
     with pytest.raises(ValueError, match="at least 3 background prompts"):
         seg.segment(img, PromptSet(prompts.background[:2], prompts.foreground[:2]))
+    # off by default (the neighbour chain's prior stays a shape prior for the graph cut only)
+    ring = PromptSet(prompts.background, prompts.foreground)
+    assert np.array_equal(get_segmenter("grabcut").segment(img, PromptSet(prompts.background, prompts.foreground,
+                                                                            prior_mask=rough)).mask,
+                          get_segmenter("grabcut").segment(img, ring).mask)

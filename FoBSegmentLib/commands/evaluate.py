@@ -94,7 +94,9 @@ def _segmenter(args: argparse.Namespace):
         from FoBSegmentLib.segmenters import get_segmenter
     except ImportError:
         raise ValueError("no segmenters are installed (FoBSegmentLib.segmenters.get_segmenter missing)") from None
-    return get_segmenter(args.segmenter, checkpoint=args.checkpoint, device=args.device)
+    # The paper's protocol hands `fob-map` a mask prompt: GrabCut takes it only when asked (`mask_prompt`).
+    options = {"mask_prompt": True} if args.segmenter == "grabcut" else {}
+    return get_segmenter(args.segmenter, checkpoint=args.checkpoint, device=args.device, **options)
 
 
 def _training_summary(model_path: Path | None) -> dict | None:

@@ -3,8 +3,8 @@
 The closed polygon through the background ring (in its cyclic order) bounds the object: every
 pixel outside it is sure background, small disks around the foreground prompts are sure
 foreground, and the polygon's interior is "probable foreground" (or probable background where FoB's
-coarse probability says so). A prompt set with a prior mask (a mask prompt, as SAM takes one) starts
-from that mask instead: it is "probable foreground", a band of its own equivalent radius around it
+coarse probability says so). With `mask_prompt`, a prompt set with a prior mask (a mask prompt, as
+SAM takes one) starts from that mask instead: it is "probable foreground", a band of its own equivalent radius around it
 "probable background" and everything beyond sure background, the background prompts outside it sure
 background. GrabCut then fits colour GMMs and cuts. Frame: prompts are (x, y) = (column, row) pixels
 of the slice.
@@ -85,10 +85,13 @@ class GrabCutSegmenter:
         seed_prior: start interior pixels that look like the outside band (Gaussian likelihood ratio
             against the foreground seeds) as probable background (default False; it helps small CT
             kidney slices and costs MR and dermoscopy a little, +0.01 / -0.01 Dice on the project data).
+        mask_prompt: start from `prompts.prior_mask` when the prompts carry one (the paper protocol's
+            `fob-map`, docs/RESULTS.md "FoB in the chain"). Off by default: the neighbour chain hands
+            the previous slice's mask as a prior, and GrabCut's chains were measured from the ring.
 
     Background-only prompts are accepted (the polygon interior is the object hypothesis);
     fewer than 3 background prompts cannot enclose anything and raise ValueError, unless the prompts
-    carry a prior mask (then it is the object hypothesis and any number of points is fine).
+    carry a prior mask and `mask_prompt` is on (then any number of points is fine).
     """
 
     name = "grabcut"
@@ -103,6 +106,7 @@ class GrabCutSegmenter:
         prob_threshold: float = 0.3,
         max_side: int = 160,
         seed_prior: bool = False,
+        mask_prompt: bool = False,
     ) -> None:
         if iterations < 1:
             raise ValueError(f"grabcut iterations must be >= 1, got {iterations}")
@@ -116,6 +120,7 @@ class GrabCutSegmenter:
             raise ValueError(f"grabcut max_side must be >= 16 px, got {max_side}")
         self.max_side = int(max_side)
         self.seed_prior = bool(seed_prior)
+        self.mask_prompt = bool(mask_prompt)
 
     def segment(self, image: np.ndarray, prompts: PromptSet) -> SegmentationResult:
         """Segment one slice: image (H, W) or (H, W, 3) float, any range; prompts in (x, y) pixels.
@@ -126,7 +131,7 @@ class GrabCutSegmenter:
         img = check_image(image)
         height, width = img.shape[:2]
         check_prompts(prompts, height, width)
-        if prompts.prior_mask is not None and prompts.prior_mask.any():
+        if self.mask_prompt and prompts.prior_mask is not None and prompts.prior_mask.any():
             return self._from_mask(img, prompts)
         ring, inside = ring_polygon(prompts.background, height, width, "grabcut")
 
