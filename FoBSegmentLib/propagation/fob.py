@@ -16,7 +16,7 @@ from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.stopping import organ_range_from_probability
-from FoBSegmentLib.propagation.supports import assign_supports
+from FoBSegmentLib.propagation.supports import assign_supports, inside_absent
 from FoBSegmentLib.propagation.types import SupportSlice
 
 
@@ -44,6 +44,7 @@ def predict_slices(
     assign = assign_supports(candidates, [s for s in supports if s.mask.any()], same_volume)
     preds: dict[int, PromptSet] = {}
     areas: dict[int, int] = {}
+    encoded = {} if encoded is None else encoded
     groups: dict[int, list[int]] = {}
     for z in candidates:
         groups.setdefault(id(assign[z]), []).append(z)
@@ -54,7 +55,6 @@ def predict_slices(
             run.check_cancel()
             part = zs[start : start + batch]
             if not prompts and hasattr(generator, "coarse_probabilities"):
-                encoded = {} if encoded is None else encoded
                 if sup.index not in encoded:
                     encoded[sup.index] = generator.encode_support(sup.image, sup.mask)
                 probs = generator.coarse_probabilities(encoded[sup.index], [run.slice(z) for z in part])
@@ -102,14 +102,12 @@ def hybrid_range(
         _, areas = predict_slices(run, supports, generator, same_volume, list(range(rng[0], rng[1] + 1)),
                                   prompts=False)
         return organ_range(run, areas, None)
-    absent = [s.index for s in supports if not s.mask.any()]
-    # An annotated absence ends the range anyway (`propagate._inside_absent`); the absence itself is
-    # still predicted, since whether FoB sees the organ there decides the range's end before clipping.
-    below = max([a for a in absent if a < min(present)], default=rng[0])
-    above = min([a for a in absent if a > max(present)], default=rng[1])
+    # An annotated absence ends the range anyway (`inside_absent`); the absence itself is still
+    # predicted, since whether FoB sees the organ there decides the range's end before clipping.
+    lo, hi = inside_absent(rng, supports)
     areas: dict[int, int] = {}
     encoded: dict[int, Any] = {}
-    for step, start, end in ((-1, min(present) - 1, max(rng[0], below)), (1, max(present) + 1, min(rng[1], above))):
+    for step, start, end in ((-1, min(present) - 1, lo), (1, max(present) + 1, hi)):
         z = start
         while (z - end) * step <= 0:
             part = list(range(z, end + step, step))[:batch]

@@ -32,7 +32,7 @@ from FoBSegmentLib.propagation.fob import hybrid_range, run_fob
 from FoBSegmentLib.propagation.locate import flag_cross_patient
 from FoBSegmentLib.propagation.neighbour import run_neighbour
 from FoBSegmentLib.propagation.runner import Runner
-from FoBSegmentLib.propagation.supports import resize_support
+from FoBSegmentLib.propagation.supports import inside_absent, resize_support
 from FoBSegmentLib.propagation.types import (
     CancelCheck,
     ProgressCallback,
@@ -60,16 +60,6 @@ def _check_supports(supports: list[SupportSlice], hw: tuple[int, int], same_volu
         if not s.mask.any() and not same_volume:
             raise ValueError(f"support slice {s.index} has an empty mask")
     return sup
-
-
-def _inside_absent(rng: tuple[int, int], supports: list[SupportSlice]) -> tuple[int, int]:
-    """The range clipped to the slices between the annotated absences around the organ's annotations."""
-    present = [s.index for s in supports if s.mask.any()]
-    absent = [s.index for s in supports if not s.mask.any()]
-    lo, hi = rng
-    below = [a for a in absent if a < min(present)]
-    above = [a for a in absent if a > max(present)]
-    return (max(lo, max(below)) if below else lo), (min(hi, min(above)) if above else hi)
 
 
 def _reusable(previous: PropagationResult, supports: list[SupportSlice], cfg: PropagationConfig, axis: int,
@@ -195,13 +185,13 @@ def propagate(
 
         run_skin(run, sup, generator if prompts_from in ("fob", "hybrid") else None)
     elif prompts_from == "fob":
-        run_fob(run, sup, generator, same_volume, _inside_absent(rng, sup))
+        run_fob(run, sup, generator, same_volume, inside_absent(rng, sup))
     else:
         if prompts_from == "hybrid":
             rng = hybrid_range(run, sup, generator, same_volume, rng)
         if prompts_from == "chained":
             run.generator = generator
-        rng = _inside_absent(rng, sup)
+        rng = inside_absent(rng, sup)
         run_neighbour(run, sup, same_volume, rng)
         if cfg.slices != "auto":
             # A chain from an annotated slice outside --slices passes through the slices between;

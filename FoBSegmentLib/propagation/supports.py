@@ -56,6 +56,17 @@ def chunk_supports(supports: list[SupportSlice], count: int = 3) -> list[Support
     return [supports[p] for p in picks]
 
 
+def inside_absent(rng: tuple[int, int], supports: list[SupportSlice]) -> tuple[int, int]:
+    """The inclusive slice range `rng` clipped to the slices between the annotated absences (supports
+    with an empty mask) around the organ's annotations (at least one support shows the organ)."""
+    present = [s.index for s in supports if s.mask.any()]
+    absent = [s.index for s in supports if not s.mask.any()]
+    lo, hi = rng
+    below = [a for a in absent if a < min(present)]
+    above = [a for a in absent if a > max(present)]
+    return (max(lo, max(below)) if below else lo), (min(hi, min(above)) if above else hi)
+
+
 def assign_supports(
     query: list[int], supports: list[SupportSlice], same_volume: bool
 ) -> dict[int, SupportSlice]:
