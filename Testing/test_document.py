@@ -56,11 +56,12 @@ def round_trip(liver: dict, tmp: Path, capsys, extra: list) -> tuple[np.ndarray,
 @pytest.mark.parametrize("extra", [
     [],  # the defaults: hybrid prompts, graphcut
     ["--segmenter", "grabcut", "--prompts-from", "fob"],
+    ["--segmenter", "graphcut", "--prompts-from", "fob"],
     ["--segmenter", "grabcut", "--prompts-from", "neighbour"],
     ["--segmenter", "random-walker", "--prompts-from", "fob"],
     ["--segmenter", "graphcut", "--prompts-from", "neighbour", "--slices", "8:14"],
     ["--segmenter", "graphcut", "--prompts-from", "chained"],
-], ids=["default", "grabcut-fob", "grabcut-neighbour", "random-walker-fob", "graphcut-range", "graphcut-chained"])
+], ids=["default", "grabcut-fob", "graphcut-fob", "grabcut-neighbour", "random-walker-fob", "graphcut-range", "graphcut-chained"])
 def test_unedited_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, capsys, extra: list) -> None:
     a, b, doc = round_trip(liver, tmp_path, capsys, extra)
     assert a.any()
@@ -71,6 +72,9 @@ def test_unedited_prompts_file_reproduces_the_mask(liver: dict, tmp_path: Path, 
     assert rec["version"] == 1 and rec["annotated"] == [liver["middle"]]
     sources = {e["source"] for e in rec["slices"]}
     assert sources <= {"fob", "neighbour"}
+    if extra[:2] == ["--segmenter", "graphcut"] and "fob" in extra:
+        # FoB's mask prompt is no accepted slice: it travels in the record.
+        assert all("priorMask" in e for e in rec["slices"] if e["source"] == "fob")
 
 
 def test_cross_patient_prompts_file_reproduces_the_mask(tmp_path: Path, data_dir: Path, capsys) -> None:

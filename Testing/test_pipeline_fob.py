@@ -19,6 +19,7 @@ from FoBSegmentLib.io import intensity, volumes
 from FoBSegmentLib.paths import resources_dir
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters import get_segmenter
+from FoBSegmentLib.segmenters.graphcut import GraphCutSegmenter
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,15 @@ def chaos2(data_dir: Path):
     img = volumes.read_volume(data_dir / "chaos_mr_t2spir" / "image_2.nii.gz")
     lab = volumes.read_label(data_dir / "chaos_mr_t2spir" / "label_2.nii.gz", img).array
     return intensity.normalize(img.array, "mr"), lab
+
+
+def _middle_support(norm: np.ndarray, ref: np.ndarray) -> tuple[int, list]:
+    """The organ's middle slice along axis 0 and the supports with it alone annotated."""
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    mid = int(zs[len(zs) // 2])
+    support = np.zeros_like(ref)
+    support[mid] = ref[mid]
+    return mid, P.support_slices_from_volume(norm, support, 0)
 
 
 def test_fob_prompts_plumbing_explicit_range(chaos2, random_generator) -> None:
@@ -60,11 +70,7 @@ def test_fob_prompts_plumbing_explicit_range(chaos2, random_generator) -> None:
 def test_fob_auto_range_and_hybrid_plumbing(chaos2, random_generator) -> None:
     norm, lab = chaos2
     ref = lab == 3
-    zs = np.flatnonzero(ref.any(axis=(1, 2)))
-    mid = int(zs[len(zs) // 2])
-    support = np.zeros_like(ref)
-    support[mid] = ref[mid]
-    sups = P.support_slices_from_volume(norm, support, 0)
+    mid, sups = _middle_support(norm, ref)
     seen: list[int] = []
     res = P.propagate(norm, sups, get_segmenter("grabcut"), axis=0, same_volume=True, prompts_from="fob",
                       generator=random_generator, progress=lambda d, t, s: seen.append(d))
@@ -119,17 +125,67 @@ def test_default_model_same_volume_quality(chaos2, mode: str) -> None:
     scores = {}
     for organ in (1, 2, 3, 4):
         ref = lab == organ
-        zs = np.flatnonzero(ref.any(axis=(1, 2)))
-        mid = int(zs[len(zs) // 2])
-        support = np.zeros_like(ref)
-        support[mid] = ref[mid]
-        res = P.propagate(norm, P.support_slices_from_volume(norm, support, 0), get_segmenter("grabcut"),
-                          axis=0, same_volume=True, prompts_from=mode, generator=gen)
+        _, sups = _middle_support(norm, ref)
+        res = P.propagate(norm, sups, get_segmenter("grabcut"), axis=0, same_volume=True, prompts_from=mode,
+                          generator=gen)
         scores[organ] = dice(res.mask, ref)
     print(f"\ndefault model, {mode} + grabcut, CHAOS MR 2: " + ", ".join(f"{k}: {v:.3f}" for k, v in scores.items()))
     # Measured with the shipped lite model: fob 0.383 mean (its auto range spans almost the whole
     # volume), hybrid 0.715 (the neighbour chain's stopping rule decides, as without a model).
     assert np.mean(list(scores.values())) >= {"fob": 0.33, "hybrid": 0.67}[mode]
+
+
+class _Recording(GraphCutSegmenter):
+    """The graph cut, keeping every prompt set it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[PromptSet] = []
+
+    def segment(self, image, prompts):
+        self.received.append(prompts)
+        return super().segment(image, prompts)
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="no trained default model (Resources/fob_lite.safetensors)")
+def test_fob_mask_prompt_is_what_the_graph_cut_receives(chaos2) -> None:
+    """With the graph cut, each FoB slice is cut from FoB's points and its coarse map's region as the
+    mask prompt, and the prompts kept are exactly those received; outward from the annotated slice
+    the chain's end rules end the organ, so the result is one run of slices around it; and on a real
+    volume that beats FoB's points alone on every slice of FoB's range."""
+    from FoBSegmentLib.propagation.fob import map_region
+
+    norm, lab = chaos2
+    gen = FoBPromptGenerator.load()
+    ref = lab == 2
+    mid, sups = _middle_support(norm, ref)
+    seg, predicted = _Recording(), []
+
+    class Kept:  # FoB's predictions, kept as the pipeline quantised them
+        def predict_batch(self, *args):
+            out = gen.predict_batch(*args)
+            predicted.extend(out)
+            return out
+
+    res = P.propagate(norm, sups, seg, axis=0, same_volume=True, prompts_from="fob", generator=Kept())
+    fob = sorted(z for z, r in res.slices.items() if r.source == "fob")
+    assert fob and sorted([*fob, mid]) == list(range(min(fob[0], mid), max(fob[-1], mid) + 1))
+    for z in fob:
+        ps = res.prompts[z]
+        assert any(p is ps for p in seg.received)
+        assert ps.fg_probability is None  # fob_data_term off: the map reaches the cut as its region only
+        assert ps.prior_mask is not None and res.slices[z].prior == "stored"
+        # The region is the component of FoB's coarse map (as the record stores it) under its points.
+        pred = next(p for p in predicted if np.array_equal(p.foreground, ps.foreground))
+        assert np.array_equal(ps.prior_mask, map_region(pred.fg_probability, pred.foreground))
+    stops = [n for n in res.notes if n.startswith(f"FoB from slice {mid} stops")]
+    assert len(stops) == 2, res.notes
+    points = P.propagate(norm, sups, GraphCutSegmenter(), axis=0, same_volume=True, prompts_from="fob",
+                         generator=gen, config=P.PropagationConfig(fob_mask_prompt=False))
+    assert all(ps.prior_mask is None for ps in points.prompts.values())
+    got, before = dice(res.mask, ref), dice(points.mask, ref)
+    print(f"\nCHAOS MR 2 right kidney, fob + graphcut: mask prompt {got:.3f}, points alone {before:.3f}")
+    assert got >= before + 0.1 and got >= 0.75
 
 
 class _ReferenceGenerator:

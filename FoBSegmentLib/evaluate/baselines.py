@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.sampling import mask_prompt_points, random_points
 
@@ -81,18 +80,6 @@ def mask_sampled_prompts(
 def coarse_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Baseline (iii), ALPNet-like: the coarse foreground map thresholded, (H, W) bool."""
     return _check_map(prob) >= threshold
-
-
-def coarse_region(prob: np.ndarray, foreground: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """FoB's mask prompt: the coarse map at `threshold` ((H, W) bool), only its 8-connected
-    components that hold a foreground prompt ((N, 2) (x, y) pixels) when any does."""
-    from scipy import ndimage
-
-    hot = coarse_mask(prob, threshold)
-    labels, _ = ndimage.label(hot, structure=np.ones((3, 3)))
-    held = labels[point_pixels(foreground, hot.shape)]
-    held = held[held > 0]
-    return np.isin(labels, held) if held.size else hot
 
 
 def oracle_prompts(gt: np.ndarray, n_fg: int = 10, n_bg: int = 10, k_out: int = 21, k_in: int = 15) -> PromptSet:

@@ -42,7 +42,6 @@ import numpy as np
 
 from FoBSegmentLib.evaluate.baselines import (
     coarse_mask,
-    coarse_region,
     confidence_prompts,
     mask_sampled_prompts,
     oracle_prompts,
@@ -56,6 +55,7 @@ from FoBSegmentLib.evaluate.datasets import (
 )
 from FoBSegmentLib.evaluate.metrics import DiceCounter, PromptQuality, dice, mean_quality, prompt_quality
 from FoBSegmentLib.prompts import PromptSet
+from FoBSegmentLib.propagation.fob import with_mask_prompt
 
 SUPPORT_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
 # Methods and what they measure. 'coarse' needs no segmenter; 'oracle' reads the query label.
@@ -210,8 +210,7 @@ def methods_prompts(
     if method == "fob-map":
         if pred.fg_probability is None:
             raise ValueError("method 'fob-map' needs the generator's coarse foreground map")
-        region = coarse_region(pred.fg_probability, pred.foreground)
-        return PromptSet(pred.background, pred.foreground, pred.fg_probability, region if region.any() else None)
+        return with_mask_prompt(PromptSet(pred.background, pred.foreground, pred.fg_probability))
     if method == "fob-nospr":
         if pred.background_coarse is None:
             raise ValueError("the generator gives no coarse (pre-SPR) background prompts")

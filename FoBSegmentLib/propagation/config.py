@@ -100,11 +100,18 @@ class PropagationConfig:
         off (the default; the CT preset 2.5): on CT the organs are homogeneous and a leak into a
         neighbour of other intensities shrinks away; on MR a kidney's medulla or a spleen's own range
         is cut too.
+    fob_mask_prompt: the "fob" source with a segmenter that takes a shape prior (graphcut): each
+        slice's prompts carry FoB's coarse map as the mask prompt (`fob.with_mask_prompt`), the
+        segmenter cuts from it with the organ's look learnt from the annotated slices, and outward
+        from them the chain's end rules end the organ (`fob.run_fob`). Off: the points alone, every
+        slice of FoB's range (docs/RESULTS.md, "FoB in the chain", measures both).
     fob_bg_confidence: chained FoB: a background point of FoB's ring is used when its heatmap peak
         (`bg_confidence`) reaches this and it lies outside the previous slice's mask.
-    fob_data_term: chained FoB: the prompts carry FoB's coarse probability, which a graph cut adds
-        to its data term (`GraphCutSegmenter.prob_weight`). Off by default: it cost 2.9 points on
-        CHAOS MR (docs/RESULTS.md, "FoB in the chain"): the map covers the neighbouring organs too.
+    fob_data_term: chained FoB and the "fob" source's mask prompt: the prompts carry FoB's coarse
+        probability, which a graph cut adds to its data term (`GraphCutSegmenter.prob_weight`). Off
+        by default: it cost 2.9 points on CHAOS MR in the chain, and 1.9 / 1.6 (CHAOS MR / Synapse
+        CT) beside the mask prompt (docs/RESULTS.md, "FoB in the chain"): the map covers the
+        neighbouring organs too.
         The stop rules below read the probability either way.
     fob_spr: chained FoB: FoB's ring points after SPR (True) or its heatmaps' argmax (False). Off
         by default: SPR puts more ring points inside the organ and the chain scored lower with it on
@@ -163,6 +170,7 @@ class PropagationConfig:
     body_seed_refine: int = 5
     body_seed_one_piece: bool = True
     body_seed_trim: float | None = None
+    fob_mask_prompt: bool = True
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
     fob_spr: bool = False
@@ -192,7 +200,8 @@ class PropagationConfig:
 _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": None, "tip_end": None,
                                      "tip_consensus": None, "cross_min_extent": None, "gap_reach": False,
                                      "outward_own_look": False, "body_seed": False,
-                                     "body_seed_refine": 0, "body_seed_one_piece": False}
+                                     "body_seed_refine": 0, "body_seed_one_piece": False,
+                                     "fob_mask_prompt": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

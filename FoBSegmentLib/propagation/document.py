@@ -34,7 +34,7 @@ import numpy as np
 from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PropagationConfig
-from FoBSegmentLib.propagation.fob import dequantize_probability, quantize_probability
+from FoBSegmentLib.propagation.fob import dequantize_probability, fob_look, quantize_probability
 from FoBSegmentLib.propagation.neighbour import (
     chain,
     chain_stop,
@@ -207,6 +207,10 @@ class _Replay:
                 looks = (query_seed_look(run, z0, moved) if seed.get("look") == "query"
                          else cross_patient_look(run, supports, z0, moved)[0])
             self.look = learn_appearance(run, looks)
+        elif record["promptsFrom"] == "fob":
+            # Each FoB slice is cut from its own prompts and mask prompt, with the look the run learnt;
+            # an edited one starts no chain.
+            fob_look(run, supports, same_volume)
         self.done: set[int] = set()
         self.dirty: set[int] = set()
 

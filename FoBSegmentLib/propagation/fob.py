@@ -17,7 +17,7 @@ from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.stopping import organ_range_from_probability
 from FoBSegmentLib.propagation.supports import assign_supports, inside_absent
-from FoBSegmentLib.propagation.types import SupportSlice
+from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
 
 
 def quantize_probability(prob: np.ndarray) -> np.ndarray:
@@ -119,8 +119,63 @@ def hybrid_range(
     return organ_range(run, areas, present)
 
 
+def map_region(prob: np.ndarray, foreground: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """FoB's mask prompt: its coarse map at `threshold` ((H, W) bool), only the 8-connected components
+    that hold a foreground point ((N, 2) (x, y) pixels) when any does: the points choose the organ
+    among the blobs the map also lights up (a neighbouring organ of the same look)."""
+    from scipy import ndimage
+
+    hot = np.asarray(prob, np.float32) >= threshold
+    labels, _ = ndimage.label(hot, structure=np.ones((3, 3)))
+    held = labels[point_pixels(foreground, hot.shape)]
+    held = held[held > 0]
+    return np.isin(labels, held) if held.size else hot
+
+
+def with_mask_prompt(ps: PromptSet, threshold: float = 0.5, probability: bool = True) -> PromptSet:
+    """FoB's whole output for one slice: its points and the coarse map's region (`map_region`) as
+    the mask prompt (`PromptSet.prior_mask`; None when the map is empty), as SAM takes a mask beside
+    its points; the map itself too unless `probability` is False (a graph cut would add it to its
+    data term, `fob_data_term`)."""
+    if ps.fg_probability is None:
+        raise ValueError("FoB's mask prompt needs the generator's coarse foreground probability")
+    region = map_region(ps.fg_probability, ps.foreground, threshold)
+    return PromptSet(ps.background, ps.foreground, fg_probability=ps.fg_probability if probability else None,
+                     prior_mask=region if region.any() else None)
+
+
+def fob_look(run: Runner, supports: list[SupportSlice], same_volume: bool) -> Any:
+    """What a segmenter with a shape prior (graphcut) needs before it cuts from FoB's mask prompts:
+    the organ's look learnt from the annotated slices of the same volume (the `Appearance` the
+    chain's end rules read), or None: another patient's support (its look belongs to another scan;
+    the segmenter forgets any look it holds and cuts from the prompts alone), `fob_mask_prompt` or
+    `shape_prior` off, or a segmenter that takes no mask. A replay calls it as the run did."""
+    # Imported here: the neighbour chain imports this module for chained FoB.
+    from FoBSegmentLib.propagation.neighbour import learn_appearance
+
+    cfg, seg = run.config, run.segmenter
+    if not (cfg.fob_mask_prompt and getattr(seg, "uses_prior_mask", False)):
+        return None
+    if same_volume and cfg.shape_prior and any(s.mask.any() for s in supports):
+        return learn_appearance(run, supports)
+    if hasattr(seg, "clear_reference"):
+        seg.clear_reference()
+    return None
+
+
 def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volume: bool, rng: tuple[int, int]) -> None:
-    """Every unannotated slice of the range segmented with FoB's own prompts."""
+    """The unannotated slices of the range segmented with FoB's own prompts, each predicted from
+    its support slice.
+
+    A segmenter with a shape prior (graphcut, `fob_mask_prompt`) receives FoB's whole output, its
+    points and its coarse map as the mask prompt (`with_mask_prompt`), and cuts with the organ's look
+    learnt from the annotated slices (`fob_look`). FoB's coarse map sees the organ far beyond its
+    ends, so from the annotated span outwards the slices are then taken one at a time and the
+    neighbour chain's end rules (area, intensity, regrowth, back-check) end each side, as they end a
+    chain; between annotated slices every slice is kept. Otherwise every slice of FoB's range is
+    segmented from the points."""
+    from FoBSegmentLib.propagation.neighbour import end_reason
+
     cfg = run.config
     lo, hi = rng
     annotated = {s.index for s in supports} if same_volume else set()
@@ -129,20 +184,49 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
     run.total = max(1, len(cand) * (2 if cfg.slices == "auto" else 1))
     preds, areas = predict_slices(run, supports, generator, same_volume, cand)
     run.done = len(cand) if cfg.slices == "auto" else 0
+    present = sorted(s.index for s in supports if s.mask.any()) if same_volume else []
     if cfg.slices == "auto":
-        present = sorted(s.index for s in supports if s.mask.any()) if same_volume else []
         lo, hi = organ_range(run, areas, present or None)
         lo, hi = max(lo, rng[0]), min(hi, rng[1])
-    for z in cand:
-        if not lo <= z <= hi:
-            continue
+    look = fob_look(run, supports, same_volume)
+    todo = [z for z in cand if lo <= z <= hi]
+
+    def segment(z: int) -> tuple[np.ndarray, SliceReport, PromptSet]:
         run.check_cancel()
-        ps = preds[z]
+        ps = preds[z] if look is None else with_mask_prompt(preds[z], cfg.prob_threshold, cfg.fob_data_term)
         m, score = run.segment(z, ps)
         rep = run.reports[z]
         rep.source, rep.score = "fob", score
-        run.accept(z, m, rep, ps)
-        run.tick(f"slice {z}")
+        # The mask prompt is no accepted slice: the record stores it, so that a replay cuts from it.
+        rep.prior = "stored" if ps.prior_mask is not None else "none"
+        return m, rep, ps
+
+    if look is None or not present:
+        for z in todo:
+            m, rep, ps = segment(z)
+            run.accept(z, m, rep, ps)
+            run.tick(f"slice {z}")
+    else:
+        for z in todo:
+            if present[0] < z < present[-1]:
+                m, rep, ps = segment(z)
+                run.accept(z, m, rep, ps)
+                run.tick(f"slice {z}")
+        for step, start in ((-1, present[0]), (1, present[-1])):
+            prev = run.accepted(start)
+            peak = trough = int(prev.sum())
+            z = start + step
+            while z in todo:
+                m, rep, ps = segment(z)
+                end = end_reason(run, z, step, m, prev, peak, trough, look, rep)
+                if end is not None:
+                    run.end_chain(z, rep, end, f"FoB from slice {start} stops before slice {z}: {end.split(': ', 1)[1]}")
+                    break
+                run.accept(z, m, rep, ps)
+                run.tick(f"slice {z}")
+                prev, area = m, int(m.sum())
+                peak, trough = (area, area) if area > peak else (peak, min(trough, area))
+                z += step
     for z in range(max(lo, 1), hi + 1):
         a, b = run.reports[z - 1].area, run.reports[z].area
         if a > 0 and b > 0 and max(a, b) > cfg.area_jump * min(a, b):

@@ -198,8 +198,11 @@ def _segment_from(run: Runner, z: int, prev: np.ndarray, parent: int | None = No
     return m, score, ps, retried, step
 
 
-def _end_reason(run: Runner, z: int, step: int, m: np.ndarray, prev: np.ndarray, peak: int, trough: int,
-                look: Appearance, rep: SliceReport, fob: FoBStep | None = None) -> str | None:
+def end_reason(run: Runner, z: int, step: int, m: np.ndarray, prev: np.ndarray, peak: int, trough: int,
+               look: Appearance, rep: SliceReport, fob: FoBStep | None = None) -> str | None:
+    """Why a chain stepping `step` ends at slice z with mask m after `prev` ((H, W) bool; peak /
+    trough: the largest area so far and the smallest since), or None: it goes on. `fob`: chained
+    FoB's view of slice z, whose coarse map takes part."""
     cfg = run.config
     area, prev_area = int(m.sum()), int(prev.sum())
     if area < cfg.min_area:
@@ -388,7 +391,7 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
                               look=step_look, ahead=ahead)
             if retried:
                 rep.flags.append("retried with other prompts")
-            end = _end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
+            end = end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
         area = int(m.sum())
         if end is not None and nxt is not None and area >= cfg.min_area:
             # Between two annotated slices the organ does not end: keep the slice, ask for a look. Towards
