@@ -7,6 +7,7 @@ locate step never reads the query's reference.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -241,14 +242,17 @@ def test_locate_confidence_separates_organ_from_unrelated(data_dir: Path) -> Non
     assert appearance_match(q.normalised[found.z], q.normalised[found.z], found.mask) == pytest.approx(1.0)
 
 
-def test_volume_registration_guesses_the_query_slice(data_dir: Path) -> None:
+def test_volume_registration_guesses_the_query_slice(data_dir: Path, monkeypatch) -> None:
     # CHAOS 2's whole image registered onto CHAOS 1: the middle of 2's spleen lands inside 1's spleen,
     # and the locate step then offers that guess as a second seed candidate.
+    from FoBSegmentLib.propagation import locate as L
+
     q = P.prepare_volume(data_dir / CHAOS / "image_1.nii.gz")
     s = P.prepare_volume(data_dir / CHAOS / "image_2.nii.gz")
     lab = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz").array == 4
     zs = np.flatnonzero(lab.any(axis=(1, 2)))
     z = int(zs[len(zs) // 2])
+    tf = L.register_volumes(q, s)
     (placed,) = expected_slices(q, s, [SupportSlice(z, s.normalised[z], lab[z], lab.shape[0])])
     ref = volumes.read_label(data_dir / CHAOS / "label_1.nii.gz").array == 4
     rz = np.flatnonzero(ref.any(axis=(1, 2)))
@@ -257,6 +261,29 @@ def test_volume_registration_guesses_the_query_slice(data_dir: Path) -> None:
     candidates = locate(lambda k: q.normalised[k], n, [placed], (0, n - 1))
     assert 1 <= len(candidates) <= 3 and all(0 <= c.z < n for c in candidates)
     assert any(abs(c.z - placed.placed.index) <= 0.1 * n + 1 for c in candidates)
+
+    # The same two volumes are registered once: the next job (another organ) takes the kept transform.
+    class Registered(Exception):
+        pass
+
+    def register(*args):
+        raise Registered
+
+    monkeypatch.setattr(L, "_register_volumes", register)
+    assert L.register_volumes(q, s).GetParameters() == tf.GetParameters()
+    changed = copy.deepcopy(s)
+    changed.normalised[0, 0, 0] += 0.5
+    with pytest.raises(Registered):
+        L.register_volumes(q, changed)
+    # The slice search's registrations side by side give what one thread gives, to the bit (SimpleITK's
+    # own filters on one thread, as the pipeline runs them: `one_thread`).
+    found = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(L, "SEARCH_THREADS", threads)
+        with L.one_thread():
+            found[threads] = locate(lambda k: q.normalised[k], n, [placed], (0, n - 1))
+    assert [(c.z, c.scores) for c in found[1]] == [(c.z, c.scores) for c in found[2]]
+    assert all(np.array_equal(a.mask, c.mask) for a, c in zip(found[1], found[2]))
 
 
 def test_locate_never_reads_the_query_reference(tmp_path: Path, data_dir: Path, rk_1_from_2: tuple) -> None:

@@ -32,9 +32,15 @@ direction: physical points of that frame, not LPS, and index (i, j, k) = the arr
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -64,6 +70,12 @@ SEED_AGREEMENT = 0.3
 # Half-width of the slice search around the whole-volume registration's guess, as a share of the
 # query's slices: that guess is closer than a relative height (`locate(window=...)`) when it holds.
 REGISTERED_WINDOW = 0.1
+# The 2D registrations of the slice search run side by side on up to this many threads (SimpleITK
+# releases the GIL; each registration is single-threaded, so the scores are the same on any count).
+SEARCH_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Volume registrations kept (`register_volumes`): a person segmenting several organs of one query from
+# one support patient, or propagating again, pays the 3D registration once.
+VOLUME_CACHE = 4
 
 
 @dataclass
@@ -250,27 +262,37 @@ def _search(slice_of: Callable[[int], np.ndarray], supports: list[SupportSlice],
             guess: dict[int, int], half: int) -> Located:
     """The best slice within `half` slices of the middle support's guess (`locate`); `guess` maps
     id(support) -> its guessed query slice."""
+    import SimpleITK as sitk
+
     mid = supports[len(supports) // 2]
     lo, hi = rng
     z0 = min(max(guess[id(mid)], lo), hi)
     tf0 = register_affine(slice_of(z0), mid.image, shrink=(4, 2))
     cache: dict[tuple[int, int], float] = {}
 
-    def score_at(j: int, z: int) -> float:
+    def score_at(j: int, z: int, initial=tf0) -> float:
         if not lo <= z <= hi:
             return -1.0
         key = (j, z)
         if key not in cache:
             s = supports[j]
             q = slice_of(z)
-            tf = register_affine(q, s.image, initial=tf0, shrink=(4,))
+            tf = register_affine(q, s.image, initial=initial, shrink=(4,))
             m = warp(s.mask.astype(np.float32), tf, q, nearest=True) > 0.5
             cache[key] = appearance_match(q, warp(_grey(s.image), tf, q), m)
         return cache[key]
 
+    window = range(max(lo, z0 - half), min(hi, z0 + half) + 1)
+    keys = sorted({(j, z + guess[id(s)] - guess[id(mid)]) for z in window for j, s in enumerate(supports)})
+    keys = [k for k in keys if lo <= k[1] <= hi]
+    if SEARCH_THREADS > 1 and len(keys) > 1:
+        # Each thread starts from its own copy of the first transform: nothing SimpleITK is shared.
+        starts = [sitk.AffineTransform(tf0) for _ in keys]
+        with ThreadPoolExecutor(SEARCH_THREADS) as pool:
+            cache.update(zip(keys, pool.map(lambda k, t: score_at(*k, initial=t), keys, starts)))
     weights = [float(s.mask.sum()) for s in supports]
     scores: dict[int, float] = {}
-    for z in range(max(lo, z0 - half), min(hi, z0 + half) + 1):
+    for z in window:
         votes = [score_at(j, z + guess[id(s)] - guess[id(mid)]) for j, s in enumerate(supports)]
         # A support's vote counts by the organ it shows (an organ's tip says little), and among
         # near-equal scores slices near the guess win.
@@ -292,11 +314,39 @@ def volume_image(prepared):
     return img
 
 
+_registered: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (query, support) keys, oldest first
+_registered_lock = threading.Lock()
+
+
+def _volume_key(prepared) -> str:
+    """A fingerprint of what a volume registration reads of a prepared volume: voxels and spacing."""
+    h = hashlib.sha1(np.ascontiguousarray(prepared.normalised, dtype=np.float32).tobytes())
+    h.update(np.asarray(prepared.volume.geometry.spacing, np.float64).tobytes())
+    return h.hexdigest()
+
+
 def register_volumes(query, support):
     """3D affine SimpleITK transform mapping the query's physical points (`volume_image` frame) to
     the support's: Mattes mutual information of the whole volumes, centres of mass aligned first,
     multi-resolution, 5 % of the voxels sampled with a fixed seed on one thread (reproducible).
-    query, support: grey `job.PreparedImage`s. The atlas baselines of the evaluation use it too."""
+    query, support: grey `job.PreparedImage`s. The atlas baselines of the evaluation use it too.
+    The last `VOLUME_CACHE` results are kept by the two volumes' content (a copy is returned)."""
+    import SimpleITK as sitk
+
+    key = (_volume_key(query), _volume_key(support))
+    with _registered_lock:
+        if key in _registered:
+            _registered.move_to_end(key)
+            return sitk.Transform(_registered[key])
+    tf = _register_volumes(query, support)
+    with _registered_lock:
+        _registered[key] = tf
+        while len(_registered) > VOLUME_CACHE:
+            _registered.popitem(last=False)
+    return sitk.Transform(tf)
+
+
+def _register_volumes(query, support):
     import SimpleITK as sitk
 
     f, m = volume_image(query), volume_image(support)
