@@ -201,32 +201,30 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
         rep.prior = "stored" if ps.prior_mask is not None else "none"
         return m, rep, ps
 
-    if look is None or not present:
-        for z in todo:
+    def accept(z: int, m: np.ndarray, rep: SliceReport, ps: PromptSet) -> None:
+        run.accept(z, m, rep, ps)
+        run.tick(f"slice {z}")
+
+    # With a look (same volume, annotated slices showing the organ): every slice between the annotated
+    # ones, then outward from each end of the span until an end rule fires.
+    inner = todo if look is None else [z for z in todo if present[0] < z < present[-1]]
+    sides = [] if look is None else [(-1, present[0]), (1, present[-1])]
+    for z in inner:
+        accept(z, *segment(z))
+    for step, start in sides:
+        prev = run.accepted(start)
+        peak = trough = int(prev.sum())
+        z = start + step
+        while z in todo:
             m, rep, ps = segment(z)
-            run.accept(z, m, rep, ps)
-            run.tick(f"slice {z}")
-    else:
-        for z in todo:
-            if present[0] < z < present[-1]:
-                m, rep, ps = segment(z)
-                run.accept(z, m, rep, ps)
-                run.tick(f"slice {z}")
-        for step, start in ((-1, present[0]), (1, present[-1])):
-            prev = run.accepted(start)
-            peak = trough = int(prev.sum())
-            z = start + step
-            while z in todo:
-                m, rep, ps = segment(z)
-                end = end_reason(run, z, step, m, prev, peak, trough, look, rep)
-                if end is not None:
-                    run.end_chain(z, rep, end, f"FoB from slice {start} stops before slice {z}: {end.split(': ', 1)[1]}")
-                    break
-                run.accept(z, m, rep, ps)
-                run.tick(f"slice {z}")
-                prev, area = m, int(m.sum())
-                peak, trough = (area, area) if area > peak else (peak, min(trough, area))
-                z += step
+            end = end_reason(run, z, step, m, prev, peak, trough, look, rep)
+            if end is not None:
+                run.end_chain(z, rep, end, f"FoB from slice {start} stops before slice {z}: {end.split(': ', 1)[1]}")
+                break
+            accept(z, m, rep, ps)
+            prev, area = m, int(m.sum())
+            peak, trough = (area, area) if area > peak else (peak, min(trough, area))
+            z += step
     for z in range(max(lo, 1), hi + 1):
         a, b = run.reports[z - 1].area, run.reports[z].area
         if a > 0 and b > 0 and max(a, b) > cfg.area_jump * min(a, b):
