@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-GROUPS = ("prompts", "sam-encoder", "sam-decoder", "weight-free", "propagation", "correction")
+GROUPS = ("prompts", "sam-encoder", "sam-decoder", "weight-free", "propagation", "correction", "cross-patient")
 SCHEMA = "fob-bench/1"
 
 

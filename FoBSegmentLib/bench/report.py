@@ -144,7 +144,8 @@ def progress_line(row: Any) -> None:
     r = row if isinstance(row, dict) else row.to_dict()
     if r["status"] == "ok":
         extra = f", total {r['total_s']:.2f} s" if r.get("total_s") is not None else ""
-        text = (f"{r['median_ms']:.1f} ms/slice median, p90 {r['p90_ms']:.1f} (n={r['n']}){extra}, "
+        per = str(r.get("unit") or "ms/slice").split("/")[-1]  # a slice, a job, a correction
+        text = (f"{r['median_ms']:.1f} ms/{per} median, p90 {r['p90_ms']:.1f} (n={r['n']}){extra}, "
                 f"peak +{r['peak_mem_mb']:.0f} MB")
     else:
         text = f"{r['status']}: {r['note']}"

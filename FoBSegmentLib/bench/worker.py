@@ -34,6 +34,8 @@ def run_group(group: str, settings: Settings) -> list[dict]:
         from FoBSegmentLib.bench.group_weightfree import cases
     elif group == "correction":
         from FoBSegmentLib.bench.group_correction import cases
+    elif group == "cross-patient":
+        from FoBSegmentLib.bench.group_cross import cases
     else:
         from FoBSegmentLib.bench.group_propagation import cases
     return [r.to_dict() for r in cases(settings)]

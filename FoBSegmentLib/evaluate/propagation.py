@@ -389,8 +389,9 @@ def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segm
 
 
 def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmenter: Any,
-              generator: Any = None, config: Any = None) -> Any:
-    """The `job.Job` that `predict_cross` runs."""
+              generator: Any = None, config: Any = None, registered: bool = True) -> Any:
+    """The `job.Job` that `predict_cross` runs; registered=False: the job registers the two volumes
+    itself when it runs, as `fob segment` does (the evaluation registers each pair once)."""
     from FoBSegmentLib.job import Components, JobSettings, build_job
 
     sup = other.labels == organ
@@ -407,7 +408,8 @@ def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmente
     job = build_job(query, sup, settings, support=other.prepared,
                     components=Components(generator, segmenter, source),
                     support_name=f"label {organ} of case {other.case.case_id}")
-    job.support_transform = other_affine(query, other)
+    if registered:
+        job.support_transform = other_affine(query, other)
     return job
 
 
