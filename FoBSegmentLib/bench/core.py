@@ -22,7 +22,8 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -299,3 +300,20 @@ def skipped(group: str, case: str, settings: Settings, note: str, *, key: str = 
 
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a and b else (a or b)
+
+
+@contextmanager
+def measured(row: CaseResult, device: str) -> Iterator[None]:
+    """The memory the block adds goes into `row`; an exception in it makes the row an error with a
+    one-line note (a benchmark group goes on to its next case)."""
+    probe = MemoryProbe(device)
+    probe.start()
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001
+        row.status = "error"
+        row.note = _join(row.note, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+    finally:
+        mem = probe.stop()
+        if row.status == "ok":
+            row.__dict__.update(mem)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from FoBSegmentLib.bench.core import CaseResult, MemoryProbe, Settings, skipped
+from FoBSegmentLib.bench.core import CaseResult, Settings, measured, skipped
 
 RANGE = 40
 
@@ -55,9 +55,7 @@ def cases(settings: Settings) -> list[CaseResult]:
     from FoBSegmentLib.propagation.review import review_ranking
 
     row = CaseResult(group="correction", case=label, device=settings.device, key=key, unit="s/correction")
-    probe = MemoryProbe(settings.device)
-    probe.start()
-    try:
+    with measured(row, settings.device):
         prepared, ref, middle, job_settings, components = _setup()
         first = _job(prepared, ref, [middle], job_settings, components).run()
         pick = next(it.index for it in review_ranking(first) if it.index != middle)
@@ -82,12 +80,5 @@ def cases(settings: Settings) -> list[CaseResult]:
         row.note = _join(row.note, f"updated in {row.total_s:.2f} s ({updated.segmented_count} segmenter calls; "
                                    f"a full re-propagation {np.median(fulls):.2f} s, {full.segmented_count} calls); "
                                    "target < 3 s")
-    except Exception as exc:  # noqa: BLE001
-        row.status = "error"
-        row.note = _join(row.note, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-    finally:
-        mem = probe.stop()
-        if row.status == "ok":
-            row.__dict__.update(mem)
     progress_line(row)
     return [row]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from FoBSegmentLib.bench.core import CaseResult, MemoryProbe, Settings, skipped
+from FoBSegmentLib.bench.core import CaseResult, Settings, measured, skipped
 
 QUERY, ORGANS = "2", ((1, "liver"), (2, "right kidney"))
 
@@ -40,9 +40,7 @@ def cases(settings: Settings) -> list[CaseResult]:
     locate.clear_volume_registrations()  # the first job pays the volume registration
     for (key, label), (organ, name) in zip(labels.items(), ORGANS):
         row = CaseResult(group="cross-patient", case=label, device=settings.device, key=key, unit="s/job")
-        probe = MemoryProbe(settings.device)
-        probe.start()
-        try:
+        with measured(row, settings.device):
             job = cross_job(query, other, organ, False, get_segmenter("graphcut"), registered=False)
             t0 = time.perf_counter()
             res = job.run()
@@ -54,13 +52,6 @@ def cases(settings: Settings) -> list[CaseResult]:
                           "search_threads": locate.SEARCH_THREADS, "segmenter_calls": res.segmented_count}
             row.note = _join(row.note, f"{seconds:.2f} s, {res.segmented_count} segmenter calls, the 2D "
                                        f"registrations on {locate.SEARCH_THREADS} thread(s)")
-        except Exception as exc:  # noqa: BLE001
-            row.status = "error"
-            row.note = _join(row.note, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-        finally:
-            mem = probe.stop()
-            if row.status == "ok":
-                row.__dict__.update(mem)
         progress_line(row)
         rows.append(row)
     return rows
