@@ -66,6 +66,11 @@ def distance_to(mask: np.ndarray, limit: float) -> np.ndarray:
     return out
 
 
+def disk(radius: int) -> np.ndarray:
+    """The (2r + 1, 2r + 1) uint8 ellipse structuring element of radius r px (OpenCV's)."""
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
 def dilate(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """`cv2.dilate` of an (H, W) bool mask by a centred (2r + 1, 2r + 1) `kernel`, as bool: it
     reaches at most r px from the mask."""

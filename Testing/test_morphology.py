@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from FoBSegmentLib import morphology
 from FoBSegmentLib.evaluate import propagation as PR
-from FoBSegmentLib.segmenters.graphcut import AppearanceModel, _disk
+from FoBSegmentLib.segmenters.graphcut import AppearanceModel
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_distance_to_is_exact_within_its_limit(masks: list[np.ndarray]) -> None:
 def test_dilate_and_the_appearance_ring_equal_the_whole_image(masks: list[np.ndarray]) -> None:
     for m in masks:
         for r in (2, 20, 40):
-            want = cv2.dilate(m.astype(np.uint8), _disk(r)).astype(bool)
-            np.testing.assert_array_equal(morphology.dilate(m, _disk(r)), want)
+            want = cv2.dilate(m.astype(np.uint8), morphology.disk(r)).astype(bool)
+            np.testing.assert_array_equal(morphology.dilate(m, morphology.disk(r)), want)
         np.testing.assert_array_equal(AppearanceModel(band=40).ring(m),
-                                      cv2.dilate(m.astype(np.uint8), _disk(40)).astype(bool) & ~m)
+                                      cv2.dilate(m.astype(np.uint8), morphology.disk(40)).astype(bool) & ~m)

@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 
 from FoBSegmentLib.labelmap import dice
+from FoBSegmentLib.morphology import dilate, disk
 from FoBSegmentLib.propagation.types import PlacedSupport, SupportSlice
 
 # Below this the located organ does not look like the support's: set on 4 development pairs (CHAOS 1,
@@ -169,8 +170,7 @@ def warp(img: np.ndarray, transform, like: np.ndarray, nearest: bool = False) ->
 
 
 def _region(mask: np.ndarray, radius: int) -> np.ndarray:
-    k = 2 * radius + 1
-    return cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
+    return dilate(mask, disk(radius))
 
 
 def _radius(mask: np.ndarray) -> int:
@@ -289,7 +289,7 @@ def _search(slice_of: Callable[[int], np.ndarray], supports: list[SupportSlice],
         # Each thread starts from its own copy of the first transform: nothing SimpleITK is shared.
         starts = [sitk.AffineTransform(tf0) for _ in keys]
         with ThreadPoolExecutor(SEARCH_THREADS) as pool:
-            cache.update(zip(keys, pool.map(lambda k, t: score_at(*k, initial=t), keys, starts)))
+            list(pool.map(lambda k, t: score_at(*k, initial=t), keys, starts))  # each fills `cache`
     weights = [float(s.mask.sum()) for s in supports]
     scores: dict[int, float] = {}
     for z in window:
@@ -511,8 +511,7 @@ def core_of(mask: np.ndarray) -> np.ndarray:
     """The placed organ eroded by a fifth of its radius (at least 2 px): pixels that are organ even
     where the placement is a few pixels off."""
     r = max(2, int(round(0.2 * np.sqrt(mask.sum() / np.pi))))
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    return cv2.erode(mask.astype(np.uint8), k).astype(bool)
+    return cv2.erode(mask.astype(np.uint8), disk(r)).astype(bool)
 
 
 def organ_confidence(appearance: float, inside: float, kept: float) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from FoBSegmentLib.morphology import dilate
+from FoBSegmentLib.morphology import dilate, disk
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters.base import (
     SegmentationResult,
@@ -213,7 +213,7 @@ class GrabCutSegmenter:
         height, width = img.shape[:2]
         prior = prompts.prior_mask
         band = int(np.clip(np.sqrt(prior.sum() / np.pi), 10, 40))
-        near = dilate(prior, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1)))
+        near = dilate(prior, disk(band))
         rows, cols = np.nonzero(near)
         r0, r1, c0, c1 = roi_box(np.stack([cols, rows], axis=1).astype(np.float64), self.margin, height, width)
         crop = roi_uint8(img, (r0, r1, c0, c1))

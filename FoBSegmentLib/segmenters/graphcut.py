@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from FoBSegmentLib.morphology import depth, dilate, distance_to, fill_holes
+from FoBSegmentLib.morphology import depth, dilate, disk, distance_to, fill_holes
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters.base import (
     SegmentationResult,
@@ -44,10 +44,6 @@ from FoBSegmentLib.segmenters.grabcut import GrabCutSegmenter
 
 _HARD = 1e6  # a unary cost no labelling pays
 MIN_BAND = 10  # px: the narrowest surroundings ring (`GraphCutSegmenter.band_scale`)
-
-
-def _disk(radius: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
 def _grey01(image: np.ndarray) -> np.ndarray:
@@ -103,7 +99,7 @@ class AppearanceModel:
 
     def ring(self, organ: np.ndarray) -> np.ndarray:
         """(H, W) bool: the `band`-px ring around `organ` (H, W) bool, the surroundings by default."""
-        return dilate(organ, _disk(self.band)) & ~organ
+        return dilate(organ, disk(self.band)) & ~organ
 
     def log_ratio(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float: log p(features | organ) - log p(features | surroundings)."""
