@@ -66,6 +66,37 @@ def test_fob_prompts_plumbing_explicit_range(chaos2, random_generator) -> None:
     assert np.array_equal(res.mask[9].astype(bool), ref[9])
 
 
+def test_a_slice_whose_fob_prompts_are_refused_is_flagged_not_fatal(chaos2, random_generator) -> None:
+    """A segmenter that refuses one slice's FoB prompts (the random walker does when no foreground point
+    lies inside FoB's ring) leaves that slice empty and flagged for review instead of failing the run;
+    the record replays it the same way; refused points that a person edited still raise."""
+    from FoBSegmentLib.propagation.fob import REFUSED
+
+    norm, lab = chaos2
+    ref = lab == 2
+    support = np.zeros_like(ref)
+    support[9] = ref[9]
+    sups = P.support_slices_from_volume(norm, support, 0)
+
+    class Refusing(GraphCutSegmenter):
+        def segment(self, image, prompts):
+            if np.array_equal(image, norm[11]):
+                raise ValueError("no foreground seed lies inside the background polygon")
+            return super().segment(image, prompts)
+
+    cfg = P.PropagationConfig(slices=(6, 12), fob_mask_prompt=False)
+    kw = {"axis": 0, "same_volume": True, "prompts_from": "fob", "config": cfg}
+    res = P.propagate(norm, sups, Refusing(), generator=random_generator, **kw)
+    assert res.slices[11].flags == [f"{REFUSED}: no foreground seed lies inside the background polygon"]
+    assert not res.mask[11].any() and 11 in res.prompts and res.mask[[6, 7, 8, 10, 12]].any(axis=(1, 2)).all()
+    again = P.propagate(norm, sups, Refusing(), prompts_in=dict(res.prompts), record=res.record, **kw)
+    assert np.array_equal(again.mask, res.mask)
+    moved = dict(res.prompts)
+    moved[11] = PromptSet(res.prompts[11].background + 1.0, res.prompts[11].foreground)
+    with pytest.raises(ValueError, match="slice 11: no foreground seed"):
+        P.propagate(norm, sups, Refusing(), prompts_in=moved, record=res.record, **kw)
+
+
 @pytest.mark.slow  # ~55 s on 2 cores: random weights call every slice organ, GrabCut runs on all of them
 def test_fob_auto_range_and_hybrid_plumbing(chaos2, random_generator) -> None:
     norm, lab = chaos2
@@ -162,8 +193,8 @@ def test_fob_mask_prompt_is_what_the_graph_cut_receives(chaos2) -> None:
     seg, predicted = _Recording(), []
 
     class Kept:  # FoB's predictions, kept as the pipeline quantised them
-        def predict_batch(self, *args):
-            out = gen.predict_batch(*args)
+        def predict_batch(self, *args, **kw):
+            out = gen.predict_batch(*args, **kw)
             predicted.extend(out)
             return out
 

@@ -66,7 +66,7 @@ SKIN_METHODS = ("lesion", "lesion-colour")
 SKIN_FOLDS = 2
 METHOD_LABELS = {
     "fob": "FoB (BPPC+BCM+SPR)",
-    "fob-nospr": "FoB without SPR (coarse argmax)",
+    "fob-nospr": "FoB without SPR (coarse argmax; the ring `fob segment` uses, `fob_spr` off)",
     "fob-map": "FoB's prompts with its coarse map as a mask prompt (the segmenter starts from it)",
     "confidence": "(i) most confident fg/bg points",
     "mask-sampled": "(ii) points sampled in/out of coarse mask (ProtoSAM-style)",

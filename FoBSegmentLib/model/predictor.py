@@ -364,10 +364,19 @@ class FoBPromptGenerator(FoBNet):
         support_mask: np.ndarray,
         query_images: Sequence[np.ndarray],
         batch_size: int = 8,
+        spr: bool = True,
     ) -> list[PromptSet]:
-        """Prompts for many query slices; the support is encoded once, queries run `batch_size` at a time."""
+        """Prompts for many query slices; the support is encoded once, queries run `batch_size` at a time.
+        spr False: the background ring before SPR (the BCM heatmaps' argmax, 'coarse_background')."""
         support = self.encode_support(support_image, support_mask)
-        return [d["prompts"] for d in self.predict_from_support(support, query_images, batch_size)]
+        out = []
+        for d in self.predict_from_support(support, query_images, batch_size):
+            ps = d["prompts"]
+            if not spr and len(ps.background):
+                ps = PromptSet(np.asarray(d["coarse_background"], np.float64), ps.foreground,
+                               fg_probability=ps.fg_probability)
+            out.append(ps)
+        return out
 
 
 __all__ = ["FoBPromptGenerator", "SupportFeatures", "normalize_image"]

@@ -113,9 +113,11 @@ class PropagationConfig:
         CT) beside the mask prompt (docs/RESULTS.md, "FoB in the chain"): the map covers the
         neighbouring organs too.
         The stop rules below read the probability either way.
-    fob_spr: chained FoB: FoB's ring points after SPR (True) or its heatmaps' argmax (False). Off
-        by default: SPR puts more ring points inside the organ and the chain scored lower with it on
-        CHAOS MR and Synapse CT (docs/RESULTS.md, "FoB in the chain").
+    fob_spr: both FoB sources ("fob", "chained"): FoB's ring points after SPR (True) or its
+        heatmaps' argmax (False). Off by default: SPR puts more ring points inside the organ; the chain
+        scored lower with it, FoB alone scored the same held out, and in the paper's protocol, held
+        out per fold, its points scored lower than the heatmaps' argmax (docs/RESULTS.md, "FoB in the
+        chain"; Resources/MODEL_CARD.md).
     fob_ring: chained FoB: "add" (FoB's confident ring points join the dilation ring) or "replace"
         (they replace it; the dilation ring when fewer than 3 are confident).
     fob_absent: chained FoB: the chain ends where FoB's coarse probability reaches `prob_threshold`

@@ -34,7 +34,7 @@ import numpy as np
 from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PropagationConfig
-from FoBSegmentLib.propagation.fob import dequantize_probability, fob_look, quantize_probability
+from FoBSegmentLib.propagation.fob import REFUSED, dequantize_probability, fob_look, quantize_probability
 from FoBSegmentLib.propagation.neighbour import (
     chain,
     chain_stop,
@@ -274,7 +274,13 @@ class _Replay:
             look = e.get("look", "annotations") if parent is not None else "annotations"
             with gap_step(run, look, z, parent, run.accepted(int(parent)) if parent is not None else None,
                           e.get("ahead")):
-                m, score = run.segment(z, ps)
+                try:
+                    m, score = run.segment(z, ps)
+                except ValueError:
+                    # The run left this slice empty for the same refusal; edited points get the error.
+                    if edited or not any(f.startswith(REFUSED) for f in e.get("flags", [])):
+                        raise
+                    m, score = np.zeros(run.hw, bool), 0.0
         source = "edited" if edited else e.get("source", "neighbour")
         rep = SliceReport(z, source, support_index=e.get("support"), parent=parent, prior=e.get("prior", "none"),
                           score=score, flags=[] if edited else list(e.get("flags", [])),

@@ -19,6 +19,9 @@ from FoBSegmentLib.propagation.stopping import organ_range_from_probability
 from FoBSegmentLib.propagation.supports import assign_supports, inside_absent
 from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
 
+# The flag of a slice whose FoB prompts the segmenter refused (e.g. no foreground point inside the ring).
+REFUSED = "the segmenter refused FoB's prompts"
+
 
 def quantize_probability(prob: np.ndarray) -> np.ndarray:
     """(H, W) float in [0, 1] -> uint8 in 0..255, the precision a propagation record stores."""
@@ -60,10 +63,12 @@ def predict_slices(
                 probs = generator.coarse_probabilities(encoded[sup.index], [run.slice(z) for z in part])
                 out = [PromptSet(np.zeros((0, 2)), np.zeros((0, 2)), fg_probability=p) for p in probs]
             elif hasattr(generator, "predict_batch"):
-                out = generator.predict_batch(sup.image, sup.mask, [run.slice(z) for z in part])
+                out = generator.predict_batch(sup.image, sup.mask, [run.slice(z) for z in part], spr=cfg.fob_spr)
             else:
                 out = [generator.predict(sup.image, sup.mask, run.slice(z)) for z in part]
             for z, ps in zip(part, out):
+                if prompts:  # the FoB pass of `run_fob`: a long one on CPU, so progress per slice
+                    run.tick(f"FoB's prompts for slice {z}")
                 if ps.fg_probability is not None:
                     ps.fg_probability = dequantize_probability(quantize_probability(ps.fg_probability))
                 preds[z] = ps
@@ -180,10 +185,11 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
     lo, hi = rng
     annotated = {s.index for s in supports} if same_volume else set()
     cand = [z for z in range(lo, hi + 1) if z not in annotated]
-    # Two passes over the candidates when the range is automatic: predict, then segment.
-    run.total = max(1, len(cand) * (2 if cfg.slices == "auto" else 1))
+    # Two passes over the candidates: predict, then segment.
+    run.total = max(1, 2 * len(cand))
+    if run.progress is not None:
+        run.progress(0, run.total, f"FoB predicting prompts for {len(cand)} slices")
     preds, areas = predict_slices(run, supports, generator, same_volume, cand)
-    run.done = len(cand) if cfg.slices == "auto" else 0
     present = sorted(s.index for s in supports if s.mask.any()) if same_volume else []
     if cfg.slices == "auto":
         lo, hi = organ_range(run, areas, present or None)
@@ -194,8 +200,12 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
     def segment(z: int) -> tuple[np.ndarray, SliceReport, PromptSet]:
         run.check_cancel()
         ps = preds[z] if look is None else with_mask_prompt(preds[z], cfg.prob_threshold, cfg.fob_data_term)
-        m, score = run.segment(z, ps)
         rep = run.reports[z]
+        try:
+            m, score = run.segment(z, ps)
+        except ValueError as exc:  # one slice's prompts, not the run, failed: left empty, flagged for review
+            m, score = np.zeros(run.hw, bool), 0.0
+            rep.flags.append(f"{REFUSED}: {str(exc).split(': ', 1)[-1]}")
         rep.source, rep.score = "fob", score
         # The mask prompt is no accepted slice: the record stores it, so that a replay cuts from it.
         rep.prior = "stored" if ps.prior_mask is not None else "none"
