@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import threading
-import types
 
 import ctk  # noqa: F401  (the .ui file's ctk widgets need the module loaded)
 import numpy as np
@@ -114,15 +113,6 @@ def _segmentEditorMasking():
     from FoBSegmentLib.slicer.parameters import Masking
 
     return Masking.from_editor_node(node)
-
-
-def _predictionReports(job, shown) -> dict:
-    """Review-panel reports of a prediction (no segmentation yet): the annotated and the predicted slices."""
-    reports = {int(z): types.SimpleNamespace(source="prompts", flags=[]) for z in shown}
-    if job.same_volume:
-        for support in job.supports:
-            reports[int(support.index)] = types.SimpleNamespace(source="annotation", flags=[])
-    return reports
 
 
 def _notes(job) -> str:
@@ -759,8 +749,8 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return jobs, engine_class.run_propagation_many(jobs, progress=progress, cancel=cancel)
             job = build()
             emit("job", job)
-            if kind == "predict":
-                return engine_class.compute_prompts(job, progress=progress, cancel=cancel)
+            if kind == "predict":  # the same run as Propagate; its masks are not shown
+                return engine_class.run_propagation(job, progress=progress, cancel=cancel)
             return engine_class.run_propagation(job, progress=progress, cancel=cancel,
                                                 on_slice=lambda z, m: emit("slice", z, m))
 
@@ -838,10 +828,11 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     volume = slicer.mrmlScene.GetNodeByID(self._job.volume_id)
                     # A true voxel slice in the Red view, so each point is seen on its own slice.
                     slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().RotateToVolumePlane(volume)
-                    self._setReview((_predictionReports(self._job, shown), None, self._job.axis))
+                    self._setReview((result.slices, getattr(result, "review", None), self._job.axis))
                     self._status(
                         f"Prompts predicted on {len(shown)} slice(s). Drag, add or delete points; mark slices "
-                        "reviewed; then Segment." + _notes(self._job)
+                        "reviewed; then Segment: it writes the organ these points give, as Propagate and "
+                        "fob segment --prompts-in do." + _notes(self._job)
                     )
             elif kind == "propagate" and isinstance(result, tuple):  # several organs
                 with slicer.util.tryWithErrorDisplay("FoBSegment: writing the result failed.", waitCursor=True):
@@ -1221,8 +1212,9 @@ class FoBSegmentTest(ScriptedLoadableModuleTest):
         engine.set_reviewed(volume, seg, liver, [z0 - 1, z0 + 1])
         before = mrml.segment_mask(seg, liver, volume)
         masks = engine.segment_slices(volume, seg, liver, segmenter="grabcut")
-        for z, m in masks.items():
-            self.assertGreaterEqual(dice(m, take_slice(reference, axis, z)), self.SLICE_DICE_FLOOR)
+        # the preview's record replayed with the edited points: the reviewed slices and those chained on
+        for z in (z0 - 1, z0 + 1):
+            self.assertGreaterEqual(dice(masks[z], take_slice(reference, axis, z)), self.SLICE_DICE_FLOOR)
         self.assertTrue(np.array_equal(mrml.segment_mask(seg, other, volume), other_mask))
         self.assertTrue(engine.undo(seg))
         self.assertTrue(np.array_equal(mrml.segment_mask(seg, liver, volume), before))

@@ -229,17 +229,19 @@ def test_predict_edit_segment_undo(case: Case) -> None:
     again = logic.read_prompts(vol, seg, case.liver_id, slices=[z1])[z1].background
     np.testing.assert_allclose(np.sort(again, axis=0), np.sort(edited, axis=0), atol=1e-6)
 
-    # segment the reviewed slices: one undo state, only the liver segment changes
+    # segment: the preview stored its propagation's record, so the reviewed slices and the slices chained
+    # from the edited one are written as the record replayed with the points gives them (`--prompts-in`);
+    # one undo state, only the liver segment changes
     before = fob_mrml.segment_mask(seg, case.liver_id, vol)
     masks = logic.segment_slices(vol, seg, case.liver_id, segmenter="grabcut")
-    assert sorted(masks) == [z0 - 1, z1]
+    assert {z0 - 1, z1} <= set(masks) <= set(shown)
     after = fob_mrml.segment_mask(seg, case.liver_id, vol)
     ref = case.reference == LIVER
     for z, m in masks.items():
         assert np.array_equal(take_slice(after, axis, z), m)
         d = dice(m, take_slice(ref, axis, z))
         print(f"slice {z} Dice {d:.3f}")
-        assert d >= SLICE_DICE_FLOOR
+        assert d >= SLICE_DICE_FLOOR or z not in (z0 - 1, z1), "the reviewed slices, next to the annotation"
     assert np.array_equal(take_slice(after, axis, z0), take_slice(before, axis, z0)), "annotation kept"
     assert np.array_equal(fob_mrml.segment_mask(seg, case.spleen_id, vol), case.spleen_before)
     assert logic.undo(seg)
@@ -566,7 +568,7 @@ def test_segmenter_instances_are_reused(plain_case: Case) -> None:
 
 
 def test_prediction_computed_on_a_worker_thread(plain_case: Case) -> None:
-    """The widget's split: prepare (main) -> compute_prompts (worker thread, no MRML) -> show (main)."""
+    """The widget's split: prepare (main) -> run_propagation (worker thread, no MRML) -> show (main)."""
     import threading
 
     case = plain_case
@@ -576,7 +578,7 @@ def test_prediction_computed_on_a_worker_thread(plain_case: Case) -> None:
     out: dict = {}
     ticks: list[int] = []
     worker = threading.Thread(
-        target=lambda: out.update(p=case.logic.compute_prompts(job, progress=lambda d, t, s: ticks.append(d)))
+        target=lambda: out.update(p=case.logic.run_propagation(job, progress=lambda d, t, s: ticks.append(d)))
     )
     worker.start()
     worker.join(60)

@@ -1,5 +1,5 @@
-"""The module file's helpers and the worker's prediction loop (issue 18, defect 8 and defect 1's editor
-side): the torch version check, the Segment Editor undo callback, progress and Cancel of a FoB prediction.
+"""The module file's helpers and the worker's prediction (issue 18, defect 8 and defect 1's editor side):
+the torch version check, the Segment Editor undo callback, a FoB preview that is the propagation itself.
 The module is imported with stand-ins for Qt and the ScriptedLoadableModule classes (see
 test_slicer_logic._load_module_with_stand_ins); everything else is the real slicer-core."""
 
@@ -18,7 +18,6 @@ from test_slicer_logic import _load_module_with_stand_ins  # noqa: E402
 
 from FoBSegmentLib.io.coords import put_slice, take_slice  # noqa: E402
 from FoBSegmentLib.labelmap import nonempty_slices  # noqa: E402
-from FoBSegmentLib.prompts import PromptSet  # noqa: E402
 from FoBSegmentLib.slicer import mrml as fob_mrml  # noqa: E402
 from FoBSegmentLib.slicer.logic import FoBSegmentLogic  # noqa: E402
 
@@ -79,46 +78,53 @@ def test_segment_editor_receives_one_undo_state_per_fob_action(mrml, data_dir: P
     assert engine.undo(seg)
 
 
-def test_fob_prediction_reports_progress_and_stops_on_cancel_between_chunks(mrml, data_dir: Path) -> None:  # noqa: F811
-    """compute_prompts works in chunks of PROMPT_CHUNK slices: progress from 0, Cancel honoured after a
-    chunk, so even a long or one-slice FoB prediction can be followed and stopped."""
+def test_fob_preview_is_the_propagation_and_segment_gives_its_mask(mrml, data_dir: Path) -> None:  # noqa: F811
+    """Predict prompts runs the job Propagate runs (FoB's points and its mask prompt, cut by the graph
+    cut, the chain's end rules), shows the prompts its slices received and stores its record: Segment,
+    with no point moved, writes exactly the mask Propagate writes. Progress starts at 0 and Cancel
+    stops the preview with nothing written."""
+    from FoBSegmentLib.model import FoBPromptGenerator
     from FoBSegmentLib.propagation import PropagationCancelled
-    from FoBSegmentLib.slicer.worker import PROMPT_CHUNK
+    from FoBSegmentLib.slicer import point_lists
 
     scene, logics = mrml
     folder = data_dir / "chaos_mr_t2spir"
     vol = logics["volumes"].AddArchetypeVolume(str(folder / "image_2.nii.gz"), "v")
     label = logics["volumes"].AddArchetypeVolume(str(folder / "label_2.nii.gz"), "l", 1)
-    liver = fob_mrml.volume_array(label) == 1
+    kidney = fob_mrml.volume_array(label) == 2
     scene.RemoveNode(label)
     logic = FoBSegmentLogic(scene)
     axis = logic.slice_axis(vol)
-    z0 = nonempty_slices(liver, axis)[len(nonempty_slices(liver, axis)) // 2]
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
-    sid = seg.GetSegmentation().AddEmptySegment("liver", "liver")
-    support = np.zeros_like(liver)
-    put_slice(support, axis, z0, take_slice(liver, axis, z0))
-    fob_mrml.set_segment_mask(seg, sid, vol, support)
+    zs = nonempty_slices(kidney, axis)
+    z0 = zs[len(zs) // 2]
+    support = np.zeros_like(kidney)
+    put_slice(support, axis, z0, take_slice(kidney, axis, z0))
+    segs = []
+    for name in ("preview", "propagate"):
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+        sid = seg.GetSegmentation().AddEmptySegment("kidney", "kidney")
+        fob_mrml.set_segment_mask(seg, sid, vol, support)
+        segs.append((seg, sid))
+    kw = {"prompts_from": "fob", "segmenter": "graphcut", "generator": FoBPromptGenerator.load()}
+    (seg, sid), (seg2, sid2) = segs
 
-    calls: list[int] = []
-
-    class CountingGenerator:  # what a FoB model does, minus the network: a ring at the image's edge
-        def predict(self, support_image, support_mask, image):
-            calls.append(1)
-            h, w = image.shape[:2]
-            ring = np.array([[2.0, 2.0], [w - 3.0, 2.0], [w - 3.0, h - 3.0], [2.0, h - 3.0]])
-            return PromptSet(background=ring, foreground=np.array([[w / 2.0, h / 2.0]]))
-
-    job = logic.prepare_propagation(vol, seg, sid, prompts_from="fob", generator=CountingGenerator(),
-                                    segmenter="grabcut")
-    n = liver.shape[axis] - 1
-    assert n > 2 * PROMPT_CHUNK
     progress: list[tuple[int, int]] = []
     with pytest.raises(PropagationCancelled):
-        logic.compute_prompts(job, progress=lambda d, t, s="": progress.append((d, t)),
-                              cancel=lambda: len(calls) >= PROMPT_CHUNK)
-    assert progress[0] == (0, n) and progress[-1] == (PROMPT_CHUNK, n) and len(calls) == PROMPT_CHUNK
-    calls.clear()
-    prompts = logic.compute_prompts(job)
-    assert len(prompts) == n == len(calls) and z0 not in prompts
+        logic.predict_prompts(vol, seg, sid, progress=lambda d, t, s="": progress.append((d, t)),
+                              cancel=lambda: len(progress) >= 3, **kw)
+    assert progress[0][0] == 0 and not logic.prompt_point_lists(vol, seg, sid, create=False)
+    assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), support)
+
+    shown = logic.predict_prompts(vol, seg, sid, **kw)
+    assert shown and z0 not in shown
+    assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), support), "a preview writes nothing"
+    record = point_lists.propagation_record(scene, seg, sid)
+    assert record is not None and sorted(int(e["index"]) for e in record["slices"]) == sorted(shown)
+    assert all("priorMask" in e for e in record["slices"]), "FoB's mask prompt is in the record"
+
+    written = logic.segment_slices(vol, seg, sid, segmenter="graphcut")
+    logic.propagate(vol, seg2, sid2, **kw)
+    propagated = fob_mrml.segment_mask(seg2, sid2, vol)
+    assert set(written) <= set(shown) and propagated.sum() > support.sum()
+    assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), propagated)

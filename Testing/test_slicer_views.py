@@ -99,7 +99,7 @@ def test_segmenting_runs_its_slow_part_off_the_main_thread(mrml, data_dir: Path,
 
     def on_worker() -> None:
         job = build()
-        out["prompts"] = logic.compute_prompts(job)
+        out["prompts"] = logic.run_propagation(job)
         out["job"] = job
 
     t = threading.Thread(target=on_worker)
@@ -115,7 +115,7 @@ def test_segmenting_runs_its_slow_part_off_the_main_thread(mrml, data_dir: Path,
     t = threading.Thread(target=lambda: out.update(outcome=task.compute(lambda d, n, s: progress.append(d))))
     t.start()
     t.join(120)
-    assert progress == [1, 2]
+    assert progress and progress == sorted(progress)
     written = logic.apply_segment(task, out["outcome"])
     got = fob_mrml.segment_mask(seg, sid, vol)
     for z in (z0 - 1, z0 + 1):
@@ -129,5 +129,6 @@ def test_segmenting_runs_its_slow_part_off_the_main_thread(mrml, data_dir: Path,
     # cache, so that a SAM checkpoint on the machine running the tests is not loaded
     monkeypatch.setenv("FOB_CACHE", str(tmp_path))
     outcome = logic.begin_segment(vol, seg, sid, [z0 + 1], segmenter="auto", device="cpu").compute()
-    assert outcome.notes and outcome.notes[0].startswith("auto: ")
-    assert logic.begin_segment(vol, seg, sid, [z0 + 1], segmenter="grabcut").compute().notes == []
+    assert any(n.startswith("auto: ") for n in outcome.notes)
+    assert not any(n.startswith("auto: ") for n in logic.begin_segment(vol, seg, sid, [z0 + 1],
+                                                                       segmenter="grabcut").compute().notes)

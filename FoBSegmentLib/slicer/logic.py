@@ -746,7 +746,6 @@ class FoBSegmentLogic:
 
     # Worker-thread computations (no MRML; see `worker`), static so the widget runs them on its thread.
     run_propagation = staticmethod(worker.run_propagation)
-    compute_prompts = staticmethod(worker.compute_prompts)
 
     def _job_nodes(self, job: PropagationJob):
         volume = self.scene.GetNodeByID(job.volume_id)
@@ -934,16 +933,20 @@ class FoBSegmentLogic:
     ) -> dict[int, PromptSet]:
         """Predict prompts for the slices of the range and show them for review; commits no segmentation.
 
-        prepare_propagation + compute_prompts + show_job_prompts on the calling thread (the widget runs
-        compute_prompts on its worker). Returns the prompts shown (reviewed slices keep their points).
+        prepare_propagation + run_propagation + show_job_prompts on the calling thread (the widget runs
+        the propagation on its worker). Returns the prompts shown (reviewed slices keep their points).
         """
         job = self.prepare_propagation(volume, segmentation, segment_id, **kwargs)
-        return self.show_job_prompts(job, self.compute_prompts(job, progress, cancel))
+        return self.show_job_prompts(job, self.run_propagation(job, progress, cancel))
 
-    def show_job_prompts(self, job: PropagationJob, prompts: dict[int, PromptSet]) -> dict[int, PromptSet]:
-        """Main thread: put a job's computed prompts into its point lists (see `show_prompts`)."""
-        volume = self.scene.GetNodeByID(job.volume_id)
-        segmentation = self.scene.GetNodeByID(job.segmentation_id)
-        if volume is None or segmentation is None:
-            raise ValueError("the volume or segmentation of this prediction was removed from the scene")
-        return self.show_prompts(volume, segmentation, job.segment_id, prompts, job.axis)
+    def show_job_prompts(self, job: PropagationJob, result) -> dict[int, PromptSet]:
+        """Main thread: show the prompts a job's slices received, without writing its masks, and store its
+        record: the preview is the propagation itself, so Segment replays it with the points as edited,
+        exactly as `fob segment --prompts-in` does (see `segment_slices`), and Export writes a file the
+        command line turns into the same mask. Returns the prompts shown (reviewed slices keep theirs)."""
+        volume, segmentation = self._job_nodes(job)
+        annotated = {s.index for s in job.supports} if job.same_volume else set()
+        prompts = {z: p for z, p in result.prompts.items() if z not in annotated}
+        shown = self.show_prompts(volume, segmentation, job.segment_id, prompts, job.axis)
+        point_lists.set_propagation_record(self.scene, volume, segmentation, job.segment_id, result.record)
+        return shown
