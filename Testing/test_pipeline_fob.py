@@ -64,6 +64,14 @@ def test_fob_prompts_plumbing_explicit_range(chaos2, random_generator) -> None:
     outside = [z for z in range(norm.shape[0]) if not 6 <= z <= 12]
     assert not res.mask[outside].any()
     assert np.array_equal(res.mask[9].astype(bool), ref[9])
+    # FoB's ring before SPR by default (`fob_spr` off), after it when asked
+    rings = [random_generator.predict_batch(sups[0].image, sups[0].mask, [norm[7]], spr=spr)[0].background
+             for spr in (False, True)]
+    assert np.abs(rings[0] - rings[1]).max() > 1.0
+    np.testing.assert_allclose(res.prompts[7].background, rings[0], atol=1e-3)
+    res = P.propagate(norm, sups, get_segmenter("grabcut"), axis=0, same_volume=True, prompts_from="fob",
+                      generator=random_generator, config=P.PropagationConfig(slices=(6, 12), fob_spr=True))
+    np.testing.assert_allclose(res.prompts[7].background, rings[1], atol=1e-3)
 
 
 def test_a_slice_whose_fob_prompts_are_refused_is_flagged_not_fatal(chaos2, random_generator) -> None:
