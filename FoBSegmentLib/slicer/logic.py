@@ -525,10 +525,11 @@ class FoBSegmentLogic:
     ) -> dict[int, np.ndarray]:
         """Segment slices with the prompts in the point lists and write them into the segment.
 
-        When the lists carry a propagation record (they were filled by a propagation, or imported from
-        `fob segment --prompts-out`), the record is replayed as `fob segment --prompts-in` does: the
-        edited slices among `slices` get their new masks and the slices chained from them are propagated
-        again; nothing else changes. Without a record each slice is segmented from its points alone.
+        When the lists carry a propagation record (they were filled by a prediction or a propagation, or
+        imported from `fob segment --prompts-out`), the record is replayed as `fob segment --prompts-in`
+        does: `slices` get the masks the replay gives them, and the slices the segment already holds that
+        were chained from an edited slice are propagated again; nothing else changes. Without a record
+        each slice is segmented from its points alone.
         slices: None = all reviewed slices (all slices with prompts when none is reviewed). Returns
         {slice: (H, W) bool mask} of the slices written. One undo state; other segments are untouched.
 
@@ -576,7 +577,7 @@ class FoBSegmentLogic:
 
         def compute(progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
             if record is not None:
-                return self._replay(image(), current, prompts, record, settings, absent, progress, cancel)
+                return self._replay(image(), current, prompts, record, settings, absent, slices, progress, cancel)
             normalised = image().normalised
             seg = self.get_segmenter(segmenter, device, checkpoint)
             masks = {}
@@ -619,11 +620,14 @@ class FoBSegmentLogic:
         return record
 
     def _replay(self, query: PreparedImage, current: np.ndarray, prompts: dict[int, PromptSet], record: dict,
-                settings: JobSettings, absent: list[int], progress: ProgressCallback | None = None,
-                cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
+                settings: JobSettings, absent: list[int], asked: list[int],
+                progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> worker.SegmentOutcome:
         """Replay the lists' propagation record with their current points (see `segment_slices`); no MRML.
         current: the segment on the volume's [k, j, i] grid when the task began; absent: the slices
-        marked as not showing the organ (no re-chained slice passes them)."""
+        marked as not showing the organ (no re-chained slice passes them). Written: the `asked` slices
+        and the slices the segment already holds whose mask the replay changed (those chained from an
+        edited slice); a slice of a record whose masks were never written (a prediction, an imported
+        file) waits until it is asked for."""
         from FoBSegmentLib.propagation.document import prompt_fingerprint
 
         support = np.zeros_like(current)
@@ -637,7 +641,8 @@ class FoBSegmentLogic:
         annotated = {int(z) for z in record["annotated"]}
         touched = ({int(e["index"]) for e in record["slices"]} | set(result.order)) - annotated
         masks = {z: take_slice(result.mask, query.axis, z).astype(bool) for z in sorted(touched)}
-        changed = {z: m for z, m in masks.items() if not np.array_equal(m, take_slice(current, query.axis, z))}
+        changed = {z: m for z, m in masks.items() if not np.array_equal(m, take_slice(current, query.axis, z))
+                   and (z in asked or take_slice(current, query.axis, z).any())}
         old = {int(e["index"]): e["prompts"] for e in record["slices"]}
         redone = {z: ps for z, ps in result.prompts.items() if old.get(z) != prompt_fingerprint(ps)}
         return worker.SegmentOutcome(changed, redone, result.record, list(job.notes))
