@@ -179,7 +179,7 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
     neighbour chain's end rules (area, intensity, regrowth, back-check) end each side, as they end a
     chain; between annotated slices every slice is kept. Otherwise every slice of FoB's range is
     segmented from the points."""
-    from FoBSegmentLib.propagation.neighbour import end_reason
+    from FoBSegmentLib.propagation.neighbour import area_extremes, end_reason
 
     cfg = run.config
     lo, hi = rng
@@ -232,8 +232,8 @@ def run_fob(run: Runner, supports: list[SupportSlice], generator: Any, same_volu
                 run.end_chain(z, rep, end, f"FoB from slice {start} stops before slice {z}: {end.split(': ', 1)[1]}")
                 break
             accept(z, m, rep, ps)
-            prev, area = m, int(m.sum())
-            peak, trough = (area, area) if area > peak else (peak, min(trough, area))
+            prev = m
+            peak, trough = area_extremes(peak, trough, int(m.sum()))
             z += step
     for z in range(max(lo, 1), hi + 1):
         a, b = run.reports[z - 1].area, run.reports[z].area

@@ -198,6 +198,12 @@ def _segment_from(run: Runner, z: int, prev: np.ndarray, parent: int | None = No
     return m, score, ps, retried, step
 
 
+def area_extremes(peak: int, trough: int, area: int) -> tuple[int, int]:
+    """The (peak, trough) `end_reason` reads after a slice of `area` px is accepted: the largest area
+    of the chain so far, and the smallest since that peak."""
+    return (area, area) if area > peak else (peak, min(trough, area))
+
+
 def end_reason(run: Runner, z: int, step: int, m: np.ndarray, prev: np.ndarray, peak: int, trough: int,
                look: Appearance, rep: SliceReport, fob: FoBStep | None = None) -> str | None:
     """Why a chain stepping `step` ends at slice z with mask m after `prev` ((H, W) bool; peak /
@@ -376,8 +382,8 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             m = earlier[1]
             run.accept(z, m, rep, earlier[2])
             run.tick(f"slice {z}")
-            prev, area = m, int(m.sum())
-            peak, trough = (area, area) if area > peak else (peak, min(trough, area))
+            prev = m
+            peak, trough = area_extremes(peak, trough, int(m.sum()))
             z += step
             continue
         with gap_step(run, step_look, z, z - step, prev, ahead):
@@ -407,10 +413,7 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
         run.accept(z, m, rep, ps)
         run.tick(f"slice {z}")
         prev = m
-        if area > peak:
-            peak = trough = area
-        else:
-            trough = min(trough, area)
+        peak, trough = area_extremes(peak, trough, area)
         z += step
 
 
