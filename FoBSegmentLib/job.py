@@ -36,7 +36,12 @@ from FoBSegmentLib.propagation import (
     propagate,
     support_slices_from_volume,
 )
-from FoBSegmentLib.propagation.document import config_from_record
+from FoBSegmentLib.propagation.document import (
+    check_record,
+    config_from_record,
+    edited_slices,
+    support_fingerprint,
+)
 
 Log = Callable[[str], None]
 MODALITIES = ("auto", "ct", "mr", "rgb")
@@ -279,6 +284,26 @@ class Job:
                 raise SettingError("axis", f"the prompts file was made slicing along axis {record.get('axis')}, "
                                            f"this job slices along {self.axis}")
             job.config = config_from_record(record)
+        return job
+
+    def replaying_edits(self, prompts: dict[int, PromptSet], record: dict | None) -> Job:
+        """This job, or a copy that replays `record` with `prompts` (`with_prompts`) when the record
+        is that of a run of this very job (same annotated slices, prompt source and configuration) and
+        `prompts` (the points as shown and edited since) differ from what that run gave its slices.
+        A preview edited by hand then gives the mask of its points, as Segment and `fob segment
+        --prompts-in` do; a changed annotation or setting is a new job, predicted afresh."""
+        if record is None or not self.same_volume or not record.get("sameVolume", True):
+            return self
+        record = check_record(record)
+        same = (int(record["axis"]) == self.axis and record["promptsFrom"] == self.prompts_from
+                and record["config"] == self.config.to_json()
+                and record.get("support") == support_fingerprint(self.supports))
+        edited = edited_slices(record, prompts) if same else []
+        if not edited:
+            return self
+        job = self.with_prompts(prompts, record)
+        job.notes.append(f"replayed the prediction with the points as edited on slice(s) "
+                         f"{', '.join(map(str, edited))}")
         return job
 
     def run(self, progress: Any = None, cancel: Any = None, on_slice: Any = None,

@@ -244,3 +244,43 @@ def test_slices_between_two_agreeing_annotations_come_from_their_interpolated_sh
     fob([liver["image"], "-o", edited, "--support-mask", support, "--prompts-in", p, "--quiet"], capsys)
     differs = np.flatnonzero((read(first) != read(edited)).any(axis=(1, 2))).tolist()
     assert differs == [a + 2]
+
+
+def test_a_job_replays_its_own_record_only_when_points_were_edited(data_dir: Path) -> None:
+    """`Job.replaying_edits` (what Slicer's Propagate volume runs after Predict prompts): the same job
+    with the points its run gave is itself; with one slice's points moved it replays the record, and the
+    result is what `--prompts-in` would give (the edited slice's mask changes, the other side of the
+    annotation does not); a job with another setting or annotation does not take the record."""
+    import dataclasses
+
+    from FoBSegmentLib.job import JobSettings, build_job, prepare_image
+    from FoBSegmentLib.propagation import PropagationConfig
+    from FoBSegmentLib.propagation.document import edited_slices
+
+    image = prepare_image(volumes.read_volume(data_dir / CHAOS / "image_2.nii.gz"), JobSettings())
+    ref = volumes.read_label(data_dir / CHAOS / "label_2.nii.gz").array == 2
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    z0 = int(zs[len(zs) // 2])
+    support = np.zeros(ref.shape, bool)
+    support[z0] = ref[z0]
+    settings = JobSettings(prompts_from="neighbour", segmenter="graphcut")
+    job = build_job(image, support, settings)
+    first = job.run()
+    shown = {z: ps for z, ps in first.prompts.items() if z != z0}
+    assert edited_slices(first.record, shown) == [] and job.replaying_edits(shown, first.record) is job
+
+    z1 = z0 + 2
+    ps = shown[z1]
+    moved = dict(shown)
+    moved[z1] = dataclasses.replace(ps, background=ps.background + 0.35 * (ps.background.mean(axis=0) - ps.background))
+    assert edited_slices(first.record, moved) == [z1]
+    again = job.replaying_edits(moved, first.record).run()
+    assert again.mask[z1].sum() < first.mask[z1].sum()
+    assert np.array_equal(again.mask[:z0], first.mask[:z0])
+    assert any("edited" in n for n in again.notes)
+
+    other = dataclasses.replace(settings, config=dataclasses.replace(PropagationConfig(), n_background=12))
+    assert build_job(image, support, other).replaying_edits(moved, first.record).record is None
+    wider = support.copy()
+    wider[z0 - 1] = ref[z0 - 1]
+    assert build_job(image, wider, settings).replaying_edits(moved, first.record).record is None

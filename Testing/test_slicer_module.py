@@ -128,3 +128,67 @@ def test_fob_preview_is_the_propagation_and_segment_gives_its_mask(mrml, data_di
     propagated = fob_mrml.segment_mask(seg2, sid2, vol)
     assert set(written) <= set(shown) and propagated.sum() > support.sum()
     assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), propagated)
+
+
+def test_propagate_after_an_edited_preview_uses_the_edited_points(mrml, data_dir: Path) -> None:  # noqa: F811
+    """Predict prompts, tighten the ring of one predicted slice and mark it reviewed, then Propagate:
+    the volume is the one the points as shown give (Segment on every predicted slice writes the same
+    mask), the edited slice differs from a fresh propagation's, and the reviewed slice still shows the
+    points its mask came from. Without the edit, Propagate is the fresh job."""
+    from FoBSegmentLib.propagation.document import prompt_fingerprint
+    from FoBSegmentLib.slicer import point_lists
+
+    scene, logics = mrml
+    folder = data_dir / "chaos_mr_t2spir"
+    vol = logics["volumes"].AddArchetypeVolume(str(folder / "image_2.nii.gz"), "v")
+    label = logics["volumes"].AddArchetypeVolume(str(folder / "label_2.nii.gz"), "l", 1)
+    kidney = fob_mrml.volume_array(label) == 2
+    scene.RemoveNode(label)
+    logic = FoBSegmentLogic(scene)
+    axis = logic.slice_axis(vol)
+    zs = nonempty_slices(kidney, axis)
+    z0 = zs[len(zs) // 2]
+    support = np.zeros_like(kidney)
+    put_slice(support, axis, z0, take_slice(kidney, axis, z0))
+    segs = {}
+    for name in ("edited", "segmented", "fresh"):
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+        sid = seg.GetSegmentation().AddEmptySegment("kidney", "kidney")
+        fob_mrml.set_segment_mask(seg, sid, vol, support)
+        segs[name] = (seg, sid)
+    kw = {"prompts_from": "neighbour", "segmenter": "graphcut"}
+
+    z1 = z0 + 2
+    for name in ("edited", "segmented"):
+        seg, sid = segs[name]
+        shown = logic.predict_prompts(vol, seg, sid, **kw)
+        assert z1 in shown and z0 - 2 in shown
+        ps = shown[z1]
+        centre = ps.background.mean(axis=0)
+        tighter = type(ps)(background=ps.background + 0.35 * (centre - ps.background), foreground=ps.foreground)
+        logic.show_prompts(vol, seg, sid, {z1: tighter}, axis)
+        logic.set_reviewed(vol, seg, sid, [z1])
+    result = logic.propagate(vol, *segs["edited"], **kw)
+    assert any("edited" in n for n in result.notes), result.notes
+    logic.segment_slices(vol, *segs["segmented"], slices=sorted(shown), segmenter="graphcut")
+    logic.propagate(vol, *segs["fresh"], **kw)
+    edited, segmented, fresh = (fob_mrml.segment_mask(*segs[n], vol) for n in ("edited", "segmented", "fresh"))
+
+    assert np.array_equal(edited, segmented), "Propagate writes what Segment writes from the same points"
+    assert take_slice(edited, axis, z1).sum() < take_slice(fresh, axis, z1).sum(), "the tighter ring took part"
+    below = [z for z in zs if z < z0]
+    assert all(np.array_equal(take_slice(edited, axis, z), take_slice(fresh, axis, z)) for z in below)
+    # the reviewed slice shows the points its mask came from, and the stored record says so
+    now = logic.read_prompts(vol, *segs["edited"], axis)
+    assert np.allclose(now[z1].background, tighter.background)
+    record = point_lists.propagation_record(scene, *segs["edited"])
+    entry = next(e for e in record["slices"] if int(e["index"]) == z1)
+    assert entry["prompts"] == prompt_fingerprint(now[z1])
+
+    # an unedited preview: Propagate runs the fresh job (no replay note), with the fresh job's mask
+    seg, sid = segs["fresh"]
+    logic.predict_prompts(vol, seg, sid, **kw)
+    again = logic.propagate(vol, seg, sid, **kw)
+    assert not any("edited" in n for n in again.notes)
+    assert np.array_equal(fob_mrml.segment_mask(seg, sid, vol), fresh)

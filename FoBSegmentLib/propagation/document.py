@@ -369,8 +369,21 @@ def replay(
     return str(record["promptsFrom"]), rep.rng
 
 
+def edited_slices(record: dict[str, Any], prompts: dict[int, PromptSet]) -> list[int]:
+    """The slices whose points differ from those the record's run gave them: moved, added or removed
+    points, or points on a slice the run did not segment. Annotated slices and stepping stones (whose
+    points live in the record, `build_record`) are not counted."""
+    annotated = {int(z) for z in record["annotated"]}
+    given = {int(e["index"]): e["prompts"] for e in record["slices"] if e.get("kept", True)}
+    changed = {z for z, fp in given.items() if z not in annotated
+               and (z not in prompts or prompt_fingerprint(prompts[z]) != fp)}
+    changed |= {z for z in prompts if z not in given and z not in annotated}
+    return sorted(changed)
+
+
 def config_from_record(record: dict[str, Any]) -> PropagationConfig:
     return PropagationConfig.from_json(check_record(record)["config"])
 
 
-__all__ = ["RECORD_KEY", "build_record", "check_record", "config_from_record", "prompt_fingerprint", "replay"]
+__all__ = ["RECORD_KEY", "build_record", "check_record", "config_from_record", "edited_slices", "prompt_fingerprint",
+           "replay"]

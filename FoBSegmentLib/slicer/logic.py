@@ -740,12 +740,19 @@ class FoBSegmentLogic:
             raise ValueError("the support segment is empty: outline the organ on at least one slice")
         ids = (volume.GetID(), segmentation.GetID(), segment_id)
         absent = self.absent_slices(volume, segmentation, segment_id, settings.axis, s_mask) if same_volume else []
+        # The points shown by a prediction (or an earlier propagation), as edited since: when the job
+        # built below is the one that made them, it replays them (`Job.replaying_edits`).
+        record, shown = None, {}
+        if same_volume:
+            ax = self.slice_axis(volume, settings.axis)
+            record = self._replayable_record(segmentation, segment_id, ax)
+            shown = self.read_prompts(volume, segmentation, segment_id, ax) if record is not None else {}
 
         def build() -> PropagationJob:
             engine = build_job(query(), s_mask, settings, support=support() if support is not None else None,
                                components=self._components(settings, generator), support_name="the support segment",
                                absent_slices=absent)
-            return PropagationJob(*ids, engine)
+            return PropagationJob(*ids, engine.replaying_edits(shown, record))
 
         return build
 
