@@ -13,7 +13,14 @@ from scipy import ndimage
 from FoBSegmentLib import cli
 from FoBSegmentLib import propagation as P
 from FoBSegmentLib.evaluate.datasets import list_cases
-from FoBSegmentLib.evaluate.interactive import Loop, blind_pick, inner_slices, ranked_pick, run_loop
+from FoBSegmentLib.evaluate.interactive import (
+    Loop,
+    blind_pick,
+    inner_slices,
+    oracle_pick,
+    ranked_pick,
+    run_loop,
+)
 from FoBSegmentLib.evaluate.interpolation import evenly_spaced_slices
 from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.evaluate.propagation import prepare_volume, read_reference
@@ -130,6 +137,23 @@ def test_interactive_protocol_two_rounds_on_a_real_patient(kidney: Loop) -> None
     # Round 0 is the same one-slice propagation for every strategy.
     assert rec["ranked"][0] == rec["blind"][0] == rec["prompts"][0] == rec["even_inner"]["1"]
     print(f"\nCHAOS 2 left kidney, ranked {rec['ranked']}, blind {rec['blind']}, prompts {rec['prompts']}")
+
+
+def test_the_oracle_annotator_draws_the_slice_most_wrong_and_only_when_asked(kidney: Loop) -> None:
+    """The analysis row `oracle` (it reads the reference by design) draws, each round, the unannotated
+    slice whose result differs most from the reference; the default strategies leave it out."""
+    from FoBSegmentLib.evaluate.interactive import _job, _strategies
+
+    comps = Components(None, GraphCutSegmenter(), "neighbour")
+    rec = run_loop(kidney, comps, None, rounds=1, even_counts=[1], strategies=("oracle",))
+    assert set(rec) >= {"oracle", "oracle_slices"} and "ranked" not in rec
+    start = rec["oracle_slices"][0]
+    result = _job(kidney, {start: kidney.draw(start)}, comps, None).run()
+    wrong = {z: int(np.count_nonzero(result.mask[z] ^ kidney.ref[z])) for z in range(kidney.ref.shape[0])}
+    pick = oracle_pick(result, kidney, [start])
+    assert pick != start and wrong[pick] == max(v for z, v in wrong.items() if z != start) > 0
+    assert rec["oracle_slices"][1] == pick and rec["oracle"][1] > rec["oracle"][0]
+    assert "oracle" not in _strategies(None) and _strategies(["oracle", "ranked"]) == ("ranked", "oracle")
 
 
 def test_interactive_command_writes_json_plot_and_section(tmp_path: Path, capsys) -> None:

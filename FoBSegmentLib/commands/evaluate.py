@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="PNG", help="interactive protocol: write the Dice-per-slices plot (PNG)")
     p.add_argument("--strategies", nargs="+", metavar="NAME",
                    help="interactive protocol: a subset of ranked blind prompts even fill (default all; fill "
-                   "between the ranked slices needs ranked)")
+                   "between the ranked slices needs ranked), plus the analysis row oracle (only when named: the "
+                   "slice the result gets most wrong is drawn next, read from the reference)")
     p.add_argument("--cases", nargs="+", metavar="ID",
                    help="propagation protocol: only these case ids (e.g. 1 2 for CHAOS); default all")
     p.set_defaults(func=run)

@@ -15,8 +15,10 @@ propagates again from all annotated slices. In the same run, on the same cases:
               (`even`) and at the centres of N equal parts (`even_inner`, the ends left out);
     fill      Slicer's Fill between slices (ITK MCI) from the same N evenly spread slices, and from
               the slices the ranked annotator chose.
+    oracle    (analysis, only when named) the annotator draws the slice where the current result is
+              most wrong (reads the reference by design): how far any ranking could take the loop.
 The reference is read to draw the annotations, to choose the evenly spread slices (a person knows
-where the organ is) and to score; the ranking and the pipeline never see it.
+where the organ is), to score and for the oracle's pick; the ranking and the pipeline never see it.
 
 Frames: volumes [k, j, i]; slices along the axis `fob segment` chooses; slice indices along it.
 """
@@ -45,6 +47,8 @@ from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.io.coords import put_slice, take_slice
 
 STRATEGIES = ("ranked", "blind", "prompts", "even", "fill")
+# Analysis rows, run only when named (`--strategies oracle`): they read the reference to choose.
+ANALYSIS_STRATEGIES = ("oracle",)
 
 
 @dataclass
@@ -103,8 +107,19 @@ def ranked_pick(result: Any, annotated: list[int]) -> int | None:
     return None
 
 
+def oracle_pick(result: Any, loop: Loop, annotated: list[int]) -> int | None:
+    """The unannotated slice with the most voxels the result gets wrong against the reference (READS
+    THE REFERENCE, by design); None when no slice is wrong."""
+    axis = loop.prepared.axis
+    pred = np.asarray(result.mask, bool)
+    wrong = {z: int(np.count_nonzero(take_slice(pred, axis, z) ^ take_slice(loop.ref, axis, z)))
+             for z in range(loop.ref.shape[axis]) if z not in annotated}
+    z = max(wrong, key=lambda k: (wrong[k], -k), default=None)
+    return z if z is not None and wrong[z] > 0 else None
+
+
 def run_annotator(loop: Loop, components: Any, config: Any, rounds: int, strategy: str) -> tuple[list[float], list[int]]:
-    """Dice after rounds 0..rounds for the `ranked` or `blind` annotator, and the slices it drew."""
+    """Dice after rounds 0..rounds for the `ranked`, `blind` or `oracle` annotator, and the slices it drew."""
     start = annotated_nonempty(loop.ref, loop.prepared.axis, middle_slice(loop.first, loop.last))
     annotations = {start: loop.draw(start)}
     scores: list[float] = []
@@ -115,7 +130,8 @@ def run_annotator(loop: Loop, components: Any, config: Any, rounds: int, strateg
         scores.append(dice(result.mask, loop.ref))
         if r == rounds:
             break
-        pick = ranked_pick(result, list(annotations)) if strategy == "ranked" else None
+        pick = (ranked_pick(result, list(annotations)) if strategy == "ranked"
+                else oracle_pick(result, loop, list(annotations)) if strategy == "oracle" else None)
         if pick is None:
             pick = blind_pick(list(annotations), result.segmented)
         if pick is None:
@@ -159,7 +175,7 @@ def run_loop(loop: Loop, components: Any, config: Any, rounds: int, even_counts:
     rec: dict[str, Any] = {"dataset": loop.dataset, "case": loop.case_id, "organ": loop.organ,
                            "ref_range": [loop.first, loop.last]}
     t0 = time.perf_counter()
-    for strategy in ("ranked", "blind"):
+    for strategy in ("ranked", "blind", "oracle"):
         if strategy in strategies:
             rec[strategy], rec[f"{strategy}_slices"] = run_annotator(loop, components, config, rounds, strategy)
     if "prompts" in strategies:
@@ -203,10 +219,11 @@ def loops(cases: list, organs: list[int]):
 
 def _strategies(names: list[str] | None) -> tuple[str, ...]:
     chosen = tuple(names or STRATEGIES)
-    bad = [n for n in chosen if n not in STRATEGIES]
+    known = STRATEGIES + ANALYSIS_STRATEGIES
+    bad = [n for n in chosen if n not in known]
     if bad:
-        raise ValueError(f"--strategies: unknown {', '.join(bad)} (choose from {', '.join(STRATEGIES)})")
-    return tuple(n for n in STRATEGIES if n in chosen)
+        raise ValueError(f"--strategies: unknown {', '.join(bad)} (choose from {', '.join(known)})")
+    return tuple(n for n in known if n in chosen)
 
 
 def run(args: Any) -> int:
@@ -263,11 +280,11 @@ def _evaluate(args: Any, report: Any) -> dict[str, Any]:
         records.append(run_loop(loop, components, None, rounds, list(range(1, rounds + 2)), strategies))
         if not args.quiet:
             r = records[-1]
-            row = next((s for s in ("ranked", "blind", "prompts") if s in r), None)
+            row = next((s for s in ("ranked", "blind", "oracle", "prompts") if s in r), None)
             curve = f"{row} " + " ".join(f"{100 * d:.1f}" for d in r[row]) if row else "done"
             print(f"[{i + 1}/{len(all_loops)}] {loop.dataset} {loop.case_id} {ORGANS[loop.organ]}: {curve} "
                   f"({r['seconds']} s)", file=sys.stderr)
     return report.build(records, rounds, source, args.segmenter, model_line, notes, time.perf_counter() - t0)
 
 
-__all__ = ["DATASET_TITLES", "STRATEGIES", "run", "run_loop"]
+__all__ = ["ANALYSIS_STRATEGIES", "DATASET_TITLES", "STRATEGIES", "run", "run_loop"]

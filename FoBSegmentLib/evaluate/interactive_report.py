@@ -24,7 +24,8 @@ TARGETS = {1: 90.0, 3: 93.0, 5: 95.0}
 ROWS = (("ranked", "pipeline, slices chosen by the ranking"), ("blind", "pipeline, blind annotator (largest gap)"),
         ("prompts", "pipeline, corrections by prompts (ranked slice)"), ("even", "pipeline, evenly spread incl. both ends"),
         ("even_inner", "pipeline, evenly spread, ends left out"),
-        ("fill_ranked", "Fill between slices, the ranked slices"), ("fill_even", "Fill between slices, evenly spread"))
+        ("fill_ranked", "Fill between slices, the ranked slices"), ("fill_even", "Fill between slices, evenly spread"),
+        ("oracle", "analysis: pipeline, the slice most wrong drawn next (reads ref.)"))
 
 
 def _curve(rec: dict, row: str, rounds: int) -> list[float | None]:
@@ -32,7 +33,7 @@ def _curve(rec: dict, row: str, rounds: int) -> list[float | None]:
     n_max = rounds + 1
     if row not in rec:  # a strategy left out of the run (--strategies)
         vals = []
-    elif row in ("ranked", "blind", "prompts"):
+    elif row in ("ranked", "blind", "prompts", "oracle"):
         vals = list(rec[row])
     elif row == "fill_ranked":
         vals = [None, *rec["fill_ranked"]]
@@ -146,7 +147,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                              squeeze=False, sharey=True)
     n = np.arange(1, doc["rounds"] + 2)
     styles = {"ranked": ("C0", "-", "o"), "blind": ("C1", "--", "s"), "prompts": ("C2", ":", "^"),
-              "even": ("C3", "-", "d"), "even_inner": ("C4", "-", "v"), "fill_ranked": ("C7", "-.", "x"), "fill_even": ("k", "-.", "+")}
+              "even": ("C3", "-", "d"), "even_inner": ("C4", "-", "v"), "fill_ranked": ("C7", "-.", "x"),
+              "fill_even": ("k", "-.", "+"), "oracle": ("C5", ":", "*")}
     for i, (ds, s) in enumerate(summary.items()):
         for j, organ in enumerate([*organs, "mean"]):
             ax = axes[i][j]
