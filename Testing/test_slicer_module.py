@@ -78,15 +78,9 @@ def test_segment_editor_receives_one_undo_state_per_fob_action(mrml, data_dir: P
     assert engine.undo(seg)
 
 
-def test_fob_preview_is_the_propagation_and_segment_gives_its_mask(mrml, data_dir: Path) -> None:  # noqa: F811
-    """Predict prompts runs the job Propagate runs (FoB's points and its mask prompt, cut by the graph
-    cut, the chain's end rules), shows the prompts its slices received and stores its record: Segment,
-    with no point moved, writes exactly the mask Propagate writes. Progress starts at 0 and Cancel
-    stops the preview with nothing written."""
-    from FoBSegmentLib.model import FoBPromptGenerator
-    from FoBSegmentLib.propagation import PropagationCancelled
-    from FoBSegmentLib.slicer import point_lists
-
+def _kidney_outlined(mrml, data_dir: Path, names: tuple[str, ...]) -> types.SimpleNamespace:  # noqa: F811
+    """CHAOS MR 2 in the scene and, in one segmentation per name, its right kidney outlined on the
+    middle slice of its range (the reference's)."""
     scene, logics = mrml
     folder = data_dir / "chaos_mr_t2spir"
     vol = logics["volumes"].AddArchetypeVolume(str(folder / "image_2.nii.gz"), "v")
@@ -99,15 +93,30 @@ def test_fob_preview_is_the_propagation_and_segment_gives_its_mask(mrml, data_di
     z0 = zs[len(zs) // 2]
     support = np.zeros_like(kidney)
     put_slice(support, axis, z0, take_slice(kidney, axis, z0))
-    segs = []
-    for name in ("preview", "propagate"):
+    segs = {}
+    for name in names:
         seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
         sid = seg.GetSegmentation().AddEmptySegment("kidney", "kidney")
         fob_mrml.set_segment_mask(seg, sid, vol, support)
-        segs.append((seg, sid))
+        segs[name] = (seg, sid)
+    return types.SimpleNamespace(logic=logic, vol=vol, axis=axis, zs=zs, z0=z0, support=support, segs=segs)
+
+
+def test_fob_preview_is_the_propagation_and_segment_gives_its_mask(mrml, data_dir: Path) -> None:  # noqa: F811
+    """Predict prompts runs the job Propagate runs (FoB's points and its mask prompt, cut by the graph
+    cut, the chain's end rules), shows the prompts its slices received and stores its record: Segment,
+    with no point moved, writes exactly the mask Propagate writes. Progress starts at 0 and Cancel
+    stops the preview with nothing written."""
+    from FoBSegmentLib.model import FoBPromptGenerator
+    from FoBSegmentLib.propagation import PropagationCancelled
+    from FoBSegmentLib.slicer import point_lists
+
+    scene = mrml[0]
+    k = _kidney_outlined(mrml, data_dir, ("preview", "propagate"))
+    logic, vol, z0, support = k.logic, k.vol, k.z0, k.support
     kw = {"prompts_from": "fob", "segmenter": "graphcut", "generator": FoBPromptGenerator.load()}
-    (seg, sid), (seg2, sid2) = segs
+    (seg, sid), (seg2, sid2) = k.segs["preview"], k.segs["propagate"]
 
     progress: list[tuple[int, int]] = []
     with pytest.raises(PropagationCancelled):
@@ -138,25 +147,9 @@ def test_propagate_after_an_edited_preview_uses_the_edited_points(mrml, data_dir
     from FoBSegmentLib.propagation.document import prompt_fingerprint
     from FoBSegmentLib.slicer import point_lists
 
-    scene, logics = mrml
-    folder = data_dir / "chaos_mr_t2spir"
-    vol = logics["volumes"].AddArchetypeVolume(str(folder / "image_2.nii.gz"), "v")
-    label = logics["volumes"].AddArchetypeVolume(str(folder / "label_2.nii.gz"), "l", 1)
-    kidney = fob_mrml.volume_array(label) == 2
-    scene.RemoveNode(label)
-    logic = FoBSegmentLogic(scene)
-    axis = logic.slice_axis(vol)
-    zs = nonempty_slices(kidney, axis)
-    z0 = zs[len(zs) // 2]
-    support = np.zeros_like(kidney)
-    put_slice(support, axis, z0, take_slice(kidney, axis, z0))
-    segs = {}
-    for name in ("edited", "segmented", "fresh"):
-        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
-        sid = seg.GetSegmentation().AddEmptySegment("kidney", "kidney")
-        fob_mrml.set_segment_mask(seg, sid, vol, support)
-        segs[name] = (seg, sid)
+    scene = mrml[0]
+    k = _kidney_outlined(mrml, data_dir, ("edited", "segmented", "fresh"))
+    logic, vol, axis, zs, z0, segs = k.logic, k.vol, k.axis, k.zs, k.z0, k.segs
     kw = {"prompts_from": "neighbour", "segmenter": "graphcut"}
 
     z1 = z0 + 2
