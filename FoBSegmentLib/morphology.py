@@ -80,3 +80,16 @@ def dilate(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     if box is not None:
         out[box] = cv2.dilate(m[box].astype(np.uint8), kernel).astype(bool)
     return out
+
+
+def solidity(mask: np.ndarray) -> float:
+    """The share of the convex hull of all of `mask`'s pixels ((H, W) bool) that the mask fills: 1 for
+    a convex organ, less for one with a bay, and less still for two bodies side by side; 0 for an
+    empty mask."""
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return 0.0
+    hull = cv2.convexHull(cv2.findNonZero(m.astype(np.uint8)))
+    filled = np.zeros(m.shape, np.uint8)
+    cv2.fillPoly(filled, [hull], 1)
+    return float(m.sum()) / max(1, int(filled.sum()))

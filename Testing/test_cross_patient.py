@@ -104,6 +104,26 @@ def test_the_second_pass_learns_the_organ_from_the_query(rk_1_from_2: tuple) -> 
     assert got[True] > got[False] + 0.15
 
 
+def test_the_second_pass_seeds_where_the_first_is_as_solid_as_the_support_organ(data_dir: Path) -> None:
+    """Query CHAOS 10, support: the middle slice of CHAOS 13's left kidney. The first pass's widest
+    cross-sections run off the kidney (slices 12, 13 and 19: a third to a half of the mask outside it,
+    solidity 0.67-0.80 against the support kidney's 0.95), so the second pass seeds from the largest
+    cross-section at least `SEED_SOLIDITY` x as solid as the support's organ, on the kidney."""
+    from FoBSegmentLib.morphology import solidity
+    from FoBSegmentLib.segmenters import get_segmenter
+
+    prepared, other, ref = _cross_pair(data_dir, "10", "13", 3)
+    res = P.predict_cross(prepared, other, 3, False, get_segmenter("graphcut"))
+    mask = np.asarray(res.mask, bool)
+    seeds = [z for z, rep in res.slices.items() if rep.prior == "self"]
+    assert len(seeds) == 1, res.notes
+    assert any("the largest cross-section as solid as the support's organ" in n for n in res.notes), res.notes
+    assert solidity(mask[seeds[0]]) >= 0.85
+    d = dice(mask, ref)
+    print(f"\nleft kidney, CHAOS 13 -> 10: {d:.3f}")
+    assert d > 0.75  # measured 0.838; 0.589 seeded from the first pass's largest cross-section
+
+
 def test_a_seed_whose_chain_dies_within_a_few_slices_gives_way_to_the_next_candidate(data_dir: Path) -> None:
     """Query CHAOS 8, support: the middle slice of CHAOS 10's left kidney. The best-scored seed's first
     pass follows a structure over 3 slices (23 mm), under half the kidney's diameter on the support:

@@ -89,7 +89,7 @@ def test_cross_patient_prompts_file_reproduces_the_mask(tmp_path: Path, data_dir
     p = tmp_path / "p.mrk.json"
     fob([*common[:1], "-o", tmp_path / "a.nii.gz", *common[1:], "--prompts-out", p], capsys)
     rec = json.loads(p.read_text())[RECORD_KEY]
-    # The second pass's seed (the first pass's largest cross-section) travels with its own mask.
+    # The second pass's seed (a cross-section the first pass found) travels with its own mask.
     assert [e["prior"] for e in rec["slices"]].count("self") == 1
     fob([*common[:1], "-o", tmp_path / "b.nii.gz", *common[1:], "--prompts-in", p], capsys)
     a, b = read(tmp_path / "a.nii.gz"), read(tmp_path / "b.nii.gz")

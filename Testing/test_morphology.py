@@ -65,3 +65,26 @@ def test_dilate_and_the_appearance_ring_equal_the_whole_image(masks: list[np.nda
             np.testing.assert_array_equal(morphology.dilate(m, morphology.disk(r)), want)
         np.testing.assert_array_equal(AppearanceModel(band=40).ring(m),
                                       cv2.dilate(m.astype(np.uint8), morphology.disk(40)).astype(bool) & ~m)
+
+
+def test_solidity_is_the_share_of_the_convex_hull_the_mask_fills(data_dir: Path) -> None:
+    """Against scikit-image's convex hull of the same pixels: within 0.1 on every organ slice of a
+    real CHAOS MR patient (the two rasterise the hull's edge apart); lower for a left kidney and the
+    spleen beside it together (what a chain that ran from one into the other holds) than for either;
+    1 for a filled rectangle and 0 for an empty mask."""
+    from skimage.morphology import convex_hull_image
+
+    case = PR.list_cases("chaos", folder=data_dir / "chaos_mr_t2spir", ids=["1"])[0]
+    labels = PR.read_reference(case.label, PR.prepare_volume(case.image))
+    organs = [labels[z] == o for o in range(1, 5) for z in range(labels.shape[0]) if (labels[z] == o).sum() >= 50]
+    assert len(organs) > 40
+    for m in organs:
+        assert abs(morphology.solidity(m) - m.sum() / convex_hull_image(m).sum()) < 0.1
+    both = (labels == 3).any(axis=(1, 2)) & (labels == 4).any(axis=(1, 2))
+    z = int(np.argmax(both * (labels == 3).sum(axis=(1, 2))))
+    kidney, spleen = labels[z] == 3, labels[z] == 4
+    assert morphology.solidity(kidney | spleen) < min(morphology.solidity(kidney), morphology.solidity(spleen))
+    box = np.zeros((64, 80), bool)
+    box[10:40, 20:60] = True
+    assert morphology.solidity(box) == 1.0
+    assert morphology.solidity(np.zeros((64, 80), bool)) == 0.0

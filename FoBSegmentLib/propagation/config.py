@@ -128,7 +128,8 @@ class PropagationConfig:
         overruled, the slice kept and flagged, when the mean coarse probability inside the new mask
         reaches this; None = the image rules decide alone.
     second_pass: another patient's support: once the chain from the located seed has run, the
-        query's own largest cross-section of it becomes the seed of a second chain that learns the
+        query's own largest cross-section of it (of those about as solid as the support's organ,
+        `neighbour.SEED_SOLIDITY`) becomes the seed of a second chain that learns the
         organ's look from the query itself (no other scanner's intensities, no other patient's shape
         beyond that slice); the first pass only finds the organ (`neighbour.second_pass`).
     cross_min_extent: another patient's support: a first pass that follows the organ across fewer mm

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from FoBSegmentLib.io.coords import point_pixels
 from FoBSegmentLib.labelmap import dice
-from FoBSegmentLib.morphology import distance_to
+from FoBSegmentLib.morphology import distance_to, solidity
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
@@ -27,6 +27,12 @@ from FoBSegmentLib.propagation.runner import Kept, Runner
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
 from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
+
+# A cross-patient second pass seeds only from a first-pass cross-section at least this share as solid
+# (`morphology.solidity`) as the support's organ on its slice (`second_pass`). Set by reasoning (an
+# organ's cross-sections keep about its shape, two organs side by side do not), the only value run:
+# the cross-patient section of docs/RESULTS.md.
+SEED_SOLIDITY = 0.9
 
 
 def prompts_from_mask(
@@ -795,7 +801,7 @@ def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int
                          f"look; the chain from query slice {chosen.z} with the query's own look did; check the result")
     run.notes.extend(passes)
     if run.config.second_pass and run.n > 1 and not e.second:
-        second_pass(run, rng, chosen.support.index)
+        second_pass(run, rng, chosen.support)
     note = disputed_note(run.accepted, run.n, supports)
     if note is not None:
         run.notes.append(note)
@@ -812,7 +818,7 @@ def _candidate_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> Exte
         return e
     if not (run.config.second_pass and run.n > 1):
         return Extent(e.got, 0.0)
-    second_pass(run, rng, c.support.index)
+    second_pass(run, rng, c.support)
     return dataclasses.replace(followed_extent(run, c, rng), second=True)
 
 
@@ -890,26 +896,41 @@ def followed_extent(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> Exte
     return Extent(got, needed, one_way=lo <= rng[0] or hi >= rng[1])
 
 
-def second_pass(run: Runner, rng: tuple[int, int], support_index: int) -> None:
+def second_pass(run: Runner, rng: tuple[int, int], support: SupportSlice) -> None:
     """Another patient's support, after the first chain: start again from the query's own largest
     cross-section of the organ (slice z1, its mask kept as it is, prior "self" in the record) and
     chain outwards from it with the look learnt from the query's own slice z1. The first pass has
     found the organ; what it carried from the other patient (intensities matched across scanners,
-    the other organ's shape) no longer steers the chain. A function of the first pass's result only,
-    so a replay needs z1's mask, which the record stores."""
+    the other organ's shape) no longer steers the chain. A function of the first pass's result and
+    the `support` it was placed from, so a replay needs z1's mask, which the record stores.
+
+    Only cross-sections at least `SEED_SOLIDITY` x as solid as the support's organ on its slice
+    (`morphology.solidity`) may seed it, when any is: where the first pass ran into a neighbour of
+    the organ's look (a left kidney into the spleen beside it) it is widest, and there it holds two
+    bodies side by side, which fill less of their convex hull than the organ does."""
     areas = {z: int(run.accepted(z).sum()) for z, rep in run.reports.items() if rep.source == "neighbour"}
     if not areas or max(areas.values()) < run.config.min_area:
         return
-    z1 = max(areas, key=lambda z: (areas[z], -z))
     lo, hi = min(areas), max(areas)
+    largest = max(areas, key=lambda z: (areas[z], -z))
+    least = SEED_SOLIDITY * solidity(support.mask)
+    compact = {z: a for z, a in areas.items() if a >= run.config.min_area and solidity(run.accepted(z)) >= least}
+    pool = compact or areas
+    z1 = max(pool, key=lambda z: (pool[z], -z))
     mask1 = run.accepted(z1).copy()
     first = run.prompts[z1]
     run.start_over(rng)
     look = learn_appearance(run, [SupportSlice(z1, run.slice(z1), mask1, run.n)])
     ps = PromptSet(first.background, first.foreground, prior_mask=mask1)
-    run.accept(z1, mask1, SliceReport(z1, "neighbour", support_index=support_index, prior="self"), ps)
+    run.accept(z1, mask1, SliceReport(z1, "neighbour", support_index=support.index, prior="self"), ps)
     run.tick(f"slice {z1}")
     for step in (-1, 1):
-        chain(run, z1, mask1, step, rng[1] if step > 0 else rng[0], None, support_index, look)
-    run.notes.append(f"cross-patient: second pass from query slice {z1}, the largest cross-section the first "
-                     f"pass found (slices {lo}-{hi}), with the organ's look learnt from the query itself")
+        chain(run, z1, mask1, step, rng[1] if step > 0 else rng[0], None, support.index, look)
+    if not compact:
+        which = "largest cross-section (none as solid as the support's organ)"
+    elif z1 == largest:
+        which = "largest cross-section"
+    else:
+        which = "largest cross-section as solid as the support's organ"
+    run.notes.append(f"cross-patient: second pass from query slice {z1}, the {which} the first pass found "
+                     f"(slices {lo}-{hi}), with the organ's look learnt from the query itself")
