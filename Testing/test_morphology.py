@@ -17,10 +17,15 @@ from FoBSegmentLib.segmenters.graphcut import AppearanceModel
 
 
 @pytest.fixture(scope="module")
-def masks(data_dir: Path) -> list[np.ndarray]:
-    """Every non-empty organ slice of CHAOS patient 1 (4 organs), plus shapes the organs lack."""
+def labels(data_dir: Path) -> np.ndarray:
+    """CHAOS patient 1's reference label map [k, j, i] on its prepared grid."""
     case = PR.list_cases("chaos", folder=data_dir / "chaos_mr_t2spir", ids=["1"])[0]
-    labels = PR.read_reference(case.label, PR.prepare_volume(case.image))
+    return PR.read_reference(case.label, PR.prepare_volume(case.image))
+
+
+@pytest.fixture(scope="module")
+def masks(labels: np.ndarray) -> list[np.ndarray]:
+    """Every non-empty organ slice of CHAOS patient 1 (4 organs), plus shapes the organs lack."""
     out = [labels[z] == organ for organ in range(1, 5) for z in range(labels.shape[0]) if (labels[z] == organ).any()]
     assert len(out) > 40
     ring = np.zeros((64, 80), bool)
@@ -67,15 +72,13 @@ def test_dilate_and_the_appearance_ring_equal_the_whole_image(masks: list[np.nda
                                       cv2.dilate(m.astype(np.uint8), morphology.disk(40)).astype(bool) & ~m)
 
 
-def test_solidity_is_the_share_of_the_convex_hull_the_mask_fills(data_dir: Path) -> None:
+def test_solidity_is_the_share_of_the_convex_hull_the_mask_fills(labels: np.ndarray) -> None:
     """Against scikit-image's convex hull of the same pixels: within 0.1 on every organ slice of a
     real CHAOS MR patient (the two rasterise the hull's edge apart); lower for a left kidney and the
     spleen beside it together (what a chain that ran from one into the other holds) than for either;
     1 for a filled rectangle and 0 for an empty mask."""
     from skimage.morphology import convex_hull_image
 
-    case = PR.list_cases("chaos", folder=data_dir / "chaos_mr_t2spir", ids=["1"])[0]
-    labels = PR.read_reference(case.label, PR.prepare_volume(case.image))
     organs = [labels[z] == o for o in range(1, 5) for z in range(labels.shape[0]) if (labels[z] == o).sum() >= 50]
     assert len(organs) > 40
     for m in organs:
