@@ -132,6 +132,14 @@ class PropagationConfig:
         `neighbour.SEED_SOLIDITY`) becomes the seed of a second chain that learns the
         organ's look from the query itself (no other scanner's intensities, no other patient's shape
         beyond that slice); the first pass only finds the organ (`neighbour.second_pass`).
+    second_pass_refine: another patient's support: the second pass's seed is first moved to the
+        edges its slice shows (`grabcut.refine_mask`, GrabCut started from it, probable background a
+        band of this share of its equivalent radius around it), unless that changes it by more
+        than `neighbour.SEED_REFINE_AGREEMENT` allows. Its edges come from another patient's organ
+        placed by an affine and cut with a look carried across scanners; GrabCut learns both colour
+        models from the query's slice. None = off (the default; the MR preset 0.5: on Synapse CT the
+        seeds lie on the organ's edges already, and GrabCut grows the livers into neighbours of the
+        same density; docs/RESULTS.md, the cross-patient section).
     cross_min_extent: another patient's support: a first pass that follows the organ across fewer mm
         than this share of the support organ's equivalent diameter did not find it, nor did one that
         runs from its seed to the volume's end only or keeps its seed slice alone (after the second
@@ -182,6 +190,7 @@ class PropagationConfig:
     fob_stop_prob: float | None = 0.3
     fob_keep_prob: float | None = None
     second_pass: bool = True
+    second_pass_refine: float | None = None
     cross_min_extent: float | None = 0.5
     largest_component: bool = False
     fill_holes: bool = True
@@ -208,7 +217,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": Non
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {
-    "mr": {"fg_area_per_point": 350.0, "back_check": 0.8},
+    "mr": {"fg_area_per_point": 350.0, "back_check": 0.8, "second_pass_refine": 0.5},
     "ct": {"back_check": 0.7, "body_seed_trim": 2.5},
 }
 

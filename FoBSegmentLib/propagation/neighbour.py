@@ -33,6 +33,10 @@ from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
 # organ's cross-sections keep about its shape, two organs side by side do not), the only value run:
 # the cross-patient section of docs/RESULTS.md.
 SEED_SOLIDITY = 0.9
+# `config.second_pass_refine`: the refined seed is kept only while it overlaps the first pass's
+# cross-section at least this much (Dice): a refinement moves edges, and one that changes more has
+# found another structure. Set by reasoning, the only value run.
+SEED_REFINE_AGREEMENT = 0.75
 
 
 def prompts_from_mask(
@@ -898,8 +902,9 @@ def followed_extent(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> Exte
 
 def second_pass(run: Runner, rng: tuple[int, int], support: SupportSlice) -> None:
     """Another patient's support, after the first chain: start again from the query's own largest
-    cross-section of the organ (slice z1, its mask kept as it is, prior "self" in the record) and
-    chain outwards from it with the look learnt from the query's own slice z1. The first pass has
+    cross-section of the organ (slice z1, its mask as the first pass found it or, with
+    `config.second_pass_refine`, moved to the edges the slice shows: `_refined_seed`; prior "self" in
+    the record) and chain outwards from it with the look learnt from the query's own slice z1. The first pass has
     found the organ; what it carried from the other patient (intensities matched across scanners,
     the other organ's shape) no longer steers the chain. A function of the first pass's result and
     the `support` it was placed from, so a replay needs z1's mask, which the record stores.
@@ -920,8 +925,12 @@ def second_pass(run: Runner, rng: tuple[int, int], support: SupportSlice) -> Non
     mask1 = run.accepted(z1).copy()
     first = run.prompts[z1]
     run.start_over(rng)
-    look = learn_appearance(run, [SupportSlice(z1, run.slice(z1), mask1, run.n)])
     ps = PromptSet(first.background, first.foreground, prior_mask=mask1)
+    refined = _refined_seed(run, z1, mask1)
+    if refined is not None:
+        mask1 = refined
+        ps = dataclasses.replace(prompts_from_mask(mask1, run.config) or ps, prior_mask=mask1)
+    look = learn_appearance(run, [SupportSlice(z1, run.slice(z1), mask1, run.n)])
     run.accept(z1, mask1, SliceReport(z1, "neighbour", support_index=support.index, prior="self"), ps)
     run.tick(f"slice {z1}")
     for step in (-1, 1):
@@ -932,5 +941,21 @@ def second_pass(run: Runner, rng: tuple[int, int], support: SupportSlice) -> Non
         which = "largest cross-section"
     else:
         which = "largest cross-section as solid as the support's organ"
+    edges = " (its edges moved to those the slice shows)" if refined is not None else ""
     run.notes.append(f"cross-patient: second pass from query slice {z1}, the {which} the first pass found "
-                     f"(slices {lo}-{hi}), with the organ's look learnt from the query itself")
+                     f"(slices {lo}-{hi}){edges}, with the organ's look learnt from the query itself")
+
+
+def _refined_seed(run: Runner, z: int, mask: np.ndarray) -> np.ndarray | None:
+    """The second pass's seed `mask` ((H, W) bool, slice z) moved to the edges the slice shows
+    (`config.second_pass_refine`, `grabcut.refine_mask`); None when that is off, gives too little, or
+    changes the mask by more than `SEED_REFINE_AGREEMENT` allows."""
+    from FoBSegmentLib.segmenters.grabcut import refine_mask
+
+    share = run.config.second_pass_refine
+    if share is None:
+        return None
+    refined = refine_mask(run.slice(z), mask, share)
+    if refined.sum() < run.config.min_area or dice(refined, mask) < SEED_REFINE_AGREEMENT:
+        return None
+    return refined

@@ -6,7 +6,8 @@ foreground, and the polygon's interior is "probable foreground" (or probable bac
 coarse probability says so). With `mask_prompt`, a prompt set with a prior mask (a mask prompt, as
 SAM takes one) starts from that mask instead: it is "probable foreground", a band of its own equivalent radius around it
 "probable background" and everything beyond sure background, the background prompts outside it sure
-background. GrabCut then fits colour GMMs and cuts. Frame: prompts are (x, y) = (column, row) pixels
+background. GrabCut then fits colour GMMs and cuts. `refine_mask` starts GrabCut from a mask alone
+(the cross-patient second pass's seed on MR). Frame: prompts are (x, y) = (column, row) pixels
 of the slice.
 """
 
@@ -177,7 +178,7 @@ class GrabCutSegmenter:
             # whole-volume propagation goes on and the caller sees score 0.
             return SegmentationResult(mask=np.zeros((height, width), bool), score=0.0, logits=None)
 
-        self._cut(crop, gc)
+        _grabcut(crop, gc, self.iterations)
         fg = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
         seeds = fg_c if fg_c.any() else None
         fg = keep_seeded_components(fg, seeds)
@@ -191,42 +192,74 @@ class GrabCutSegmenter:
         mask[r0:r1, c0:c1] = fg
         return SegmentationResult(mask=mask, score=score, logits=None)
 
-    def _cut(self, crop: np.ndarray, gc: np.ndarray) -> None:
-        """GrabCut on the (h, w, 3) uint8 crop from the (h, w) GC_* label map `gc`, in place."""
-        if not np.any((gc == cv2.GC_BGD) | (gc == cv2.GC_PR_BGD)):
-            return
-        bgd_model = np.zeros((1, 65), np.float64)
-        fgd_model = np.zeros((1, 65), np.float64)
-        # GrabCut seeds its GMMs with k-means on OpenCV's global RNG: fix it so that the same
-        # slice and prompts always give the same mask (reproducible propagation, undo/redo).
-        cv2.setRNGSeed(0)
-        try:
-            cv2.grabCut(crop, gc, None, bgd_model, fgd_model, self.iterations, cv2.GC_INIT_WITH_MASK)
-        except cv2.error:
-            # GrabCut cannot fit a GMM on too few or identical pixels (tiny regions, flat crops):
-            # the starting labels are then the honest answer.
-            pass
-
     def _from_mask(self, img: np.ndarray, prompts: PromptSet) -> SegmentationResult:
         """`segment` started from the prompts' prior mask (see the module docstring); score = the
         share of the prior mask GrabCut keeps."""
         height, width = img.shape[:2]
         prior = prompts.prior_mask
         band = int(np.clip(np.sqrt(prior.sum() / np.pi), 10, 40))
-        near = dilate(prior, disk(band))
-        rows, cols = np.nonzero(near)
-        r0, r1, c0, c1 = roi_box(np.stack([cols, rows], axis=1).astype(np.float64), self.margin, height, width)
-        crop = roi_uint8(img, (r0, r1, c0, c1))
-        if self.smooth > 0:
-            crop = cv2.bilateralFilter(crop, self.smooth, 25, self.smooth)
-        fg_seeds = (disk_mask(prompts.foreground, self.fg_radius, height, width) & prior)[r0:r1, c0:c1]
-        gc = np.full(crop.shape[:2], cv2.GC_BGD, dtype=np.uint8)
-        gc[near[r0:r1, c0:c1]] = cv2.GC_PR_BGD
-        gc[prior[r0:r1, c0:c1]] = cv2.GC_PR_FGD
-        gc[(disk_mask(prompts.background, self.bg_radius, height, width) & ~prior)[r0:r1, c0:c1]] = cv2.GC_BGD
-        gc[fg_seeds] = cv2.GC_FGD
-        self._cut(crop, gc)
-        fg = keep_seeded_components((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD), fg_seeds if fg_seeds.any() else None)
-        mask = np.zeros((height, width), dtype=bool)
-        mask[r0:r1, c0:c1] = fg
+        mask = _cut_around(img, prior, dilate(prior, disk(band)),
+                          disk_mask(prompts.foreground, self.fg_radius, height, width) & prior,
+                          disk_mask(prompts.background, self.bg_radius, height, width) & ~prior,
+                          self.iterations, self.margin, self.smooth)
         return SegmentationResult(mask=mask, score=float(mask[prior].mean()), logits=None)
+
+
+def _cut_around(img: np.ndarray, prior: np.ndarray, near: np.ndarray, sure_fg: np.ndarray,
+               sure_bg: np.ndarray | None, iterations: int, margin: int, smooth: int) -> np.ndarray:
+    """GrabCut on the crop around `near` (plus `margin` px) of img (H, W[, 3]): `prior` probable
+    foreground, the rest of `near` probable background, `sure_fg` / `sure_bg` sure, everything else
+    in the crop sure background (masks (H, W) bool). Returns the (H, W) bool foreground's components
+    holding `sure_fg` (the largest without), holes filled."""
+    height, width = img.shape[:2]
+    rows, cols = np.nonzero(near)
+    r0, r1, c0, c1 = roi_box(np.stack([cols, rows], axis=1).astype(np.float64), margin, height, width)
+    crop = roi_uint8(img, (r0, r1, c0, c1))
+    if smooth > 0:
+        crop = cv2.bilateralFilter(crop, smooth, 25, smooth)
+    fg_seeds = sure_fg[r0:r1, c0:c1]
+    gc = np.full(crop.shape[:2], cv2.GC_BGD, dtype=np.uint8)
+    gc[near[r0:r1, c0:c1]] = cv2.GC_PR_BGD
+    gc[prior[r0:r1, c0:c1]] = cv2.GC_PR_FGD
+    if sure_bg is not None:
+        gc[sure_bg[r0:r1, c0:c1]] = cv2.GC_BGD
+    gc[fg_seeds] = cv2.GC_FGD
+    _grabcut(crop, gc, iterations)
+    fg = keep_seeded_components((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD), fg_seeds if fg_seeds.any() else None)
+    mask = np.zeros((height, width), dtype=bool)
+    mask[r0:r1, c0:c1] = fg
+    return mask
+
+
+def refine_mask(image: np.ndarray, mask: np.ndarray, band_share: float, core_share: float = 0.25) -> np.ndarray:
+    """`mask` (H, W) bool moved to the edges the (H, W) grey `image` shows: GrabCut (one iteration)
+    started from it, its core (eroded by `core_share` x its equivalent radius, at least 2 px) sure
+    foreground, the rest of it probable foreground, a band of `band_share` x that radius (10-40 px)
+    around it probable background, the pixels beyond sure background. Both colour models are learnt
+    from this slice, so the edges follow what this image shows rather than the look the mask was
+    cut with. Returns the (H, W) bool mask (the components holding the core, holes filled)."""
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return m.copy()
+    radius = float(np.sqrt(m.sum() / np.pi))
+    core = cv2.erode(m.astype(np.uint8), disk(max(2, int(round(core_share * radius))))).astype(bool)
+    near = dilate(m, disk(int(np.clip(band_share * radius, 10, 40))))
+    # A 5 px margin of sure background beyond the band, and GrabCutSegmenter's default speckle filter.
+    return _cut_around(np.asarray(image, np.float32), m, near, core, None, 1, 5, 5)
+
+
+def _grabcut(crop: np.ndarray, gc: np.ndarray, iterations: int) -> None:
+    """GrabCut on the (h, w, 3) uint8 crop from the (h, w) GC_* label map `gc`, in place."""
+    if not np.any((gc == cv2.GC_BGD) | (gc == cv2.GC_PR_BGD)):
+        return
+    bgd_model = np.zeros((1, 65), np.float64)
+    fgd_model = np.zeros((1, 65), np.float64)
+    # GrabCut seeds its GMMs with k-means on OpenCV's global RNG: fix it so that the same
+    # slice and prompts always give the same mask (reproducible propagation, undo/redo).
+    cv2.setRNGSeed(0)
+    try:
+        cv2.grabCut(crop, gc, None, bgd_model, fgd_model, iterations, cv2.GC_INIT_WITH_MASK)
+    except cv2.error:
+        # GrabCut cannot fit a GMM on too few or identical pixels (tiny regions, flat crops):
+        # the starting labels are then the honest answer.
+        pass
