@@ -82,6 +82,14 @@ def dilate(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
+def core(mask: np.ndarray, share: float) -> np.ndarray:
+    """`mask` ((H, W) bool) eroded by `share` x its equivalent radius (sqrt(area / pi)), at least
+    2 px: the pixels that stay inside the organ when its edges are a few pixels off."""
+    m = np.asarray(mask, bool)
+    r = max(2, int(round(share * np.sqrt(m.sum() / np.pi))))
+    return cv2.erode(m.astype(np.uint8), disk(r)).astype(bool)
+
+
 def solidity(mask: np.ndarray) -> float:
     """The share of the convex hull of all of `mask`'s pixels ((H, W) bool) that the mask fills: 1 for
     a convex organ, less for one with a bay, and less still for two bodies side by side; 0 for an

@@ -42,11 +42,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import cv2
 import numpy as np
 
 from FoBSegmentLib.labelmap import dice
-from FoBSegmentLib.morphology import dilate, disk
+from FoBSegmentLib.morphology import core, dilate, disk
 from FoBSegmentLib.propagation.types import PlacedSupport, SupportSlice
 
 # Below this the located organ does not look like the support's: set on 4 development pairs (CHAOS 1,
@@ -510,8 +509,7 @@ def flag_cross_patient(result) -> list[str]:
 def core_of(mask: np.ndarray) -> np.ndarray:
     """The placed organ eroded by a fifth of its radius (at least 2 px): pixels that are organ even
     where the placement is a few pixels off."""
-    r = max(2, int(round(0.2 * np.sqrt(mask.sum() / np.pi))))
-    return cv2.erode(mask.astype(np.uint8), disk(r)).astype(bool)
+    return core(mask, 0.2)
 
 
 def organ_confidence(appearance: float, inside: float, kept: float) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from FoBSegmentLib.morphology import dilate, disk
+from FoBSegmentLib.morphology import core, dilate, disk
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters.base import (
     SegmentationResult,
@@ -241,11 +241,9 @@ def refine_mask(image: np.ndarray, mask: np.ndarray, band_share: float, core_sha
     m = np.asarray(mask, bool)
     if not m.any():
         return m.copy()
-    radius = float(np.sqrt(m.sum() / np.pi))
-    core = cv2.erode(m.astype(np.uint8), disk(max(2, int(round(core_share * radius))))).astype(bool)
-    near = dilate(m, disk(int(np.clip(band_share * radius, 10, 40))))
+    near = dilate(m, disk(int(np.clip(band_share * np.sqrt(m.sum() / np.pi), 10, 40))))
     # A 5 px margin of sure background beyond the band, and GrabCutSegmenter's default speckle filter.
-    return _cut_around(np.asarray(image, np.float32), m, near, core, None, 1, 5, 5)
+    return _cut_around(np.asarray(image, np.float32), m, near, core(m, core_share), None, 1, 5, 5)
 
 
 def _grabcut(crop: np.ndarray, gc: np.ndarray, iterations: int) -> None:
