@@ -6,8 +6,9 @@ organ lies and carries the support there (`expected_slices`). Then the supports 
 annotated slices) are registered onto query slices with SimpleITK's 2D registration (an affine of
 the whole slice, driven by the body outline and the spine, then an affine restricted to the
 neighbourhood of the organ), the support mask is carried along, and the query slice where the
-registered support looks most like the query around the organ is chosen: once around the support's
-relative height, once around the volume registration's slice, and the volume registration's own
+registered support looks most like the query around the organ, less a price for its distance from
+the guess (`GUESS_PRIOR`), is chosen: once around the support's relative height, once around the
+volume registration's slice, and the volume registration's own
 placement is kept as a third candidate. The caller segments each candidate's seed, chains from the
 best-scored one and moves on to the next when that chain does not follow the organ across the slices
 its size calls for (`neighbour.cross_patient`). Only the query image and the supports are read (never
@@ -70,6 +71,12 @@ SEED_AGREEMENT = 0.3
 # Half-width of the slice search around the whole-volume registration's guess, as a share of the
 # query's slices: that guess is closer than a relative height (`locate(window=...)`) when it holds.
 REGISTERED_WINDOW = 0.1
+# What the slice search pays, in appearance match, for each share of the query's slices between a
+# slice and its guess (`_search`): a slice a tenth of the volume away must match 0.05 better. Around
+# one guess the match varies little from slice to slice, and a neighbour of the organ with its look
+# (fluid-filled bowel below a spleen on T2) can match a little better than the organ does, while the
+# guesses mostly fall inside the organ; set by reasoning (docs/RESULTS.md, cross-patient section).
+GUESS_PRIOR = 0.5
 # The 2D registrations of the slice search run side by side on up to this many threads (SimpleITK
 # releases the GIL; each registration is single-threaded, so the scores are the same on any count).
 SEARCH_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -219,9 +226,10 @@ def locate(
     The guesses: each support's relative height in its own volume (searched within `window` x n),
     and, when the supports carry `placed`, where the registration of the two whole volumes puts
     them (searched within `REGISTERED_WINDOW` x n); plus that registration's own placement of the
-    middle support, refined on its slice. A whole-slice registration made at the
-    guess is reused on the slices searched, and each slice is scored by the appearance match of the
-    registered support around the organ. With several supports (a whole labelled volume, chunked)
+    middle support, refined on its slice. A whole-slice registration made at the guess is reused on
+    the slices searched, and each slice is scored by the appearance match of the registered support
+    around the organ, less `GUESS_PRIOR` for its distance from the guess. With several supports (a
+    whole labelled volume, chunked)
     every support votes: a query slice z for the middle support scores the mean match of all
     supports at their own offsets from it. The winner is then registered again, locally, on its
     own slice. Each candidate is the middle support's placement on its chosen slice; the caller
@@ -238,7 +246,7 @@ def locate(
     out: list[Located] = []
     for at, share in guesses:
         found = _search(slice_of, supports, rng, {id(s): int(round(at(s))) for s in supports},
-                        max(1, int(round(share * n))))
+                        max(1, int(round(share * n))), n)
         if all(c.z != found.z for c in out):
             out.append(found)
     if registered and mid.placed.mask.sum() >= 5:
@@ -258,9 +266,11 @@ def _identity():
 
 
 def _search(slice_of: Callable[[int], np.ndarray], supports: list[SupportSlice], rng: tuple[int, int],
-            guess: dict[int, int], half: int) -> Located:
-    """The best slice within `half` slices of the middle support's guess (`locate`); `guess` maps
-    id(support) -> its guessed query slice."""
+            guess: dict[int, int], half: int, n: int) -> Located:
+    """The best slice within `half` slices of the middle support's guess (`locate`) in a query of
+    `n` slices: the best appearance match less `GUESS_PRIOR` per share of the n slices between it and
+    the guess. `guess` maps id(support) -> its guessed query slice. The Located's scores are the
+    appearance matches alone."""
     import SimpleITK as sitk
 
     mid = supports[len(supports) // 2]
@@ -293,10 +303,9 @@ def _search(slice_of: Callable[[int], np.ndarray], supports: list[SupportSlice],
     scores: dict[int, float] = {}
     for z in window:
         votes = [score_at(j, z + guess[id(s)] - guess[id(mid)]) for j, s in enumerate(supports)]
-        # A support's vote counts by the organ it shows (an organ's tip says little), and among
-        # near-equal scores slices near the guess win.
-        scores[z] = float(np.average(votes, weights=weights)) - 0.002 * abs(z - z0)
-    zbest = max(scores, key=lambda z: scores[z])
+        # A support's vote counts by the organ it shows (an organ's tip says little).
+        scores[z] = float(np.average(votes, weights=weights))
+    zbest = max(scores, key=lambda z: scores[z] - GUESS_PRIOR * abs(z - z0) / max(1, n))
     mask, _img, conf, _tf = place(slice_of(zbest), mid, register_affine(slice_of(zbest), mid.image, initial=tf0,
                                                                         shrink=(4, 2)))
     return Located(int(zbest), mask, conf, mid, scores)
