@@ -140,6 +140,12 @@ class PropagationConfig:
         models from the query's slice. None = off (the default; the MR preset 0.5: on Synapse CT the
         seeds lie on the organ's edges already, and GrabCut grows the livers into neighbours of the
         same density; docs/RESULTS.md, the cross-patient section).
+    cross_seed_one_piece: another patient's support: when the support's organ is one piece on its
+        slice and the segmenter cuts the located seed slice into two or three, the seed keeps the
+        piece that holds most of the placed organ if it is also the one whose median intensity lies
+        nearest the organ's look (`neighbour.seed_piece`): a placement carried from another patient
+        often covers a neighbour of about the organ's look too (a kidney and the liver above it), and
+        a chain from both follows the neighbour as readily as the organ.
     cross_min_extent: another patient's support: a first pass that follows the organ across fewer mm
         than this share of the support organ's equivalent diameter did not find it, nor did one that
         runs from its seed to the volume's end only or keeps its seed slice alone (after the second
@@ -191,6 +197,7 @@ class PropagationConfig:
     fob_keep_prob: float | None = None
     second_pass: bool = True
     second_pass_refine: float | None = None
+    cross_seed_one_piece: bool = True
     cross_min_extent: float | None = 0.5
     largest_component: bool = False
     fill_holes: bool = True
@@ -213,7 +220,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": Non
                                      "tip_consensus": None, "cross_min_extent": None, "gap_reach": False,
                                      "outward_own_look": False, "body_seed": False,
                                      "body_seed_refine": 0, "body_seed_one_piece": False,
-                                     "fob_mask_prompt": False}
+                                     "fob_mask_prompt": False, "cross_seed_one_piece": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

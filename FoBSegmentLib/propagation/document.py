@@ -43,6 +43,7 @@ from FoBSegmentLib.propagation.neighbour import (
     gap_step,
     learn_appearance,
     query_seed_look,
+    seed_piece,
 )
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.types import PropagationResult, SliceReport, SupportSlice
@@ -193,6 +194,8 @@ class _Replay:
         self.seed_areas = fill_areas(run, {z: self.support_of[z].mask for z in self.seed_slices
                                            if z in self.support_of})
         self.look = None
+        # Another patient's located seed: kept to the piece the live run kept (`neighbour.seed_piece`).
+        self.seed_piece: tuple[np.ndarray, np.ndarray, list[SupportSlice]] | None = None
         if record["promptsFrom"] in ("neighbour", "hybrid", "chained"):
             looks = supports
             seed = next((e for e in record["slices"] if e.get("prior") == "stored" and "priorMask" in e), None)
@@ -206,6 +209,7 @@ class _Replay:
                 z0, moved = int(seed["index"]), _unpack(seed["priorMask"])
                 looks = (query_seed_look(run, z0, moved) if seed.get("look") == "query"
                          else cross_patient_look(run, supports, z0, moved)[0])
+                self.seed_piece = (moved, supports[len(supports) // 2].mask, looks)
             self.look = learn_appearance(run, looks)
         elif record["promptsFrom"] == "fob":
             # Each FoB slice is cut from its own prompts and mask prompt, with the look the run learnt;
@@ -281,6 +285,8 @@ class _Replay:
                     if edited or not any(f.startswith(REFUSED) for f in e.get("flags", [])):
                         raise
                     m, score = np.zeros(run.hw, bool), 0.0
+            if not edited and parent is None and e.get("prior") == "stored" and self.seed_piece is not None:
+                m = seed_piece(run, z, m, *self.seed_piece)
         source = "edited" if edited else e.get("source", "neighbour")
         rep = SliceReport(z, source, support_index=e.get("support"), parent=parent, prior=e.get("prior", "none"),
                           score=score, flags=[] if edited else list(e.get("flags", [])),

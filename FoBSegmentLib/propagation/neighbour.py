@@ -37,6 +37,10 @@ SEED_SOLIDITY = 0.9
 # cross-section at least this much (Dice): a refinement moves edges, and one that changes more has
 # found another structure. Set by reasoning, the only value run.
 SEED_REFINE_AGREEMENT = 0.75
+# A cross-patient seed cut into more pieces than this (of `min_area` pixels or more) is not sorted
+# (`seed_piece`): a look that fits the organ cuts it in one piece, or in a few beside neighbours; in
+# many, the look does not fit the slice, and which piece holds the organ says little.
+SEED_PIECES = 3
 
 
 def prompts_from_mask(
@@ -835,6 +839,11 @@ def _first_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> None:
     if ps is None:
         raise ValueError("the support mask leaves no room for a background ring in the query slice")
     m, score = run.segment(c.z, ps)
+    kept = seed_piece(run, c.z, m, c.moved, c.support.mask, c.look)
+    if kept.sum() < m.sum():
+        run.notes.append(f"cross-patient: the seed slice {c.z} came out in pieces; the one that holds most of the placed "
+                         f"organ and has its look is kept ({int(kept.sum())} of {int(m.sum())} px)")
+        m = kept
     prior = "stored" if ps.prior_mask is not None else "none"
     rep = SliceReport(c.z, "neighbour", support_index=c.support.index, score=score, prior=prior,
                       look="query" if c.query_look else "annotations")
@@ -846,6 +855,36 @@ def _first_pass(run: Runner, c: SeedCandidate, rng: tuple[int, int]) -> None:
     run.tick(f"slice {c.z}")
     for step in (-1, 1):
         chain(run, c.z, m, step, rng[1] if step > 0 else rng[0], None, c.support.index, look)
+
+
+def _pieces(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, list[int]]:
+    """(labels, the labels of the pieces of at least `min_area` pixels) of an (H, W) bool mask."""
+    labels, n = ndimage.label(mask)
+    sizes = ndimage.sum(mask, labels, range(1, n + 1)) if n else []
+    return labels, [i + 1 for i, a in enumerate(sizes) if a >= min_area]
+
+
+def seed_piece(run: Runner, z: int, mask: np.ndarray, placed: np.ndarray, support_mask: np.ndarray,
+               look: list[SupportSlice]) -> np.ndarray:
+    """The located seed slice z as segmented (`mask`, (H, W) bool), kept to one piece when the
+    support's organ (`support_mask`, (H, W) bool) is one piece, the segmenter cut the seed into two
+    or three (of `min_area` pixels or more, `SEED_PIECES`) and the evidence agrees on which piece is
+    the organ (`config.cross_seed_one_piece`): the piece that holds most of the `placed` organ ((H,
+    W) bool) is also the one whose median intensity lies nearest that of the organ in its `look`
+    (the supports the segmenter learnt from, middle one). When the two disagree, the seed stays as
+    it is and the chains' own rules judge it. The seed's prompts stay as they were: a replay cuts the
+    slice from them and keeps the same piece (`document`)."""
+    if not run.config.cross_seed_one_piece or run.n == 1:  # (one 2D image: a lesion may be in pieces)
+        return mask
+    labels, big = _pieces(mask, run.config.min_area)
+    if not 2 <= len(big) <= SEED_PIECES or len(_pieces(support_mask, run.config.min_area)[1]) != 1:
+        return mask
+    organ = look[len(look) // 2]
+    target = float(np.median(organ.image[organ.mask]))
+    image = run.slice(z)
+    by_look = min(big, key=lambda i: abs(float(np.median(image[labels == i])) - target))
+    by_place = max(big, key=lambda i: int(np.count_nonzero(placed[labels == i])))
+    return labels == by_look if by_look == by_place else mask
 
 
 @dataclass(frozen=True)
