@@ -11,7 +11,6 @@ import copy
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -22,7 +21,7 @@ from FoBSegmentLib.evaluate.datasets import list_cases
 from FoBSegmentLib.io import volumes
 from FoBSegmentLib.propagation.locate import LOW_CONFIDENCE, appearance_match, expected_slices, locate
 from FoBSegmentLib.propagation.types import SupportSlice
-from Testing.conftest import dice
+from Testing.conftest import dermoscopy_support, dice
 
 CHAOS = "chaos_mr_t2spir"
 # A `locate.GUESS_PRIOR` that only breaks near-ties between slices, as the slice search did before
@@ -318,28 +317,9 @@ def test_a_seed_kept_to_one_piece_replays_from_its_record(rk_11_from_15: tuple) 
     assert np.asarray(live.mask).any() and np.array_equal(np.asarray(live.mask), np.asarray(again.mask))
 
 
-def _dermoscopy_support(data_dir: Path, tmp: Path, like: Path) -> tuple[Path, Path]:
-    """An unrelated support: a dermoscopy image (grey, resized to the query's slice size) and its
-    lesion mask, as one-slice volumes."""
-    q = volumes.read_volume(like)
-    h, w = q.array.shape[1:]
-    rgb = cv2.imread(str(data_dir / "isic" / "ISIC_0012388.jpg"))
-    grey = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY), (w, h)).astype(np.int16)
-    mask = cv2.resize(cv2.imread(str(data_dir / "isic" / "ISIC_0012388_mask.png"), cv2.IMREAD_GRAYSCALE), (w, h),
-                      interpolation=cv2.INTER_NEAREST) > 127
-    img = sitk.GetImageFromArray(grey[None])
-    img.SetSpacing(q.geometry.spacing)
-    ip, mp = tmp / "derm.nii.gz", tmp / "derm_mask.nii.gz"
-    sitk.WriteImage(img, str(ip))
-    lab = sitk.GetImageFromArray(mask[None].astype(np.uint8))
-    lab.CopyInformation(img)
-    sitk.WriteImage(lab, str(mp))
-    return ip, mp
-
-
 def test_unrelated_support_warns_and_strict_refuses(tmp_path: Path, data_dir: Path, capsys) -> None:
     query = data_dir / CHAOS / "image_1.nii.gz"
-    ip, mp = _dermoscopy_support(data_dir, tmp_path, query)
+    ip, mp = dermoscopy_support(data_dir, tmp_path, query)
     out = tmp_path / "out.nii.gz"
     args = [query, "-o", out, "--support-image", ip, "--support-mask", mp, "--prompts-from", "neighbour",
             "--segmenter", "graphcut"]
@@ -352,6 +332,20 @@ def test_unrelated_support_warns_and_strict_refuses(tmp_path: Path, data_dir: Pa
     assert rc == 2
     assert se.strip().splitlines()[-1].startswith("fob: error: --strict: cross-patient: organ not found")
     assert not out2.exists()
+
+
+def test_registration_starts_from_a_blank_slice(data_dir: Path) -> None:
+    # The zero-filled edge slice of a volume has no centre of mass to align: the registration starts
+    # from the slices' centres instead of raising, and the organ's placement there is empty.
+    from FoBSegmentLib.propagation.locate import place, register_affine
+
+    q = P.prepare_volume(data_dir / CHAOS / "image_1.nii.gz")
+    lab = volumes.read_label(data_dir / CHAOS / "label_1.nii.gz").array == 1
+    z = int(np.flatnonzero(lab.any(axis=(1, 2)))[0])
+    blank = np.zeros_like(q.normalised[z])
+    assert register_affine(blank, q.normalised[z]).GetDimension() == 2
+    mask, _img, confidence, _tf = place(blank, SupportSlice(z, q.normalised[z], lab[z], lab.shape[0]))
+    assert confidence < LOW_CONFIDENCE
 
 
 def test_locate_confidence_separates_organ_from_unrelated(data_dir: Path) -> None:

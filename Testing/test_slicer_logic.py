@@ -25,6 +25,7 @@ from FoBSegmentLib.prompts import PromptSet  # noqa: E402
 from FoBSegmentLib.slicer import mrml as fob_mrml  # noqa: E402
 from FoBSegmentLib.slicer.logic import FoBSegmentLogic  # noqa: E402
 from FoBSegmentLib.slicer.parameters import FoBParameters  # noqa: E402
+from Testing.conftest import dermoscopy_support  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -543,6 +544,29 @@ def test_cross_patient_warning_reaches_the_module(plain_case: Case, mrml, data_d
     assert len(result.warnings) == 1 and result.warnings[0].startswith("cross-patient: placement disputed")
     segmented = [z for z, r in result.slices.items() if r.area > 0]
     assert segmented and set(segmented) <= set(result.flagged)  # every slice leads the review
+
+
+def test_one_slice_unrelated_support_warns_in_the_module(plain_case: Case, mrml, data_dir: Path,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    """A 2D image as another patient's support (a dermoscopy lesion, one slice) gives the module the same
+    warning as `fob segment` (test_cross_patient.py). Slicer reads CHAOS 2's slices in the reverse order of
+    the file, so its slice 0, where a one-slice support's height used to guess the organ, is blank: the
+    locate step's registration then had no centre of mass to start from and raised."""
+    scene, logics = mrml
+    ip, mp = dermoscopy_support(data_dir, tmp_path, data_dir / "chaos_mr_t2spir" / "image_2.nii.gz")
+    other = logics["volumes"].AddArchetypeVolume(str(ip), "lesion image")
+    lesion = fob_mrml.volume_array(logics["volumes"].AddArchetypeVolume(str(mp), "lesion label", 1)) > 0
+    assert not fob_mrml.volume_array(plain_case.volume)[0].any()  # the blank slice of the old guess
+    sseg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "support")
+    sseg.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    sid = sseg.GetSegmentation().AddEmptySegment("lesion", "lesion")
+    fob_mrml.set_segment_mask(sseg, sid, other, lesion)
+    target = plain_case.seg.GetSegmentation().AddEmptySegment("lesion", "lesion")
+    job = plain_case.logic.prepare_propagation(plain_case.volume, plain_case.seg, target, support_volume=other,
+                                               support_segmentation=sseg, support_segment_id=sid,
+                                               prompts_from="neighbour", segmenter="graphcut")
+    result = plain_case.logic.run_propagation(job)
+    assert len(result.warnings) == 1 and result.warnings[0].startswith("cross-patient: organ not found"), result.warnings
 
 
 def test_nonlinear_parent_transform_is_refused(mrml, data_dir: Path) -> None:  # noqa: F811

@@ -133,8 +133,11 @@ def register_affine(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarra
 
     f, m = _sitk(fixed), _sitk(moving)
     if initial is None:
+        # A blank slice (zero-filled edges of a volume) has no centre of mass: its centre stands in.
+        blank = not (np.any(_grey(fixed) > 0) and np.any(_grey(moving) > 0))
+        mode = sitk.CenteredTransformInitializerFilter
         initial = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2),
-                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
+                                                    mode.GEOMETRY if blank else mode.MOMENTS)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.NONE)
@@ -238,8 +241,9 @@ def locate(
     """
     mid = supports[len(supports) // 2]
     n_sup = mid.volume_slices or max(s.index for s in supports) + 1
-    ratio = (n - 1) / max(1, n_sup - 1)
-    guesses = [((lambda s: s.index * ratio), window)]
+    # A one-slice support (a 2D image) has no height of its own: the query's middle is the guess.
+    height = (lambda s: s.index * (n - 1) / (n_sup - 1)) if n_sup > 1 else (lambda s: (n - 1) / 2)
+    guesses = [(height, window)]
     registered = all(s.placed is not None for s in supports)
     if registered:
         guesses.append(((lambda s: s.placed.index), REGISTERED_WINDOW))
