@@ -468,7 +468,7 @@ def test_config_round_trip() -> None:
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
     # A record written before a field existed replays the way it ran then.
     newer = ("relearn_gap_look", "gap_reach", "outward_own_look", "body_seed", "cross_seed_one_piece", "tip_ratio",
-             "tip_end", "tip_consensus", "cross_min_extent")
+             "tip_end", "tip_consensus", "cross_min_extent", "cross_chunk_agreement")
     old = P.PropagationConfig.from_json({k: v for k, v in cfg.to_json().items() if k not in newer})
     assert all(getattr(cfg, k) is True and getattr(old, k) is False for k in newer[:5])
     assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[5:])

@@ -110,7 +110,7 @@ def test_chaos_mr_cross_patient(tmp_path: Path, data_dir: Path, capsys) -> None:
     same_geometry(out, image)
     d = dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), ref)
     report(capsys, f"\nCHAOS MR cross-patient (support 8, query 5) left kidney: Dice {d:.3f} (neighbour + grabcut)\n{se}")
-    assert d >= 0.78  # measured 0.830
+    assert d >= 0.78  # measured 0.843 (a pass from each of the 3 support slices; 0.830 from one pass)
 
 
 def test_dicom_series(tmp_path: Path, data_dir: Path, capsys) -> None:

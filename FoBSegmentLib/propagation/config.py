@@ -146,6 +146,13 @@ class PropagationConfig:
         nearest the organ's look (`neighbour.seed_piece`): a placement carried from another patient
         often covers a neighbour of about the organ's look too (a kidney and the liver above it), and
         a chain from both follows the neighbour as readily as the organ.
+    cross_chunk_agreement: another patient's whole labelled organ (several support slices, chunked):
+        the cross-patient chain runs once from each support slice alone, and where two of those
+        passes agree at least this much (3D Dice) the result is the voxels most passes found, each
+        slice's mask stored in the record as its shape prior; otherwise the pass from the middle
+        support stands (`neighbour.chunk_consensus`). One placement, seed or look carried from
+        another patient can fail where another holds; two that agree from different slices of the
+        support rarely have both failed. None = one pass learns from all supports together.
     cross_min_extent: another patient's support: a first pass that follows the organ across fewer mm
         than this share of the support organ's equivalent diameter did not find it, nor did one that
         runs from its seed to the volume's end only or keeps its seed slice alone (after the second
@@ -198,6 +205,7 @@ class PropagationConfig:
     second_pass: bool = True
     second_pass_refine: float | None = None
     cross_seed_one_piece: bool = True
+    cross_chunk_agreement: float | None = 0.8
     cross_min_extent: float | None = 0.5
     largest_component: bool = False
     fill_holes: bool = True
@@ -220,7 +228,8 @@ _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": Non
                                      "tip_consensus": None, "cross_min_extent": None, "gap_reach": False,
                                      "outward_own_look": False, "body_seed": False,
                                      "body_seed_refine": 0, "body_seed_one_piece": False,
-                                     "fob_mask_prompt": False, "cross_seed_one_piece": False}
+                                     "fob_mask_prompt": False, "cross_seed_one_piece": False,
+                                     "cross_chunk_agreement": None}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

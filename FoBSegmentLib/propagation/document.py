@@ -197,6 +197,11 @@ class _Replay:
         # Another patient's located seed: kept to the piece the live run kept (`neighbour.seed_piece`).
         self.seed_piece: tuple[np.ndarray, np.ndarray, list[SupportSlice]] | None = None
         if record["promptsFrom"] in ("neighbour", "hybrid", "chained"):
+            if not same_volume and run.config.cross_chunk_agreement is not None and len(supports) > 1:
+                # A whole labelled organ: the pass that stands ran from one support alone, the one its
+                # slices name (`neighbour.chunk_consensus`).
+                named = {e.get("support") for e in record["slices"]}
+                supports = [s for s in supports if s.index in named][:1] or [supports[len(supports) // 2]]
             looks = supports
             seed = next((e for e in record["slices"] if e.get("prior") == "stored" and "priorMask" in e), None)
             own = next((e for e in record["slices"] if e.get("prior") == "self" and "priorMask" in e), None)

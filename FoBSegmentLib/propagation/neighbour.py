@@ -554,7 +554,8 @@ def _seed_notes(run: Runner, chosen: SeedCandidate, candidates: list[SeedCandida
     c = chosen
     organ_conf = organ_confidence(c.appearance, c.inside, c.kept)
     run.notes.append(
-        f"cross-patient: the organ of support slice {c.support.index} (of {n_supports}) registered onto query "
+        f"cross-patient: the organ of support slice {c.support.index}"
+        + (f" (of {n_supports})" if n_supports > 1 else "") + " registered onto query "
         f"slice {c.z}, confidence {organ_conf:.2f} (appearance match around the organ {c.appearance:.2f}, support "
         f"intensities inside {c.inside:.2f}, seed kept {c.kept:.2f}; appearance per slice tried: "
         + ", ".join(f"{z}:{v:.2f}" for z, v in sorted(c.scores.items())) + ")"
@@ -753,6 +754,64 @@ def one_body_piece(mask: np.ndarray, prompts: PromptSet, tip_a: np.ndarray, tip_
 
 
 def cross_patient(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
+    """Another patient's support: one pass from all `supports` (`cross_patient_pass`), or, for a whole
+    labelled organ with `config.cross_chunk_agreement`, one from each (`chunk_consensus`)."""
+    if run.config.cross_chunk_agreement is not None and len(supports) > 1 and run.n > 1:
+        chunk_consensus(run, supports, rng)
+    else:
+        cross_patient_pass(run, supports, rng)
+
+
+def chunk_consensus(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
+    """Another patient's whole labelled organ, chunked into `supports` (sorted by index): a cross-patient
+    pass from each support slice alone (`cross_patient_pass`), and the pass that agrees most with the
+    others stands (the sum of its 3D Dice with each, every result cleaned as the run's result is),
+    as it ran; ties go to the middle support's pass. It stands only when it agrees at least
+    `config.cross_chunk_agreement` with another pass; otherwise the middle support's pass does. A
+    pass that raises for its support (no room for a ring) counts as empty, unless it is the middle
+    one's."""
+    from FoBSegmentLib.propagation.runner import cleanup_3d
+
+    cfg = run.config
+    middle = len(supports) // 2
+    start = len(run.notes)
+    passes: list[tuple[Kept, list[str]] | None] = []
+    masks: list[np.ndarray] = []
+    for i, s in enumerate(supports):
+        if i:
+            run.start_over(rng)
+        try:
+            cross_patient_pass(run, [s], rng)
+        except ValueError:
+            if i == middle:
+                raise
+            passes.append(None)
+            masks.append(np.zeros_like(run.mask))
+        else:
+            passes.append((run.keep(range(run.n)), run.notes[start:]))
+            masks.append(cleanup_3d(run.mask, run.axis, cfg.largest_component, cfg.fill_holes))
+        del run.notes[start:]
+    found = [k for k, m in enumerate(masks) if m.any()]
+    agree = {(i, j): dice(masks[i], masks[j]) for i in found for j in found if i != j}
+    total = {k: sum(agree.get((k, j), 0.0) for j in found) for k in range(len(masks))}
+    chosen = max(total, key=lambda k: (total[k], k == middle, -abs(k - middle)))
+    best = max((agree.get((chosen, j), 0.0) for j in found), default=0.0)
+    if best < cfg.cross_chunk_agreement:
+        chosen = middle
+    run.clear()
+    run.restore(passes[chosen][0])
+    run.notes.extend(passes[chosen][1])
+    where = ", ".join(str(s.index) for s in supports)
+    if chosen == middle:
+        own = max((agree.get((middle, j), 0.0) for j in found), default=0.0)
+        run.notes.append(f"cross-patient: of the passes from support slices {where} (one each), the one from the "
+                         f"middle slice {supports[middle].index} stands (3D Dice with the others up to {own:.2f})")
+    else:
+        run.notes.append(f"cross-patient: of the passes from support slices {where} (one each), the one from slice "
+                         f"{supports[chosen].index} agrees most with the others (3D Dice up to {best:.2f}) and stands")
+
+
+def cross_patient_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, int]) -> None:
     """Another patient's support: chain outwards from the best seed candidate (`_seed_candidates`);
     when that first pass does not follow the organ over a plausible extent (`followed_extent`), the
     next candidate is tried; when none does, the candidates again with the query's own look
