@@ -147,12 +147,12 @@ class PropagationConfig:
         often covers a neighbour of about the organ's look too (a kidney and the liver above it), and
         a chain from both follows the neighbour as readily as the organ.
     cross_chunk_agreement: another patient's whole labelled organ (several support slices, chunked):
-        the cross-patient chain runs once from each support slice alone, and where two of those
-        passes agree at least this much (3D Dice) the result is the voxels most passes found, each
-        slice's mask stored in the record as its shape prior; otherwise the pass from the middle
-        support stands (`neighbour.chunk_consensus`). One placement, seed or look carried from
-        another patient can fail where another holds; two that agree from different slices of the
-        support rarely have both failed. None = one pass learns from all supports together.
+        the cross-patient pass runs once from each support slice alone, and the pass that agrees most
+        with the others stands if it agrees at least this much (3D Dice) with one of them; otherwise
+        the middle support's pass does (`neighbour.chunk_consensus`). One placement, seed or look
+        carried from another patient can fail where another holds; two passes that agree from
+        different slices of the support have rarely both failed. None = one pass learns from all
+        supports together.
     cross_min_extent: another patient's support: a first pass that follows the organ across fewer mm
         than this share of the support organ's equivalent diameter did not find it, nor did one that
         runs from its seed to the volume's end only or keeps its seed slice alone (after the second

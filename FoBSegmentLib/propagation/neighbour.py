@@ -798,8 +798,7 @@ def chunk_consensus(run: Runner, supports: list[SupportSlice], rng: tuple[int, i
     best = max((agree.get((chosen, j), 0.0) for j in found), default=0.0)
     if best < cfg.cross_chunk_agreement:
         chosen = middle
-    run.clear()
-    run.restore(passes[chosen][0])
+    run.restore(passes[chosen][0])  # (every slice: the last pass's are replaced)
     run.notes.extend(passes[chosen][1])
     where = ", ".join(str(s.index) for s in supports)
     if chosen == middle:
