@@ -360,7 +360,7 @@ def test_unrelated_support_warns_and_strict_refuses(tmp_path: Path, data_dir: Pa
 
 def test_registration_starts_from_a_blank_slice(data_dir: Path) -> None:
     # The zero-filled edge slice of a volume has no centre of mass to align: the registration starts
-    # from the slices' centres instead of raising, and the organ's placement there is empty.
+    # from the slices' centres instead of raising, and a placement there matches nothing (low confidence).
     from FoBSegmentLib.propagation.locate import place, register_affine
 
     q = P.prepare_volume(data_dir / CHAOS / "image_1.nii.gz")
@@ -368,7 +368,7 @@ def test_registration_starts_from_a_blank_slice(data_dir: Path) -> None:
     z = int(np.flatnonzero(lab.any(axis=(1, 2)))[0])
     blank = np.zeros_like(q.normalised[z])
     assert register_affine(blank, q.normalised[z]).GetDimension() == 2
-    mask, _img, confidence, _tf = place(blank, SupportSlice(z, q.normalised[z], lab[z], lab.shape[0]))
+    _mask, _img, confidence, _tf = place(blank, SupportSlice(z, q.normalised[z], lab[z], lab.shape[0]))
     assert confidence < LOW_CONFIDENCE
 
 
