@@ -23,7 +23,7 @@ from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
-from FoBSegmentLib.propagation.runner import Kept, Runner
+from FoBSegmentLib.propagation.runner import Kept, Runner, cleanup_3d
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
 from FoBSegmentLib.propagation.types import SliceReport, SupportSlice
@@ -770,8 +770,6 @@ def chunk_consensus(run: Runner, supports: list[SupportSlice], rng: tuple[int, i
     `config.cross_chunk_agreement` with another pass; otherwise the middle support's pass does. A
     pass that raises for its support (no room for a ring) counts as empty, unless it is the middle
     one's."""
-    from FoBSegmentLib.propagation.runner import cleanup_3d
-
     cfg = run.config
     middle = len(supports) // 2
     start = len(run.notes)
@@ -792,19 +790,23 @@ def chunk_consensus(run: Runner, supports: list[SupportSlice], rng: tuple[int, i
             masks.append(cleanup_3d(run.mask, run.axis, cfg.largest_component, cfg.fill_holes))
         del run.notes[start:]
     found = [k for k, m in enumerate(masks) if m.any()]
-    agree = {(i, j): dice(masks[i], masks[j]) for i in found for j in found if i != j}
+    agree = {(i, j): dice(masks[i], masks[j]) for i in found for j in found if i < j}
+    agree.update({(j, i): d for (i, j), d in list(agree.items())})
+
+    def up_to(k: int) -> float:
+        return max((agree.get((k, j), 0.0) for j in found), default=0.0)
+
     total = {k: sum(agree.get((k, j), 0.0) for j in found) for k in range(len(masks))}
     chosen = max(total, key=lambda k: (total[k], k == middle, -abs(k - middle)))
-    best = max((agree.get((chosen, j), 0.0) for j in found), default=0.0)
-    if best < cfg.cross_chunk_agreement:
+    if up_to(chosen) < cfg.cross_chunk_agreement:
         chosen = middle
+    best = up_to(chosen)
     run.restore(passes[chosen][0])  # (every slice: the last pass's are replaced)
     run.notes.extend(passes[chosen][1])
     where = ", ".join(str(s.index) for s in supports)
     if chosen == middle:
-        own = max((agree.get((middle, j), 0.0) for j in found), default=0.0)
         run.notes.append(f"cross-patient: of the passes from support slices {where} (one each), the one from the "
-                         f"middle slice {supports[middle].index} stands (3D Dice with the others up to {own:.2f})")
+                         f"middle slice {supports[middle].index} stands (3D Dice with the others up to {best:.2f})")
     else:
         run.notes.append(f"cross-patient: of the passes from support slices {where} (one each), the one from slice "
                          f"{supports[chosen].index} agrees most with the others (3D Dice up to {best:.2f}) and stands")
