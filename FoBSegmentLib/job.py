@@ -341,6 +341,28 @@ def job_config(settings: JobSettings, modality: str, n_slices: int) -> Propagati
     return cfg
 
 
+def in_query_axes(query: PreparedImage, support: PreparedImage, mask: np.ndarray
+                  ) -> tuple[PreparedImage, np.ndarray, tuple[str, str] | None]:
+    """Another patient's support image and its mask ([k, j, i] bool on its grid) with their axes
+    permuted and reversed to run as the query's do (`io.coords.reorient`), and (the support's
+    orientation, the query's) when they did not. Whether a scan is stored head first or feet first,
+    or mirrored in plane, is a matter of the file, not of the anatomy: the locate step compares slice
+    heights, slices and volumes array against array. A 2D picture has no anatomical axes to turn."""
+    from FoBSegmentLib.io.coords import orientation, reorient, reoriented_axis
+
+    if query.volume.is_2d or support.volume.is_2d:
+        return support, mask, None
+    geometry = support.volume.geometry
+    want, have = orientation(query.volume.geometry), orientation(geometry)
+    if want == have:
+        return support, mask, None
+    normalised, turned = reorient(support.normalised, geometry, want)
+    volume = dataclasses.replace(support.volume, array=reorient(support.volume.array, geometry, want)[0],
+                                 geometry=turned)
+    prepared = PreparedImage(volume, normalised, support.modality, reoriented_axis(geometry, turned, support.axis))
+    return prepared, reorient(mask, geometry, want)[0], (have, want)
+
+
 def build_job(
     query: PreparedImage,
     support_mask: np.ndarray,
@@ -364,6 +386,9 @@ def build_job(
     mask = np.asarray(support_mask, bool)
     if mask.shape != sup_img.normalised.shape[:3]:
         raise ValueError(f"{support_name} has shape {mask.shape}, its image {sup_img.normalised.shape[:3]}")
+    turned = None
+    if not same_volume:
+        sup_img, mask, turned = in_query_axes(query, sup_img, mask)
     supports = support_slices_from_volume(sup_img.normalised, mask, sup_img.axis)
     if not supports:
         raise ValueError(f"{support_name} is empty: outline the organ on at least one slice")
@@ -387,6 +412,10 @@ def build_job(
                      for z in absent]
     where = "this image" if same_volume else Path(str(sup_img.volume.path)).name
     notes = [f"support: {support_name} on {len(supports)} slice(s) of {where}"]
+    if turned is not None:
+        notes.append(f"support: {where} is stored with its axes running {turned[0]}, the image's {turned[1]}; its "
+                     "voxels are reordered to run as the image's (nothing resampled), and support slice numbers count "
+                     "in that order")
     if not same_volume:
         if query.volume.is_rgb != sup_img.volume.is_rgb:
             raise ValueError("the image and the support image must both be colour (RGB) or both grey")

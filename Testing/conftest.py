@@ -30,7 +30,7 @@ def data_dir() -> Path:
 
 def dermoscopy_support(data_dir: Path, tmp: Path, like: Path) -> tuple[Path, Path]:
     """An unrelated support: a dermoscopy image (grey, resized to the query's slice size) and its
-    lesion mask, as one-slice volumes."""
+    lesion mask, as one-slice volumes lying as the query's slices do (its spacing and direction)."""
     q = volumes.read_volume(like)
     h, w = q.array.shape[1:]
     rgb = cv2.imread(str(data_dir / "isic" / "ISIC_0012388.jpg"))
@@ -39,6 +39,7 @@ def dermoscopy_support(data_dir: Path, tmp: Path, like: Path) -> tuple[Path, Pat
                       interpolation=cv2.INTER_NEAREST) > 127
     img = sitk.GetImageFromArray(grey[None])
     img.SetSpacing(q.geometry.spacing)
+    img.SetDirection(q.geometry.direction)
     ip, mp = tmp / "derm.nii.gz", tmp / "derm_mask.nii.gz"
     sitk.WriteImage(img, str(ip))
     lab = sitk.GetImageFromArray(mask[None].astype(np.uint8))

@@ -17,9 +17,12 @@ from FoBSegmentLib.io.coords import (
     ijk_to_world_ras,
     inside_volume,
     lps_to_ras,
+    orientation,
     put_slice,
     ras_to_lps,
     ras_to_slice_xy,
+    reorient,
+    reoriented_axis,
     round_ijk,
     slice_axes,
     slice_shape,
@@ -94,6 +97,31 @@ def test_dicom_slice_axis_is_flipped_but_axial_axis_found(images: dict[str, sitk
     a = sitk.GetArrayViewFromImage(images["dicom"])
     b = sitk.GetArrayViewFromImage(images["chaos"])
     np.testing.assert_array_equal(take_slice(a, 0, 3), take_slice(b, 0, n - 1 - 3))
+
+
+def test_the_dicom_series_reoriented_as_the_nifti_gives_its_voxels(images: dict[str, sitk.Image]) -> None:
+    # The same patient stored feet first (NIfTI) and head first (DICOM): reordered to the NIfTI's axes,
+    # the series holds the NIfTI's voxels, slice for slice, at the same points.
+    dicom, nifti = Geometry.from_sitk(images["dicom"]), Geometry.from_sitk(images["chaos"])
+    assert (orientation(dicom), orientation(nifti)) == ("LAI", "LAS")
+    array, turned = reorient(sitk.GetArrayFromImage(images["dicom"]), dicom, "LAS")
+    np.testing.assert_array_equal(array, sitk.GetArrayViewFromImage(images["chaos"]))
+    assert orientation(turned) == "LAS" and turned.size == nifti.size
+    np.testing.assert_allclose(turned.ijk_to_lps([[100.0, 80.0, 3.0]]), nifti.ijk_to_lps([[100.0, 80.0, 3.0]]), atol=0.05)
+    assert reoriented_axis(dicom, turned, 0) == 0
+    mask = sitk.GetArrayFromImage(images["dicom"]) > 300
+    assert np.array_equal(reorient(mask, dicom, "LAS")[0], mask[::-1])  # (a bool mask stays bool)
+
+
+def test_reoriented_axis_follows_a_permutation(images: dict[str, sitk.Image]) -> None:
+    # A volume stored with its slices along i (a sagittal-first file) turned to the NIfTI's axes: the
+    # slicing axis moves from array axis 2 to array axis 0 with the voxels.
+    nifti = images["chaos"]
+    permuted = sitk.PermuteAxes(nifti, [2, 0, 1])
+    before = Geometry.from_sitk(permuted)
+    array, after = reorient(sitk.GetArrayFromImage(permuted), before, orientation(Geometry.from_sitk(nifti)))
+    np.testing.assert_array_equal(array, sitk.GetArrayViewFromImage(nifti))
+    assert axial_axis(before) == 2 and reoriented_axis(before, after, 2) == 0 == axial_axis(after)
 
 
 @pytest.mark.parametrize("name", ["dicom", "chaos", "cmr_oblique"])

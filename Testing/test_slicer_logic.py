@@ -517,6 +517,36 @@ def test_cross_patient_support_from_another_volume(plain_case: Case, mrml, data_
     assert np.array_equal(fob_mrml.segment_mask(case.seg, case.liver_id, case.volume), case.support)
 
 
+def test_a_support_volume_stored_the_other_way_gives_the_module_the_same_mask(plain_case: Case, mrml,  # noqa: F811
+                                                                            data_dir: Path, tmp_path: Path) -> None:
+    """Another patient's volume as the support, loaded as stored and from a copy written head first and
+    mirrored in plane (the same voxels at the same points): the module's job turns each to the query's
+    axes (`job.in_query_axes`, as for `fob segment`) and gives the same mask from both."""
+    scene, logics = mrml
+    stored = {"image": data_dir / "chaos_mr_t2spir" / "image_3.nii.gz", "label": data_dir / "chaos_mr_t2spir" / "label_3.nii.gz"}
+    flipped = {}
+    for name, path in stored.items():
+        flipped[name] = tmp_path / f"{name}_flipped.nii.gz"
+        sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(path)), [True, True, True]), str(flipped[name]))
+    z0 = plain_case.support_slice
+    masks, orders = [], []
+    for k, files in enumerate((stored, flipped)):
+        other = logics["volumes"].AddArchetypeVolume(str(files["image"]), f"chaos3 {k}")
+        liver = fob_mrml.volume_array(logics["volumes"].AddArchetypeVolume(str(files["label"]), f"l3 {k}", 1)) == LIVER
+        orders.append(fob_mrml.volume_array(other))
+        sseg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"support {k}")
+        sseg.SetReferenceImageGeometryParameterFromVolumeNode(other)
+        sid = sseg.GetSegmentation().AddEmptySegment("liver", "liver")
+        fob_mrml.set_segment_mask(sseg, sid, other, liver)
+        target = plain_case.seg.GetSegmentation().AddEmptySegment(f"liver3 {k}", "liver from patient 3")
+        job = plain_case.logic.prepare_propagation(
+            plain_case.volume, plain_case.seg, target, slice_range=(z0 - 2, z0 + 2), support_volume=other,
+            support_segmentation=sseg, support_segment_id=sid, prompts_from="neighbour", segmenter="grabcut")
+        masks.append(np.asarray(plain_case.logic.run_propagation(job).mask, bool))
+    assert not np.array_equal(*orders)  # Slicer holds the two copies' voxels in different orders
+    assert masks[0].any() and np.array_equal(*masks)
+
+
 def test_cross_patient_warning_reaches_the_module(plain_case: Case, mrml, data_dir: Path) -> None:  # noqa: F811
     """The engine's cross-patient warnings and review flags reach the module (the same job as `fob segment`,
     test_cross_patient.py): query CHAOS 2, support the middle slice of CHAOS 3's spleen, which the chain

@@ -408,7 +408,7 @@ def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmente
     job = build_job(query, sup, settings, support=other.prepared,
                     components=Components(generator, segmenter, source),
                     support_name=f"label {organ} of case {other.case.case_id}")
-    if registered:
+    if registered and job.support is other.prepared:  # (a support the job reoriented registers itself)
         job.support_transform = other_affine(query, other)
     return job
 

@@ -107,6 +107,36 @@ def axial_axis(geometry: Geometry) -> int:
     return 2 - ijk_axis
 
 
+def orientation(geometry: Geometry) -> str:
+    """ITK's three-letter code of the anatomical directions nearest the i, j, k axes of `geometry`
+    (SimpleITK's `DICOMOrientImageFilter`; e.g. "LPS": i runs towards the patient's left, j
+    posterior, k superior)."""
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(tuple(geometry.direction))
+
+
+def reorient(array: np.ndarray, geometry: Geometry, code: str) -> tuple[np.ndarray, Geometry]:
+    """The [k, j, i] `array` on `geometry` with its axes permuted and reversed, nothing resampled, so
+    that they run as the orientation `code` says (`orientation`; SimpleITK's DICOMOrient), and the
+    geometry of the result: the same voxels at the same LPS points."""
+    import SimpleITK as sitk
+
+    a = np.asarray(array)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(a.astype(np.uint8) if a.dtype == bool else a))
+    geometry.apply_to_sitk(img)
+    out = sitk.DICOMOrient(img, code)
+    moved = sitk.GetArrayFromImage(out)
+    return (moved.astype(bool) if a.dtype == bool else moved), Geometry.from_sitk(out)
+
+
+def reoriented_axis(before: Geometry, after: Geometry, axis: int) -> int:
+    """The array axis of [k, j, i] on `after` (`reorient`'s result) that runs along array axis `axis`
+    of `before`, one way or the other."""
+    along = before.direction_matrix[:, 2 - axis]
+    return 2 - int(np.argmax(np.abs(after.direction_matrix.T @ along)))
+
+
 def slice_axes(axis: int) -> tuple[int, int]:
     """For slices taken along array axis `axis`, the array axes that become (row, column) = (y, x).
 
