@@ -25,7 +25,8 @@ wrong, and the same kind of warning says so (`DISPUTED_NOTE`); so does one when 
 chain followed the organ (`NOT_FOLLOWED_NOTE`).
 
 Frames: slices are (H, W) = (rows, cols) float images in [0, 1] on the query's pixel grid (the
-supports were resampled to it, `supports.resize_support`); SimpleITK images built from them have
+supports were put on it: another patient's volume by `job.in_query_pixels`, a picture by
+`supports.resize_support`); SimpleITK images built from them have
 unit spacing and zero origin, so their physical (x, y) is the (column, row) pixel frame. Volumes
 (`volume_image`) are the prepared [k, j, i] arrays with their spacing, zero origin and identity
 direction: physical points of that frame, not LPS, and index (i, j, k) = the array's reversed.
