@@ -397,8 +397,9 @@ def in_query_pixels(query: PreparedImage, support: PreparedImage, mask: np.ndarr
     for a, m, sm, qp, sp in zip(plane, mm, s_mm, q_px, s_px):
         span = (qp - 1) * m / sm  # the new grid's extent along a, in support pixels
         first = (sp - 1) / 2 - span / 2
-        lo, hi = float(organ[a].min()), float(organ[a].max())
-        first = lo if lo < first else (hi - span if hi > first + span else first)
+        if organ[a].size:  # (an empty mask is refused by the caller, with its own message)
+            lo, hi = float(organ[a].min()), float(organ[a].max())
+            first = lo if lo < first else (hi - span if hi > first + span else first)
         start[a] = float(np.floor(first)) if m == sm else first  # (same pixels: cut whole, no interpolation)
         spacing[2 - a], size[2 - a] = m, qp
     grid = Geometry(tuple(spacing), tuple(float(v) for v in s_geom.ijk_to_lps([start[::-1]])[0]),

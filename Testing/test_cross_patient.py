@@ -155,7 +155,7 @@ def test_a_support_with_another_field_of_view_is_cut_not_stretched(data_dir: Pat
     """A support exported with a smaller field of view at the same pixel size: its slices are padded to the
     query's size about their centre, pixel for pixel, instead of stretched to it (which showed the organ
     4/3 its size: this right kidney was not found, Dice 0.000 with a warning; measured 0.942 now)."""
-    from FoBSegmentLib.job import in_query_pixels
+    from FoBSegmentLib.job import Components, JobSettings, build_job, in_query_pixels
 
     image, mask = _cropped_support(data_dir, tmp_path, 2)
     query = P.prepare_volume(data_dir / CHAOS / "image_1.nii.gz")
@@ -167,6 +167,9 @@ def test_a_support_with_another_field_of_view_is_cut_not_stretched(data_dir: Pat
     r0, c0 = rows.min() - np.nonzero(drawn.any(axis=0))[0].min(), cols.min() - np.nonzero(drawn.any(axis=0))[1].min()
     np.testing.assert_allclose(moved.normalised[:, r0:r0 + 192, c0:c0 + 192], support.normalised, atol=1e-5)
     assert moved_mask.sum() == drawn.sum()
+    with pytest.raises(ValueError, match="is empty: outline the organ"):  # (the padding does not trip on it)
+        build_job(query, np.zeros_like(drawn), JobSettings(prompts_from="neighbour"), support=support,
+                  components=Components(None, None, "neighbour"))
     same = P.prepare_volume(data_dir / CHAOS / "image_2.nii.gz")  # (CHAOS' grids agree in plane)
     assert in_query_pixels(query, same, np.zeros(same.normalised.shape, bool))[0] is same
     out = tmp_path / "rk.nii.gz"
