@@ -348,7 +348,7 @@ def job_config(settings: JobSettings, modality: str, n_slices: int) -> Propagati
 
 def in_query_axes(query: PreparedImage, support: PreparedImage, mask: np.ndarray
                   ) -> tuple[PreparedImage, np.ndarray, tuple[str, str] | None]:
-    """Another patient's support image and its mask ([k, j, i] bool on its grid) with their axes
+    """Another patient's support image and its mask ([k, j, i] bool, or labels, on its grid) with their axes
     permuted and reversed to run as the query's do (`io.coords.reorient`), and (the support's
     orientation, the query's) when they did not. Whether a scan is stored head first or feet first,
     or mirrored in plane, is a matter of the file, not of the anatomy: the locate step compares slice

@@ -134,6 +134,22 @@ def test_a_support_stored_in_another_orientation_gives_the_same_mask(rk_1_from_2
     assert np.array_equal(turned.run().mask, result.mask)
 
 
+def test_the_evaluation_turns_its_support_patient_to_the_query_axes(data_dir: Path, tmp_path: Path) -> None:
+    # `fob evaluate`'s support patient (its atlas baselines register the volumes array against array).
+    from FoBSegmentLib.evaluate.datasets import Case
+
+    files = {}
+    for name in ("image_2", "label_2"):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(data_dir / CHAOS / f"{name}.nii.gz")), [True, False, True]),
+                        str(files[name]))
+    query = P.prepare_volume(data_dir / CHAOS / "image_1.nii.gz")
+    stored = P.load_other(Case("chaos", "2", data_dir / CHAOS / "image_2.nii.gz", data_dir / CHAOS / "label_2.nii.gz"), query)
+    flipped = P.load_other(Case("chaos", "2", files["image_2"], files["label_2"]), query)
+    assert np.array_equal(flipped.prepared.normalised, stored.prepared.normalised)
+    assert np.array_equal(flipped.labels, stored.labels) and flipped.labels.any()
+
+
 def _cropped_support(data_dir: Path, tmp_path: Path, organ: int) -> tuple[Path, Path]:
     """CHAOS 2 exported with a 240 mm field of view (192 x 192 of its 256 x 256 pixels, the same
     1.25 mm) and `organ` on the middle slice of its range: (image file, support mask file)."""

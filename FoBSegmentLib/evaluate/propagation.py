@@ -337,9 +337,17 @@ def other_affine(query: Any, other: OtherPatient) -> Any:
     return other.affine
 
 
-def load_other(case: Case) -> OtherPatient:
+def load_other(case: Case, query: Any = None) -> OtherPatient:
+    """The support patient `case`, its axes turned to run as the prepared `query`'s when given
+    (`job.in_query_axes`, as the cross-patient job does): the atlas baselines register the two volumes
+    array against array."""
+    from FoBSegmentLib.job import in_query_axes
+
     prepared = prepare_volume(case.image)
-    return OtherPatient(case, prepared, read_reference(case.label, prepared))
+    labels = read_reference(case.label, prepared)
+    if query is not None:
+        prepared, labels, _turned = in_query_axes(query, prepared, labels)
+    return OtherPatient(case, prepared, labels)
 
 
 def atlas_labels(query: Any, other: OtherPatient) -> dict[str, np.ndarray]:
@@ -408,7 +416,7 @@ def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmente
     job = build_job(query, sup, settings, support=other.prepared,
                     components=Components(generator, segmenter, source),
                     support_name=f"label {organ} of case {other.case.case_id}")
-    if registered and job.support is other.prepared:  # (a support the job reoriented registers itself)
+    if registered and job.support is other.prepared:  # (a support the job moved to the query's grid registers itself)
         job.support_transform = other_affine(query, other)
     return job
 
@@ -544,8 +552,8 @@ def evaluate_case(
     methods = list(methods)
     if any(m in CROSS_METHODS for m in methods) and other is None:
         raise ValueError("the cross-patient methods need a support patient (other)")
-    support = load_other(other) if other is not None and any(m in CROSS_METHODS for m in methods) else None
     prepared = prepare_volume(case.image)
+    support = load_other(other, prepared) if other is not None and any(m in CROSS_METHODS for m in methods) else None
     labels = read_reference(case.label, prepared)
     axis = prepared.axis
     out = CaseOutcome()
