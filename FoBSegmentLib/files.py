@@ -152,8 +152,9 @@ def segment_files(
     query_vol = volumes.read_volume(req.image)
     same_file = req.support_image is not None and Path(req.support_image).resolve() == Path(req.image).resolve()
     support_vol = volumes.read_volume(req.support_image) if req.support_image is not None and not same_file else query_vol
-    support_lab = volumes.read_label(req.support_mask)
-    volumes.check_same_grid(support_vol, support_lab, "support mask")
+    support_lab, turned = volumes.on_grid_of(support_vol, volumes.read_label(req.support_mask), "support mask")
+    if turned is not None:
+        note(turned)
     support_bin, label = binary_support(support_lab.array, req.support_label, Path(req.support_mask))
     if query_vol.is_rgb != support_vol.is_rgb:
         raise ValueError("the image and the support image must both be colour (RGB) or both grey")

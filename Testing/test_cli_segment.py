@@ -279,11 +279,32 @@ def test_bad_support_label_not_present(chaos, capsys) -> None:
                  capsys, chaos["dir"], "--support-label 4 is not present")
 
 
-def test_bad_geometry_mismatch(chaos, capsys, data_dir: Path) -> None:
+def test_bad_geometry_mismatch(chaos, capsys) -> None:
     (chaos["dir"] / "out").mkdir()
-    other = data_dir / "dicom_series" / "chaos_mr_t2spir_2_label.nii.gz"  # same size, other origin/direction
-    expect_error([chaos["image"], "-o", chaos["out"], "--support-mask", other, "--support-label", "2"],
-                 capsys, chaos["dir"], "geometry")
+    shifted = sitk.ReadImage(str(chaos["support"]))
+    shifted.SetOrigin(tuple(v + 10.0 for v in shifted.GetOrigin()))  # same size, 10 mm off
+    other = chaos["dir"] / "shifted.nii.gz"
+    sitk.WriteImage(shifted, str(other))
+    expect_error([chaos["image"], "-o", chaos["out"], "--support-mask", other], capsys, chaos["dir"], "geometry")
+
+
+def test_a_support_mask_stored_in_another_orientation_is_turned_onto_the_image(chaos, capsys, data_dir: Path) -> None:
+    # The DICOM series' label map with the NIfTI of the same series (slices stored the other way, the same
+    # points) is accepted, said, and gives the NIfTI label's result; so does a support mask saved that way.
+    dicom_label = data_dir / "dicom_series" / "chaos_mr_t2spir_2_label.nii.gz"
+    turned = volumes.on_grid_of(volumes.read_volume(chaos["image"]), volumes.read_label(dicom_label))[0]
+    assert np.array_equal(turned.array, volumes.read_label(data_dir / "chaos_mr_t2spir" / "label_2.nii.gz").array)
+    flipped = chaos["dir"] / "support_head_first.nii.gz"
+    sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(chaos["support"])), [False, False, True]), str(flipped))
+    outs = []
+    for k, support in enumerate((chaos["support"], flipped)):
+        outs.append(chaos["dir"] / f"out{k}.nii.gz")
+        rc, _so, se = run_fob([chaos["image"], "-o", outs[-1], "--support-mask", support, "--segmenter", "graphcut",
+                               "--prompts-from", "neighbour"], capsys)
+        assert rc == 0, se
+        assert ("is stored with its axes running LAI, its image's LAS" in se) == (k == 1), se
+    got = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in outs]
+    assert got[0].any() and np.array_equal(*got)
 
 
 def test_bad_4d_image(chaos, capsys) -> None:

@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="output label map (.nii.gz, .nrrd, .seg.nrrd, .mha; .png for 2D images); for several "
                         "images a folder, one <name>_mask.png per image")
     p.add_argument("--support-image", metavar="S_IMAGE", help="another patient's image (default: IMAGE itself)")
-    p.add_argument("--support-mask", required=True, metavar="S_MASK", help="label map of the support")
+    p.add_argument("--support-mask", required=True, metavar="S_MASK", help="label map of the support, on its image's grid (stored in any axis order)")
     p.add_argument("--support-label", type=_int, metavar="N",
                    help="label value of the organ in S_MASK (needed when it holds several labels)")
     p.add_argument("--label-value", type=_int, metavar="N",

@@ -365,6 +365,27 @@ def check_same_grid(image: Volume, label: Volume, what: str = "mask") -> None:
         )
 
 
+def on_grid_of(image: Volume, label: Volume, what: str = "mask") -> tuple[Volume, str | None]:
+    """`label` on `image`'s voxel grid, and a line saying when it had to be turned: as it is when it
+    shares the grid; with its axes permuted and reversed (`coords.reorient`, nothing resampled) when
+    it holds the same voxels at the same points stored in another orientation (a DICOM series' label
+    map with the NIfTI of that series, a tool that saves in its own axis order). Otherwise the
+    ValueError of `check_same_grid`."""
+    from FoBSegmentLib.io.coords import orientation, reorient
+
+    a, b = image.geometry, label.geometry
+    if not image.is_2d and not label.is_2d and not a.same_grid(b, tol=1e-3):
+        want, have = orientation(a), orientation(b)
+        if want != have:
+            array, turned = reorient(label.array, b, want)
+            if a.same_grid(turned, tol=1e-3):
+                return (Volume(array, a, label.path, label.modality_hint, False, label.description, list(label.notes)),
+                        f"{what} {label.path.name} is stored with its axes running {have}, its image's {want}: "
+                        "turned onto the image's grid (the same voxels at the same points)")
+    check_same_grid(image, label, what)
+    return label, None
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 

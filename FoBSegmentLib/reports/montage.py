@@ -188,8 +188,7 @@ def read_reference(path: str | os.PathLike, query, label: int | None) -> np.ndar
     """The reference label map as bool on the query's grid: `label`'s voxels, else every non-zero voxel."""
     from FoBSegmentLib.io import volumes
 
-    ref = volumes.read_label(path)
-    volumes.check_same_grid(query, ref, "reference")
+    ref, _turned = volumes.on_grid_of(query, volumes.read_label(path), "reference")
     arr = np.asarray(ref.grid_array)
     if label is None:
         return arr != 0
