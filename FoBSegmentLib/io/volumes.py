@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -379,7 +379,7 @@ def on_grid_of(image: Volume, label: Volume, what: str = "mask") -> tuple[Volume
         if want != have:
             array, turned = reorient(label.array, b, want)
             if a.same_grid(turned, tol=1e-3):
-                return (Volume(array, a, label.path, label.modality_hint, False, label.description, list(label.notes)),
+                return (replace(label, array=array, geometry=a),
                         f"{what} {label.path.name} is stored with its axes running {have}, its image's {want}: "
                         "turned onto the image's grid (the same voxels at the same points)")
     check_same_grid(image, label, what)
