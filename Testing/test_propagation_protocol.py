@@ -165,10 +165,18 @@ def test_protocol_runs_on_one_patient_and_organ(data_dir: Path, tmp_path: Path, 
         assert merged["datasets"][ds]["dice"]["neighbour"]["left kidney"] == recs["neighbour"]["dice"]
     assert merged["seconds"] == pytest.approx(2 * report["seconds"])
     assert "### CHAOS MR" in merged_doc.read_text() and "### Synapse CT" in merged_doc.read_text()
+    # A later run's rows join the table (a report of another method on the same case), in METHODS order.
+    later = dict(report, methods={"fill3": "fill"}, records=[dict(recs["copy"], method="fill3", dice=0.5)])
+    other_json.write_text(json.dumps(later))
+    assert fob(["evaluate", "--protocol", "propagation", "--from-json", str(out_json), str(other_json),
+                "--json", str(merged_json)]) == 0
+    merged = json.loads(merged_json.read_text())
+    assert list(merged["methods"]) == ["neighbour", "plain", "fill3", "copy"]
+    assert merged["datasets"]["chaos"]["dice"]["fill3"]["left kidney"] == 0.5
     capsys.readouterr()
-    other_json.write_text(json.dumps(dict(other, methods={"copy": "mask copy"})))
+    other_json.write_text(json.dumps(dict(other, segmenter="grabcut")))
     assert fob(["evaluate", "--protocol", "propagation", "--from-json", str(out_json), str(other_json)]) == 2
-    assert "differ in one of: methods, segmenter, model" in capsys.readouterr().err
+    assert "differ in one of: segmenter, model" in capsys.readouterr().err
     assert fob(["evaluate", "--protocol", "propagation", "--from-json", str(doc)]) == 2
     assert "is not JSON" in capsys.readouterr().err
 

@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", metavar="M", default=None,
                    help="subset of: fob fob-nospr confidence mask-sampled coarse oracle (default all); "
                    "propagation protocol: fob hybrid chained neighbour plain fill3 fill5 copy (default) and the "
-                   "analysis rows neighbour3 ceiling")
+                   "analysis rows neighbour3 ceiling; cross = the cross-patient rows cross1 crossvol atlas_affine "
+                   "atlas_deform; their analysis rows cross1_range crossvol_range are given the organ's slices")
     p.add_argument("--folds", nargs="+", type=int, metavar="K", help="only these folds (0-4)")
     p.add_argument("--organs", nargs="+", type=int, metavar="LABEL", help="only these labels (1-4)")
     p.add_argument("--device", default="cpu",
@@ -69,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "propagation protocol writes its own `propagation` section")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="no evaluation: merge earlier --json reports of the same protocol (e.g. one per dataset, "
-                   "run in parallel) and print / write their tables (fob, propagation and interactive protocols)")
+                   "run in parallel; propagation: also rows of other methods run later) and print / write their tables (fob, "
+                   "propagation and interactive protocols)")
     p.add_argument("--section", default="fob-protocol", metavar="NAME",
                    help="the --markdown section to write, between <!-- NAME:start/end --> (default fob-protocol: "
                    "the shipped model; e.g. heldout-setting1, heldout-setting2 for per-fold models)")

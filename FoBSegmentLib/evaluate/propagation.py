@@ -20,12 +20,15 @@ For every CHAOS MR patient and every Synapse CT case in `../shared/data` and eac
 
 Analysis methods (not default): `neighbour3` (the pipeline with the 3 slices fill-between 3 uses)
 and `ceiling` (reads the reference by design: every slice segmented from the TRUE adjacent mask,
-the upper bound of slice-to-slice chaining with the segmenter, `chaining_ceiling`).
+the upper bound of slice-to-slice chaining with the segmenter, `chaining_ceiling`); beside the
+cross-patient rows (`--methods cross`), `cross1_range` and `crossvol_range`: the same given the
+query organ's first and last slices from the reference (`fob segment --slices A:B`), as FoB's own
+evaluation selects its query slices (how much of the cross-patient loss is finding the organ's extent).
 
-The reference label is read for three things only: choosing the annotated slice, the baselines
-that are defined on it (fill, copy), and scoring. The pipeline receives the image and the one
-annotated slice (see `predict`); the tests perturb the reference everywhere else and check that
-the pipeline's result does not change.
+The reference label is read for four things only: choosing the annotated slice, the baselines
+that are defined on it (fill, copy), the slice range of the `_range` rows, and scoring. The
+pipeline receives the image and the one annotated slice (see `predict`); the tests perturb the
+reference everywhere else and check that the pipeline's result does not change.
 
 Run it as `fob evaluate --protocol propagation` (options in `commands/evaluate.py`); the tables,
 JSON and the docs/RESULTS.md section are written by `evaluate/propagation_report.py`.
@@ -81,6 +84,11 @@ METHODS: dict[str, tuple[str, str]] = {
                "step registers it onto the query, then the chain"),
     "crossvol": ("cross-patient, volume", "fob segment --support-image OTHER --support-mask OTHER_MASK with the other "
                  "patient's whole labelled organ (chunked into 3 supports, the paper's protocol)"),
+    "cross1_range": ("cross-patient, 1 slice, organ's slices given (reads ref.)", "cross-patient, 1 slice, with the "
+                     "query organ's first and last slices given (`fob segment --slices A:B`, read from the reference): "
+                     "FoB's evaluation selects its query slices from the ground truth this way; an analysis row, no target"),
+    "crossvol_range": ("cross-patient, volume, organ's slices given (reads ref.)", "cross-patient, volume, with the "
+                       "query organ's first and last slices given as above"),
     "atlas_affine": ("atlas affine", "single-atlas baseline: the other patient's whole image registered to the query "
                      "(SimpleITK, 3D affine, Mattes MI), its label warped"),
     "atlas_deform": ("atlas deformable", "single-atlas baseline: the affine above then 3D demons (SimpleITK fast "
@@ -95,11 +103,13 @@ PLAIN_CONFIG = {"shape_prior": False, "retry_foreground": 0, "retry_ring": None,
                 "median_band": None, "back_check": None, "regrow": None, "fg_area_per_point": 0.0}
 MODEL_METHODS = ("fob", "hybrid", "chained")
 # Methods whose support comes from another patient (the next case of the same dataset).
-CROSS_METHODS = ("cross1", "crossvol", "atlas_affine", "atlas_deform")
+CROSS_METHODS = ("cross1", "crossvol", "cross1_range", "crossvol_range", "atlas_affine", "atlas_deform")
 # Chains whose stopping rule `best_stop_dice` judges.
 CHAIN_METHODS = ("fob", "hybrid", "chained", "neighbour", "plain")
 # The cross-patient rows of the issue (not in the default run: `--methods cross`).
 CROSS_DEFAULT = ("cross1", "crossvol", "atlas_affine", "atlas_deform")
+# The cross-patient pipeline rows (`fob segment` with another patient's support).
+CROSS_PIPELINE = ("cross1", "crossvol", "cross1_range", "crossvol_range")
 DEFAULT_METHODS = ("fob", "hybrid", "chained", "neighbour", "plain", "fill3", "fill5", "copy")
 
 
@@ -389,15 +399,17 @@ def _atlas_labels(sitk: Any, query: Any, other: OtherPatient) -> dict[str, np.nd
 
 
 def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segmenter: Any,
-                  generator: Any = None, config: Any = None) -> Any:
-    """`fob segment QUERY --support-image OTHER --support-mask OTHER_MASK` through the one job
-    builder: the support is the other patient's organ on its middle slice (whole=False) or its whole
-    labelled organ (whole=True). Only the query's image is read, never its reference."""
-    return cross_job(query, other, organ, whole, segmenter, generator, config).run()
+                  generator: Any = None, config: Any = None, slices: str | tuple[int, int] = "auto") -> Any:
+    """`fob segment QUERY --support-image OTHER --support-mask OTHER_MASK [--slices A:B]` through the
+    one job builder: the support is the other patient's organ on its middle slice (whole=False) or its
+    whole labelled organ (whole=True). Only the query's image is read, never its reference; `slices`
+    is the job's slice range (the caller's to give)."""
+    return cross_job(query, other, organ, whole, segmenter, generator, config, slices=slices).run()
 
 
 def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmenter: Any,
-              generator: Any = None, config: Any = None, registered: bool = True) -> Any:
+              generator: Any = None, config: Any = None, registered: bool = True,
+              slices: str | tuple[int, int] = "auto") -> Any:
     """The `job.Job` that `predict_cross` runs; registered=False: the job registers the two volumes
     itself when it runs, as `fob segment` does (the evaluation registers each pair once)."""
     from FoBSegmentLib.job import Components, JobSettings, build_job
@@ -412,7 +424,7 @@ def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmente
         only[tuple(sl)] = sup[tuple(sl)]
         sup = only
     source = "neighbour"
-    settings = JobSettings(prompts_from=source, config=config)
+    settings = JobSettings(prompts_from=source, config=config, slices=slices)
     job = build_job(query, sup, settings, support=other.prepared,
                     components=Components(generator, segmenter, source),
                     support_name=f"label {organ} of case {other.case.case_id}")
@@ -502,12 +514,14 @@ def _run_method(task: OrganTask, method: str, runtime: Runtime, rec: dict[str, A
         return pred
     if method == "copy":
         return copy_mask(task.annotation, ref.shape, axis, (task.first, task.last))
-    if method in ("cross1", "crossvol"):
+    if method in CROSS_PIPELINE:
         cfg = runtime.config_factory() if runtime.config_factory else None
         rec["support_case"] = task.other.case.case_id
+        # The _range rows are given the organ's slices, as FoB's evaluation gives its query slices.
+        given = (task.first, task.last) if method.endswith("_range") else "auto"
         try:
-            res = predict_cross(task.prepared, task.other, task.organ, method == "crossvol", runtime.segmenter,
-                                config=cfg)
+            res = predict_cross(task.prepared, task.other, task.organ, method.startswith("crossvol"), runtime.segmenter,
+                                config=cfg, slices=given)
         except ValueError as exc:
             rec["error"] = " ".join(str(exc).split())
             return np.zeros(ref.shape, bool)
@@ -656,7 +670,7 @@ def make_runtime(args: argparse.Namespace, methods: list[str]) -> tuple[Runtime,
     settings = JobSettings(prompts_from="neighbour", segmenter=args.segmenter,
                            sam_checkpoint=getattr(args, "checkpoint", None),
                            device=getattr(args, "device", "cpu") or "cpu")
-    if any(m in PIPELINE_SOURCES or m in ("ceiling", "cross1", "crossvol") for m in methods):
+    if any(m in PIPELINE_SOURCES or m == "ceiling" or m in CROSS_PIPELINE for m in methods):
         rt.segmenter = load_components(settings).segmenter
     model_line = "not used"
     if any(m in MODEL_METHODS for m in methods):

@@ -26,6 +26,10 @@ SECTION_START, SECTION_END = markers("propagation")
 # A run of the cross-patient rows only (`--methods cross`) writes its own section (issue 20).
 CROSS_START, CROSS_END = markers("propagation-cross")
 CROSS_TARGETS = {"cross1": 75.0, "crossvol": 85.0}
+# FoB + SAM ViT-H in the paper, Setting I mean Dice (../shared/docs/fob_method.md, 13.1): 3 support
+# slices of another patient's labelled volume, the query slices chosen from its ground truth (11.1),
+# as the `crossvol_range` row is given them.
+PAPER_FOB_SAM = {"chaos": 84.46, "synapse": 86.21}
 # Baselines that need at most 3 annotated slices (the issue's bar for every organ).
 FEW_SLICE_BASELINES = ("fill3", "plain", "copy")
 TARGET_MEAN = 90.0
@@ -248,6 +252,12 @@ def cross_records_lines(report: dict) -> list[str]:
                 beat = [o for o in organs if table["atlas_deform"].get(o) is not None and organs[o] > table["atlas_deform"][o]]
                 line += f"; above the deformable atlas on {len(beat)} of {len(organs)} organs"
             out.append(line)
+        row = table.get("crossvol_range")
+        if row and row.get("mean") is not None and ds in PAPER_FOB_SAM:
+            one = table.get("cross1_range", {}).get("mean")
+            out.append(f"- {block['title'].split(' (')[0]}, given the organ's slices as FoB's evaluation gives them: "
+                       + (f"one slice {100 * one:.1f}, " if one is not None else "")
+                       + f"volume {100 * row['mean']:.1f}, against FoB + SAM ViT-H's {PAPER_FOB_SAM[ds]:.2f} in the paper")
     return out + [""] if out else []
 
 
@@ -353,16 +363,18 @@ def build_report(
 
 def merge_reports(paths: list[str]) -> dict[str, Any]:
     """One report from earlier `--json` reports of this protocol (`--from-json`: e.g. one per dataset,
-    run in parallel), as if one run had made it: the tables are rebuilt from their records, the
-    seconds summed. They must share methods, segmenter and model."""
+    run in parallel, or rows added by a later run), as if one run had made it: the tables are rebuilt
+    from their records, with every method any of them ran, the seconds summed. They must share
+    segmenter and model."""
     from types import SimpleNamespace
 
     from FoBSegmentLib.evaluate.report import read_reports
 
-    records, head = read_reports(paths, "propagation", "breakdown", ("methods", "segmenter", "model"))
+    records, head = read_reports(paths, "propagation", "breakdown", ("segmenter", "model"))
     cases = [SimpleNamespace(dataset=ds, case_id=c) for ds, c in dict.fromkeys((r["dataset"], r["case"]) for r in records)]
     organs = sorted({int(r["organ"]) for r in records})
-    return build_report(records, cases, organs, list(head["methods"]),
+    ran = {r["method"] for r in records}
+    return build_report(records, cases, organs, [m for m in METHODS if m in ran],
                         command=" ; ".join(c for c in dict.fromkeys(head["commands"]) if c),
                         segmenter=head["segmenter"], model_line=head["model"],
                         notes=list(dict.fromkeys(head.get("notes", []))), seconds=head["seconds_total"])
