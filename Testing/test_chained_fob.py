@@ -23,6 +23,7 @@ from FoBSegmentLib.model import FoBPromptGenerator
 from FoBSegmentLib.paths import resources_dir
 from FoBSegmentLib.propagation.document import RECORD_KEY, _unpack, config_from_record
 from FoBSegmentLib.propagation.fob import dequantize_probability
+from FoBSegmentLib.propagation.motion import move_mask
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.segmenters import get_segmenter
 
@@ -71,9 +72,11 @@ def test_chained_fob_on_one_real_patient_and_organ(kidney: dict, tmp_path: Path,
     for z in chained:
         ps = res.prompts[z]
         # FoB's coarse map of this slice, predicted from the previous accepted slice (fob_data_term
-        # on here), and that slice's mask as the shape prior.
+        # on here), and that slice's mask, moved onto this one, as the shape prior.
         assert ps.fg_probability is not None and ps.prior_mask is not None
-        assert np.array_equal(ps.prior_mask, res.accepted[res.slices[z].parent])
+        parent = res.slices[z].parent
+        assert res.slices[z].prior == "moved"
+        assert np.array_equal(ps.prior_mask, move_mask(res.accepted[parent], kidney["norm"][parent], kidney["norm"][z]))
         assert any(cz == z and cp is ps for cz, cp in calls), f"slice {z}: its prompts were not segmented"
     # Written as a prompts file and read back: the points and the stored coarse maps are those the
     # segmenter received, and a replay gives the mask back voxel for voxel.

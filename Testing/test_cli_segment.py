@@ -181,7 +181,7 @@ def test_absent_slices_end_the_organ_where_marked(tmp_path: Path, data_dir: Path
     beyond[zs[0]:zs[-1] + 1] = False
     assert free[beyond].any()  # the case this test is about: the chain ran past an end
     assert not ends[beyond].any()
-    assert d_ends >= d_free + 0.2  # measured 0.533 -> 0.889
+    assert d_ends >= d_free + 0.05  # measured 0.829 -> 0.920 (0.533 -> 0.889 before `moved_prior`)
     rc, _, se = run_fob([image, "-o", tmp_path / "again.nii.gz", *common, "--absent-slices", absent,
                          "--prompts-in", prompts], capsys)
     assert rc == 0, se

@@ -200,7 +200,8 @@ def chaining_ceiling(
 
     Every slice z of the reference organ range except the annotated `index` is segmented with the
     pipeline's neighbour prompts (`prompts_from_mask`, `config` or the pipeline defaults) derived
-    from the reference mask of the adjacent slice towards `index`: no compounding, perfect stop.
+    from the reference mask of the adjacent slice towards `index`, moved onto z as the chain moves
+    its prior (`config.moved_prior`): no compounding, perfect stop.
     What is left of the Dice loss is the segmenter's own per-slice error. A segmenter with
     `fit_reference` learns the organ's appearance from the annotated slice first, as in the pipeline.
     reference: [k, j, i] bool. Returns [k, j, i] bool.
@@ -208,6 +209,7 @@ def chaining_ceiling(
     import cv2
 
     from FoBSegmentLib.propagation import PropagationConfig, cleanup_3d, prompts_from_mask
+    from FoBSegmentLib.propagation.motion import move_mask
 
     cfg = config if config is not None else PropagationConfig()
     ref = np.asarray(reference, bool)
@@ -218,17 +220,21 @@ def chaining_ceiling(
     fit_reference = getattr(segmenter, "fit_reference", None)
     if cfg.shape_prior and fit_reference is not None:
         fit_reference(take_slice(prepared.normalised, axis, index), take_slice(ref, axis, index))
+    moved = cfg.moved_prior and cfg.shape_prior and getattr(segmenter, "uses_prior_mask", False)
     for z in range(first, last + 1):
         sl[axis] = z
         if z == index:
             out[tuple(sl)] = ref[tuple(sl)]
             continue
-        prev = np.asarray(take_slice(ref, axis, z - 1 if z > index else z + 1), bool)
+        parent = z - 1 if z > index else z + 1
+        prev = np.asarray(take_slice(ref, axis, parent), bool)
+        image = np.asarray(take_slice(prepared.normalised, axis, z), np.float32)
+        if moved:
+            prev = move_mask(prev, take_slice(prepared.normalised, axis, parent), image)
         ps = prompts_from_mask(prev, cfg) if prev.any() else None
         if ps is None:
             continue
         cv2.setRNGSeed(0)
-        image = np.asarray(take_slice(prepared.normalised, axis, z), np.float32)
         out[tuple(sl)] = np.asarray(segmenter.segment(image, ps).mask, bool)
     return cleanup_3d(out, axis, largest_component=False, fill_holes=cfg.fill_holes)
 

@@ -55,6 +55,11 @@ class PropagationConfig:
         (Dice) outline the same cross-section drifting slowly: each slice between them is segmented
         from the shape interpolated between the two (its ring, points and shape prior), not chained
         from one of them. Only for segmenters with a shape prior; None = off.
+    moved_prior: each step of a chain draws its prompts and shape prior from the previous slice's
+        mask carried onto the next slice by the motion between the two (`motion.move_mask`, DIS
+        optical flow), not from where it lay; except a tip chain's steps (`tip_ratio`) and the
+        chains of another patient's support. Only with the shape prior of a segmenter that takes
+        one (graphcut).
     relearn_gap_look: a chain between two annotated slices that show the organ re-learns the graph
         cut's look at every step from the annotated slices and the slice it steps from: annotations
         at the organ's tips show little of it (partial volume), and a look learnt from them alone
@@ -182,6 +187,7 @@ class PropagationConfig:
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
     interpolate_agreement: float | None = 0.5
+    moved_prior: bool = True
     relearn_gap_look: bool = True
     tip_ratio: float | None = 0.25
     tip_grow_weight: float = 0.1
@@ -229,7 +235,7 @@ _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": Non
                                      "outward_own_look": False, "body_seed": False,
                                      "body_seed_refine": 0, "body_seed_one_piece": False,
                                      "fob_mask_prompt": False, "cross_seed_one_piece": False,
-                                     "cross_chunk_agreement": None}
+                                     "cross_chunk_agreement": None, "moved_prior": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

@@ -35,6 +35,7 @@ from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import REFUSED, dequantize_probability, fob_look, quantize_probability
+from FoBSegmentLib.propagation.motion import move_mask
 from FoBSegmentLib.propagation.neighbour import (
     chain,
     chain_stop,
@@ -225,8 +226,11 @@ class _Replay:
 
     def prompts_for(self, z: int, e: dict[str, Any], points: PromptSet, edited: bool) -> PromptSet:
         prior = None
-        if e.get("prior") == "parent" and e.get("parent") is not None:
-            prior = self.run.accepted(int(e["parent"]))
+        if e.get("prior") in ("parent", "moved") and e.get("parent") is not None:
+            parent = int(e["parent"])
+            prior = self.run.accepted(parent)
+            if e["prior"] == "moved":
+                prior = move_mask(prior, self.run.slice(parent), self.run.slice(z))
         elif e.get("prior") in ("stored", "self") and "priorMask" in e:
             prior = _unpack(e["priorMask"])
         prob = None

@@ -23,6 +23,7 @@ from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
+from FoBSegmentLib.propagation.motion import move_mask
 from FoBSegmentLib.propagation.runner import Kept, Runner, cleanup_3d
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
@@ -174,20 +175,23 @@ def fill_areas(run: Runner, seeds: dict[int, np.ndarray]) -> dict[int, int] | No
     return {z: int(np.count_nonzero(m)) for z, m in seeds.items()}
 
 
-def _segment_from(run: Runner, z: int, prev: np.ndarray, parent: int | None = None
+def _segment_from(run: Runner, z: int, prev: np.ndarray, parent: int | None = None, moved: bool = False
                   ) -> tuple[np.ndarray, float, PromptSet, bool, FoBStep | None] | None:
     """Slice z segmented with prompts from `prev` (the accepted mask of slice `parent`), retried
-    once on a collapse or a leak. In a chained-FoB run (`run.generator` set) FoB predicts slice z
-    from (parent, prev) once and every try's prompts carry its prediction (`chained_prompts`)."""
+    once on a collapse or a leak. moved: the prompts and shape prior come from `prev` carried onto
+    slice z by the motion between the two slices (`motion.move_mask`). In a chained-FoB run
+    (`run.generator` set) FoB predicts slice z from (parent, prev) once and every try's prompts
+    carry its prediction (`chained_prompts`)."""
     cfg = run.config
     step = None
     if run.generator is not None and parent is not None:
         run.check_cancel()
         step = fob_step(run.generator, run.slice(parent), prev, run.slice(z))
+    shape = move_mask(prev, run.slice(parent), run.slice(z)) if moved and parent is not None else prev
 
     def prompts(n_foreground: int | None = None, ring: tuple[int, int] | None = None) -> PromptSet | None:
-        ps = prompts_from_mask(prev, cfg, n_foreground, ring)
-        return ps if ps is None or step is None else chained_prompts(ps, step, prev, cfg)
+        ps = prompts_from_mask(shape, cfg, n_foreground, ring)
+        return ps if ps is None or step is None else chained_prompts(ps, step, shape, cfg)
 
     ps = prompts()
     if ps is None:
@@ -374,6 +378,11 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
     cfg = run.config
     # The annotated slice whose reach holds each step (`gap_step`), kept in the record for a replay.
     ahead = nxt if step_look == "tip" or (step_look == "parent" and reach and cfg.gap_reach) else None
+    # Not from a tip (there the organ grows out of partial volume, and the flow of a few pixels of it
+    # carried the prior astray) nor from another patient's located seed (an imperfect seed moved
+    # along lost livers): docs/RESULTS.md, "Tuning notes", `moved_prior`.
+    moved = (cfg.moved_prior and run.same_volume and step_look != "tip" and cfg.shape_prior
+             and getattr(run.segmenter, "uses_prior_mask", False))
     if step_look == "own":
         root = nearest_annotation(run, z0)
         look = _intensities(cfg, run.slice(root), run.accepted(root))
@@ -401,14 +410,14 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             z += step
             continue
         with gap_step(run, step_look, z, z - step, prev, ahead):
-            got = _segment_from(run, z, prev, z - step)
+            got = _segment_from(run, z, prev, z - step, moved)
             if got is None:
                 run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
                 break
             m, score, ps, retried, fob = got
-            rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step,
-                              prior="parent" if ps.prior_mask is not None else "none", chain=key, score=score,
-                              look=step_look, ahead=ahead)
+            prior = "none" if ps.prior_mask is None else "moved" if moved else "parent"
+            rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step, prior=prior, chain=key,
+                              score=score, look=step_look, ahead=ahead)
             if retried:
                 rep.flags.append("retried with other prompts")
             end = end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)

@@ -164,6 +164,7 @@ def propagate(
     lo, hi = (0, n - 1) if cfg.slices == "auto" else cfg.slices
     total = len(prompts_in) + len(annotations) if prompts_in is not None else hi - lo + 1
     run = Runner(image, axis, segmenter, cfg, progress, cancel, total=total, on_slice=on_slice)
+    run.same_volume = same_volume
     if spacing is not None:
         run.spacing = tuple(float(v) for v in spacing)
     if cfg.slices != "auto":

@@ -103,6 +103,8 @@ class Runner:
         self.spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
         # Slices no person drew that seed chains as an annotated slice does (`neighbour.body_seed_pass`).
         self.body_seeds: set[int] = set()
+        # False when the supports come from another patient (`neighbour.cross_patient`).
+        self.same_volume = True
 
     def slice(self, z: int) -> np.ndarray:
         return np.asarray(take_slice(self.image, self.axis, z), dtype=np.float32)

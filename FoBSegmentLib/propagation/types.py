@@ -62,7 +62,8 @@ class SliceReport:
     support_index: the support slice that fed this slice (index in the support volume), if any.
     parent: the slice whose accepted mask gave this slice its prompts and shape prior (neighbour
         chaining), None when the prompts did not come from another slice.
-    prior: where the shape prior came from: "parent", "none", "stored" (a mask kept in the
+    prior: where the shape prior came from: "parent", "moved" (the parent's mask carried onto this
+        slice by the motion between the two, `motion.move_mask`), "none", "stored" (a mask kept in the
         propagation record, e.g. another patient's support moved onto the seed slice), or "self"
         (the slice's own mask is kept in the record: the seed of a cross-patient second pass or a
         body seed, taken from the first pass, `neighbour.second_pass` / `body_seed_pass`; the seed

@@ -1,0 +1,47 @@
+"""The organ's motion between neighbouring slices, for the shape prior of a chain's next step.
+
+Each step of a chain draws its prompts and shape prior from the previous slice's mask. From slice to
+slice an organ moves and turns (a liver's lobe swings medially, a kidney slides down along the
+psoas), and a prior left where it was makes the graph cut pay for every pixel the organ moved, so
+the chain lags behind it. OpenCV's DIS optical flow between the two slices says where each pixel of
+the next slice lies on the previous one, and the previous mask is carried along it (docs/RESULTS.md,
+"Tuning notes", `moved_prior`).
+
+Frames: slices (H, W) (or (H, W, 3), taken as their mean) float in [0, 1], indexed [row, col]; the
+flow's two channels are (dx, dy) = (column, row) pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# A moved mask keeping less than this share of the mask's area was carried off the organ (the flow
+# lost it on a blank or noisy slice): the mask stays where it was.
+KEPT_AREA = 0.5
+
+
+def _grey8(image: np.ndarray) -> np.ndarray:
+    a = np.asarray(image, np.float32)
+    if a.ndim == 3:
+        a = a.mean(axis=2)
+    return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def move_mask(mask: np.ndarray, image_from: np.ndarray, image_to: np.ndarray) -> np.ndarray:
+    """`mask` ((H, W) bool, on slice `image_from`) carried onto slice `image_to` by the dense motion
+    between the two (DIS optical flow, OpenCV's medium preset): each pixel of `image_to` takes the
+    mask's value where the flow says it came from. Deterministic for the same slices. Returns the
+    mask unmoved when the moved one keeps less than `KEPT_AREA` of its area."""
+    import cv2
+
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return m.copy()
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    # to(x) ~ from(x + flow(x)): sampling the mask at x + flow pulls it onto `image_to`'s grid.
+    flow = dis.calc(_grey8(image_to), _grey8(image_from), None)
+    h, w = m.shape
+    cols, rows = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    moved = cv2.remap(m.astype(np.float32), cols + flow[..., 0], rows + flow[..., 1], cv2.INTER_LINEAR,
+                      borderMode=cv2.BORDER_CONSTANT, borderValue=0.0) > 0.5
+    return moved if moved.sum() >= KEPT_AREA * m.sum() else m.copy()
