@@ -209,7 +209,7 @@ def chaining_ceiling(
     import cv2
 
     from FoBSegmentLib.propagation import PropagationConfig, cleanup_3d, prompts_from_mask
-    from FoBSegmentLib.propagation.motion import move_mask
+    from FoBSegmentLib.propagation.motion import move_mask, moves_prior
 
     cfg = config if config is not None else PropagationConfig()
     ref = np.asarray(reference, bool)
@@ -220,7 +220,7 @@ def chaining_ceiling(
     fit_reference = getattr(segmenter, "fit_reference", None)
     if cfg.shape_prior and fit_reference is not None:
         fit_reference(take_slice(prepared.normalised, axis, index), take_slice(ref, axis, index))
-    moved = cfg.moved_prior and cfg.shape_prior and getattr(segmenter, "uses_prior_mask", False)
+    moved = moves_prior(cfg, segmenter)
     for z in range(first, last + 1):
         sl[axis] = z
         if z == index:

@@ -13,11 +13,20 @@ flow's two channels are (dx, dy) = (column, row) pixels.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 # A moved mask keeping less than this share of the mask's area was carried off the organ (the flow
 # lost it on a blank or noisy slice): the mask stays where it was.
 KEPT_AREA = 0.5
+
+
+def moves_prior(config: Any, segmenter: Any) -> bool:
+    """Whether a chain under `config` (`PropagationConfig`) with `segmenter` moves its shape prior
+    (`moved_prior`): only where the prompts carry a prior the segmenter uses (graphcut). The chain
+    adds its own exceptions (tip chains, another patient's support: `neighbour._chain`)."""
+    return bool(config.moved_prior and config.shape_prior and getattr(segmenter, "uses_prior_mask", False))
 
 
 def _grey8(image: np.ndarray) -> np.ndarray:

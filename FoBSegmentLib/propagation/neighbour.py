@@ -23,7 +23,7 @@ from FoBSegmentLib.prompts.ring import ring_points
 from FoBSegmentLib.prompts.sampling import interior_points
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
-from FoBSegmentLib.propagation.motion import move_mask
+from FoBSegmentLib.propagation.motion import move_mask, moves_prior
 from FoBSegmentLib.propagation.runner import Kept, Runner, cleanup_3d
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
@@ -381,8 +381,7 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
     # Not from a tip (there the organ grows out of partial volume, and the flow of a few pixels of it
     # carried the prior astray) nor from another patient's located seed (an imperfect seed moved
     # along lost livers): docs/RESULTS.md, "Tuning notes", `moved_prior`.
-    moved = (cfg.moved_prior and run.same_volume and step_look != "tip" and cfg.shape_prior
-             and getattr(run.segmenter, "uses_prior_mask", False))
+    moved = moves_prior(cfg, run.segmenter) and run.same_volume and step_look != "tip"
     if step_look == "own":
         root = nearest_annotation(run, z0)
         look = _intensities(cfg, run.slice(root), run.accepted(root))
