@@ -69,6 +69,27 @@ def test_a_correction_redoes_only_the_chains_it_changes(kidney: Loop) -> None:
     assert np.array_equal(full2.mask, again2.mask) and again2.segmented_count == full2.segmented_count
 
 
+def test_a_sliver_drawn_ahead_does_not_empty_the_gap_before_it() -> None:
+    """CHAOS MR 34's left kidney drawn on slice 11 (1078 px) and on slice 18, a sliver of 6 px at its
+    lower tip. The chain from 11 towards 18 is held within reach of the annotation ahead; around that
+    sliver the reach missed the kidney's body and the chain vanished on its first step, leaving slices
+    12-17 empty: 0.909 from slice 11 alone, 0.690 with slice 18 too. The chain now goes on without the
+    reach where the reach would lose the organ (0.917)."""
+    case = list_cases("chaos", ids=["34"])[0]
+    prepared = prepare_volume(case.image)
+    ref = read_reference(case.label, prepared) == LEFT_KIDNEY
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    loop = Loop("chaos", "34", LEFT_KIDNEY, prepared, ref, int(zs[0]), int(zs[-1]))
+    assert ref[18].sum() < 20 < ref[11].sum()
+    one = job_for(loop, [11]).run()
+    job = job_for(loop, [11, 18])
+    two = job.run()
+    assert all(two.slices[z].source == "neighbour" and two.slices[z].area > 0 for z in range(12, 18))
+    assert two.slices[12].ahead is None  # the step went on without the reach, and the record says so
+    assert dice(two.mask, ref) >= dice(one.mask, ref) - 0.005, (dice(one.mask, ref), dice(two.mask, ref))
+    assert np.array_equal(job.with_prompts(two.prompts, two.record).run().mask, two.mask)
+
+
 def test_an_annotated_absence_stops_the_chain(kidney: Loop) -> None:
     middle = (kidney.first + kidney.last) // 2
     stop = middle + 2
@@ -96,9 +117,10 @@ def test_review_ranking_lists_every_segmented_slice_and_never_reads_the_referenc
     assert ranked_pick(res2, [middle]) == ranked_pick(res, [middle])
 
 
-def _result(areas: dict[int, int], annotated: list[int], scores: dict[int, float] | None = None) -> P.PropagationResult:
+def _result(areas: dict[int, int], annotated: list[int], agreement: dict[int, float] | None = None
+            ) -> P.PropagationResult:
     reports = {z: P.SliceReport(z, "annotation" if z in annotated else ("neighbour" if a else "skipped"), area=a,
-                                score=(scores or {}).get(z, 0.9))
+                                agreement=(agreement or {}).get(z, 0.9))
                for z, a in areas.items()}
     return P.PropagationResult(np.zeros((len(areas), 4, 4), np.uint8), {}, reports, 0, "neighbour")
 
@@ -109,14 +131,45 @@ def test_the_ranking_goes_where_a_correction_removes_most_error() -> None:
     items = review_ranking(_result(areas, [8]))
     first = items[0].index
     assert 16 <= first <= 24, [it.to_json() for it in items[:3]]
-    assert "estimated error" in items[0].reason
+    assert "estimated error" in items[0].reason and "agree 0.90" in items[0].reason
     # Between two annotations the middle of the gap beats the slices next to them.
     mid = review_ranking(_result(areas, [8, 28]))
     assert 15 <= mid[0].index <= 21 and {8, 28}.isdisjoint(it.index for it in mid)
-    # Of two equal stretches, the one whose slices the segmenter doubts comes first.
+    # Of two equal stretches, the slice its neighbours do not confirm comes first.
     flat = {z: 500 for z in range(21)}
-    doubt = review_ranking(_result(flat, [10], {z: (0.3 if z > 10 else 0.95) for z in flat}))
-    assert doubt[0].index > 10
+    doubt = review_ranking(_result(flat, [10], {z: (0.5 if z == 4 else 0.95) for z in flat}))
+    assert doubt[0].index == 4
+    # Confirmed everywhere: nothing to remove, the slice farthest from the annotation first.
+    sure = review_ranking(_result(flat, [10], {z: 1.0 for z in flat}))
+    assert sure[0].index == 0 and sure[0].score == 0.0
+
+
+def test_a_slice_its_neighbours_do_not_confirm_ranks_first(kidney: Loop) -> None:
+    """CHAOS MR 2's left kidney: the reference moved onto its neighbour agrees with it, a shifted mask
+    does not; a result with one slice shifted puts that slice (or one beside it) first."""
+    from FoBSegmentLib.propagation.motion import agreements, neighbour_agreement
+
+    img, ref = kidney.prepared.normalised, kidney.ref
+    z = (kidney.first + kidney.last) // 2 + 2
+    true = neighbour_agreement(ref[z], img[z], ref[z + 1], img[z + 1])
+    shifted = neighbour_agreement(np.roll(ref[z], 8, axis=1), img[z], ref[z + 1], img[z + 1])
+    assert true >= 0.85 and shifted <= true - 0.1, (true, shifted)  # measured 0.935, 0.768
+    assert neighbour_agreement(np.zeros_like(ref[z]), img[z], np.zeros_like(ref[z]), img[z]) is None
+    middle = (kidney.first + kidney.last) // 2
+    result = job_for(kidney, [middle]).run()
+    assert all(result.slices[w].agreement is not None for w in range(kidney.first, kidney.last + 1)
+               if result.slices[w].area > 0)
+    bad = middle + 3
+    result.mask[bad] = np.roll(result.mask[bad], 10, axis=1)
+    for w, value in agreements(result.mask, img, kidney.prepared.axis).items():
+        result.slices[w].agreement = value
+    assert abs(review_ranking(result)[0].index - bad) <= 1, review_ranking(result)[:3]
+    # With --slices, a slice outside the range is no neighbour: the range's last slice is judged by
+    # the slice before it alone (the organ goes on past the range; its empty mask there says nothing).
+    lo, hi = middle - 2, middle + 2
+    inside = agreements(result.mask, img, kidney.prepared.axis, (lo, hi))
+    assert set(inside) == set(range(lo, hi + 1))
+    assert inside[hi] == neighbour_agreement(result.mask[hi], img[hi], result.mask[hi - 1], img[hi - 1]) > 0.5
 
 
 def test_blind_and_inner_picks() -> None:

@@ -75,7 +75,9 @@ class PropagationConfig:
         "parent" too, not only a tip chain's) stays within `tip_reach` px per slice of the
         annotation ahead: an organ shrinks into its end slice, and a chain that does not follow it
         (every step fails an end rule, and between annotations none ends it) is held to that cone.
-        Not after `tip_consensus` found no agreement (`neighbour.tip_consensus`).
+        Not after `tip_consensus` found no agreement (`neighbour.tip_consensus`), nor from a step
+        whose mask the reach would empty on (the annotation ahead a sliver off the organ's body:
+        the chain goes on without it, `neighbour._chain`).
     outward_own_look: a chain running outward from the outermost annotated slice (towards the
         organ's end, no annotation ahead) learns the organ's look, and its end rules' intensity
         ranges, from that slice alone instead of from every annotated slice pooled: slices drawn

@@ -408,18 +408,18 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             peak, trough = area_extremes(peak, trough, int(m.sum()))
             z += step
             continue
-        with gap_step(run, step_look, z, z - step, prev, ahead):
-            got = _segment_from(run, z, prev, z - step, moved)
-            if got is None:
-                run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
-                break
-            m, score, ps, retried, fob = got
-            prior = "none" if ps.prior_mask is None else "moved" if moved else "parent"
-            rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step, prior=prior, chain=key,
-                              score=score, look=step_look, ahead=ahead)
-            if retried:
-                rep.flags.append("retried with other prompts")
-            end = end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
+        got = _step(run, z, step, prev, moved, step_look, ahead, key, support_index, peak, trough, look)
+        if got is not None and ahead is not None and step_look == "parent" and got[0].sum() < cfg.min_area:
+            # The reach of the annotation ahead guards against leaks; it must not lose the organ. An
+            # annotation ahead that shows only a sliver of it (a tip drawn a few slices on) can place
+            # the reach off the organ's body: the chain goes on without it.
+            again = _step(run, z, step, prev, moved, step_look, None, key, support_index, peak, trough, look)
+            if again is not None and again[0].sum() >= cfg.min_area:
+                got, ahead = again, None
+        if got is None:
+            run.reports[z] = SliceReport(z, "skipped", chain=key, flags=["chain-end: no ring around the previous mask"])
+            break
+        m, ps, rep, end = got
         area = int(m.sum())
         if end is not None and nxt is not None and area >= cfg.min_area:
             # Between two annotated slices the organ does not end: keep the slice, ask for a look. Towards
@@ -437,6 +437,24 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
         prev = m
         peak, trough = area_extremes(peak, trough, area)
         z += step
+
+
+def _step(run: Runner, z: int, step: int, prev: np.ndarray, moved: bool, step_look: str, ahead: int | None,
+          key: list, support_index: int, peak: int, trough: int, look: Appearance
+          ) -> tuple[np.ndarray, PromptSet, SliceReport, str | None] | None:
+    """One step of `_chain` onto slice z: (mask, prompts, report, why the chain ends there or None),
+    None when no ring fits around the previous mask."""
+    with gap_step(run, step_look, z, z - step, prev, ahead):
+        got = _segment_from(run, z, prev, z - step, moved)
+        if got is None:
+            return None
+        m, score, ps, retried, fob = got
+        prior = "none" if ps.prior_mask is None else "moved" if moved else "parent"
+        rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step, prior=prior, chain=key,
+                          score=score, look=step_look, ahead=ahead)
+        if retried:
+            rep.flags.append("retried with other prompts")
+        return m, ps, rep, end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
 
 
 def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int, look: Appearance) -> None:

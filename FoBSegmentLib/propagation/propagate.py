@@ -30,6 +30,7 @@ from FoBSegmentLib.propagation.config import PROMPT_SOURCES, PropagationConfig, 
 from FoBSegmentLib.propagation.document import build_record, replay
 from FoBSegmentLib.propagation.fob import hybrid_range, run_fob
 from FoBSegmentLib.propagation.locate import flag_cross_patient
+from FoBSegmentLib.propagation.motion import agreements
 from FoBSegmentLib.propagation.neighbour import run_neighbour
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.supports import inside_absent, resize_support
@@ -201,6 +202,9 @@ def propagate(
                 if not lo <= z <= hi and run.reports[z].source == "neighbour":
                     run.drop(z, "outside the requested slice range")
     result = run.finish(source, annotations)
+    if image.ndim == 3:
+        for z, value in agreements(result.mask, image, axis, run.report_range).items():
+            result.slices[z].agreement = value
     result.record = build_record(result, cfg, sup, same_volume, rng, image.shape[:3])
     result.warnings = flag_cross_patient(result)
     for z, rep in result.slices.items():

@@ -82,6 +82,9 @@ class SliceReport:
     ahead: for look "tip" or "parent", the annotated slice the chain runs towards (its reach,
         `neighbour.gap_step`).
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
+    agreement: how well this slice's final mask agrees with its two neighbours' final masks carried
+        onto it by the motion between the slices (`motion.neighbour_agreement`, mean Dice; None when
+        neither the slice nor its neighbours show the organ): the review ranking's sign of error.
     flags: review hints, e.g. "area-jump x2.3", "intensity-mismatch", "chain-end: mask vanished".
     """
 
@@ -96,6 +99,7 @@ class SliceReport:
     ahead: int | None = None
     score: float | None = None
     fg_max: float | None = None
+    agreement: float | None = None
     flags: list[str] = field(default_factory=list)
 
 
