@@ -13,7 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from FoBSegmentLib import cli
+from FoBSegmentLib.files import SegmentRequest, segment_files
 from FoBSegmentLib.io import volumes
+from FoBSegmentLib.propagation import PropagationConfig
 from FoBSegmentLib.propagation.document import RECORD_KEY
 
 CHAOS = "chaos_mr_t2spir"
@@ -228,7 +230,10 @@ def test_slices_between_two_agreeing_annotations_come_from_their_interpolated_sh
     sup[a], sup[b] = ref[a], ref[b]
     support = volumes.write_label(tmp_path / "two.nii.gz", sup, lab.geometry)
     first, p = tmp_path / "a.nii.gz", tmp_path / "p.mrk.json"
-    fob([liver["image"], "-o", first, "--support-mask", support, "--prompts-out", p, "--quiet"], capsys)
+    # Interpolated gaps are off by default; the record keeps the configuration that made the prompts,
+    # so the replays below (plain `fob segment --prompts-in`) interpolate too.
+    segment_files(SegmentRequest(liver["image"], first, support, prompts_out=p,
+                                 config=PropagationConfig(interpolate_agreement=0.5)))
     doc = json.loads(p.read_text())
     sources = {e["index"]: e["source"] for e in doc[RECORD_KEY]["slices"]}
     assert [sources.get(z) for z in range(a + 1, b)] == ["interpolated"] * 3, sources
@@ -254,7 +259,6 @@ def test_a_job_replays_its_own_record_only_when_points_were_edited(data_dir: Pat
     import dataclasses
 
     from FoBSegmentLib.job import JobSettings, build_job, prepare_image
-    from FoBSegmentLib.propagation import PropagationConfig
     from FoBSegmentLib.propagation.document import edited_slices
 
     image = prepare_image(volumes.read_volume(data_dir / CHAOS / "image_2.nii.gz"), JobSettings())

@@ -44,17 +44,20 @@ class PropagationConfig:
         segmenter with `fit_reference` (graphcut) learns the organ's appearance once, from the
         annotated slice showing most of the organ.
     back_check: after segmenting slice z from slice z-1, slice z-1 is segmented again from the new
-        mask; a Dice below `back_check` with its accepted mask means the chain jumped onto another
-        structure and it stops before z. None = off. Only for segmenters with `uses_prior_mask`:
+        mask; a Dice below `back_check` with its accepted mask (an annotated slice's as the segmenter
+        draws it, segmented from its own mask) means the chain jumped onto another structure and it
+        stops before z. None = off. Only for segmenters with `uses_prior_mask`:
         GrabCut's answers vary too much between neighbouring slices for the check.
     regrow: (drop, grow): once a chain's area has fallen below `drop` x its peak, growth to more
         than `grow` x the smallest area since the peak ends it (a kidney chain entering the spleen).
     Between two annotated slices no chain ends: a slice where one of the rules above fires is kept
     and flagged "review: ...".
     interpolate_agreement: two neighbouring annotated slices whose masks overlap at least this much
-        (Dice) outline the same cross-section drifting slowly: each slice between them is segmented
-        from the shape interpolated between the two (its ring, points and shape prior), not chained
-        from one of them. Only for segmenters with a shape prior; None = off.
+        (Dice) are taken to outline the same cross-section drifting slowly: each slice between them
+        is segmented from the shape interpolated between the two (its ring, points and shape prior),
+        not chained from one of them. Only for segmenters with a shape prior; None = off (the
+        default: an organ bulges between two cross-sections that overlap, and the chain with the
+        moved prior follows it; docs/RESULTS.md, "Tuning notes").
     moved_prior: each step of a chain draws its prompts and shape prior from the previous slice's
         mask carried onto the next slice by the motion between the two (`motion.move_mask`, DIS
         optical flow), not from where it lay; except a tip chain's steps (`tip_ratio`) and the
@@ -188,7 +191,7 @@ class PropagationConfig:
     shape_prior: bool = True
     back_check: float | None = None
     regrow: tuple[float, float] | None = (0.9, 1.3)
-    interpolate_agreement: float | None = 0.5
+    interpolate_agreement: float | None = None
     moved_prior: bool = True
     relearn_gap_look: bool = True
     tip_ratio: float | None = 0.25

@@ -507,11 +507,17 @@ def tip_consensus(run: Runner, z0: int, step: int, nxt: int, support_index: int,
 
 def _back_agreement(run: Runner, z_prev: int, mask: np.ndarray, prev: np.ndarray) -> float:
     """Dice between `prev` (the accepted mask of slice z_prev) and z_prev segmented again with the
-    neighbour prompts of `mask` (the candidate of the next slice): low when the chain jumped."""
+    neighbour prompts of `mask` (the candidate of the next slice): low when the chain jumped.
+
+    An annotated z_prev is compared as the segmenter draws it (segmented from its own mask): a hand
+    drawn outline is no segmenter's answer, and a small organ's first step from it fell under the
+    threshold where the same slice chained through passed (docs/RESULTS.md, "Tuning notes")."""
     ps = prompts_from_mask(mask, run.config)
     if ps is None:
         return 0.0
     back, _ = run.segment(z_prev, ps)
+    if run.reports[z_prev].source == "annotation" and (own := prompts_from_mask(prev, run.config)) is not None:
+        prev = run.segment(z_prev, own)[0]
     return dice(back, prev)
 
 
