@@ -22,6 +22,7 @@ import numpy as np
 
 from FoBSegmentLib.io.coords import take_slice
 from FoBSegmentLib.labelmap import dice
+from FoBSegmentLib.morphology import crop_box
 
 # A moved mask keeping less than this share of the mask's area was carried off the organ (the flow
 # lost it on a blank or noisy slice): the mask stays where it was.
@@ -73,13 +74,9 @@ def neighbour_agreement(mask: np.ndarray, image: np.ndarray, neighbour_mask: np.
     it by the motion between the two slices: Dice in [0, 1] (0 when only one of the two shows the
     organ); None when neither does. Computed on the box of both masks grown by `AGREEMENT_MARGIN`."""
     m, n = np.asarray(mask, bool), np.asarray(neighbour_mask, bool)
-    both = m | n
-    if not both.any():
+    box = crop_box(m | n, AGREEMENT_MARGIN)
+    if box is None:
         return None
-    rows, cols = np.nonzero(both)
-    r0, r1 = max(0, rows.min() - AGREEMENT_MARGIN), min(m.shape[0], rows.max() + AGREEMENT_MARGIN + 1)
-    c0, c1 = max(0, cols.min() - AGREEMENT_MARGIN), min(m.shape[1], cols.max() + AGREEMENT_MARGIN + 1)
-    box = (slice(r0, r1), slice(c0, c1))
     moved = move_mask(n[box], np.asarray(neighbour_image)[box], np.asarray(image)[box])
     return dice(moved, m[box])
 
