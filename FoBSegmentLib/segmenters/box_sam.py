@@ -28,7 +28,7 @@ from FoBSegmentLib.device import resolve_device
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.segmenters.base import SegmentationResult, check_image, check_prompts
 from FoBSegmentLib.segmenters.embedding_cache import EmbeddingCache, image_key
-from FoBSegmentLib.segmenters.sam import checkpoint_identity, load_sam, load_state_dict
+from FoBSegmentLib.segmenters.sam import checkpoint_identity, load_sam, load_state_dict, loaded
 
 BOX_SAM_NAMES = ("medsam", "box-sam", "litemedsam")
 LITE_MEDSAM_INPUT = 256  # px: LiteMedSAM's encoder input (long side)
@@ -49,13 +49,7 @@ def load_lite_medsam(checkpoint: str | Path | None, device: str = "cpu") -> tupl
                          "or this project's [litemedsam] extra)") from None
     path = Path(checkpoint) if checkpoint is not None else Path(get_asset_path())
     state = load_state_dict(path)
-    model = build_lite_medsam()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{path.name} is not a LiteMedSAM checkpoint: {first}") from None
-    return model.to(device).eval(), path
+    return loaded(build_lite_medsam(), state, f"{path.name} is not a LiteMedSAM checkpoint", device), path
 
 
 def box_from_background(prompts: PromptSet) -> np.ndarray:

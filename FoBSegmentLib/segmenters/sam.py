@@ -238,12 +238,18 @@ def load_sam(checkpoint: str | Path, name: str = "sam", device: str = "cpu") -> 
         model = sam_model_registry[wanted](checkpoint=None)
     else:
         model = build_sam(arch)
+    return loaded(model, state, f"{path.name} does not fit the SAM {arch.variant()} architecture", device), arch
+
+
+def loaded(model: torch.nn.Module, state: Mapping[str, torch.Tensor], mismatch: str, device: str) -> torch.nn.Module:
+    """`model` with `state` loaded (every key, every shape), in eval mode on `device`; ValueError
+    "<mismatch>: <the first 200 characters of torch's complaint>" when the two do not fit."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{path.name} does not fit the SAM {arch.variant()} architecture: {first}") from exc
-    return model.to(device).eval(), arch
+        raise ValueError(f"{mismatch}: {first}") from None
+    return model.to(device).eval()
 
 
 def checkpoint_identity(path: str | Path) -> str:
