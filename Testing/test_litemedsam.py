@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import ORGANS, dice
+from test_cli_segment import one_slice_support
 
 from FoBSegmentLib import cli
 from FoBSegmentLib.io import volumes
@@ -99,12 +100,7 @@ def test_weights_load_as_tensors_only_and_a_wrong_file_is_one_line(tmp_path: Pat
 def test_fob_segment_with_litemedsam(tmp_path: Path, data_dir: Path, capsys) -> None:
     """The right kidney of CHAOS MR 1 from its middle slice, chained by the neighbour prompts."""
     image = data_dir / "chaos_mr_t2spir" / "image_1.nii.gz"
-    lab = volumes.read_label(data_dir / "chaos_mr_t2spir" / "label_1.nii.gz", volumes.read_volume(image))
-    ref = lab.array == 2
-    z = _middle(lab.array, 2)
-    support = np.zeros(ref.shape, np.uint8)
-    support[z][ref[z]] = 1
-    support_path = volumes.write_label(tmp_path / "support.nii.gz", support, lab.geometry)
+    support_path, ref, z = one_slice_support(data_dir / "chaos_mr_t2spir" / "label_1.nii.gz", 2, tmp_path)
     out = tmp_path / "rk.nii.gz"
     rc = cli.main(["segment", str(image), "-o", str(out), "--support-mask", str(support_path),
                    "--segmenter", "litemedsam", "--prompts-from", "neighbour"])
