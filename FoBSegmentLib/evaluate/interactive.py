@@ -238,7 +238,7 @@ def run(args: Any) -> int:
         records, head = read_reports(args.from_json, "interactive", "rounds",
                                      ("rounds", "prompts_from", "segmenter", "model"))
         doc = report.build(records, int(head["rounds"]), head["prompts_from"], head["segmenter"], head["model"],
-                           head.get("notes", []), head["seconds_total"])
+                           [*head.get("notes", []), *(getattr(args, "note", None) or [])], head["seconds_total"])
         doc["command"] = " ; ".join(c for c in dict.fromkeys(head["commands"]) if c)
     else:
         doc = _evaluate(args, report)
@@ -272,7 +272,7 @@ def _evaluate(args: Any, report: Any) -> dict[str, Any]:
     if source in ("fob", "hybrid") and runtime.generator is None:
         source = "neighbour"
         notes.append("no FoB model: neighbour prompts")
-    components = Components(runtime.generator, runtime.segmenter, source)
+    components = Components(runtime.generator, runtime.segmenter, source, refiner=runtime.refiner)
     records = []
     t0 = time.perf_counter()
     all_loops = list(loops(cases, organs))
@@ -284,7 +284,8 @@ def _evaluate(args: Any, report: Any) -> dict[str, Any]:
             curve = f"{row} " + " ".join(f"{100 * d:.1f}" for d in r[row]) if row else "done"
             print(f"[{i + 1}/{len(all_loops)}] {loop.dataset} {loop.case_id} {ORGANS[loop.organ]}: {curve} "
                   f"({r['seconds']} s)", file=sys.stderr)
-    return report.build(records, rounds, source, args.segmenter, model_line, notes, time.perf_counter() - t0)
+    segmenter = args.segmenter if runtime.refiner is None else f"{args.segmenter}, outlines refined by {runtime.refiner.name}"
+    return report.build(records, rounds, source, segmenter, model_line, notes, time.perf_counter() - t0)
 
 
 __all__ = ["ANALYSIS_STRATEGIES", "DATASET_TITLES", "STRATEGIES", "run", "run_loop"]

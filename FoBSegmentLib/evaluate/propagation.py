@@ -153,6 +153,7 @@ def predict(
     generator: Any = None,
     config: Any = None,
     modality_defaults: bool = True,
+    refiner: Any = None,
 ) -> Any:
     """`fob segment`'s propagation from annotated slices, built by the one job builder
     (`job.build_job`); the reference label is not an input.
@@ -163,11 +164,12 @@ def predict(
     source: 'fob' | 'hybrid' | 'neighbour' (`--prompts-from`). config: a `PropagationConfig`
     (default: `fob segment`'s defaults, slices 'auto'); the modality preset is applied to it as
     `fob segment` does unless `modality_defaults` is False (the plain baseline).
+    refiner: `fob segment --refine`'s loaded refiner (None: none).
     Returns the `PropagationResult` (mask [k, j, i] uint8, per-slice reports).
     """
     from FoBSegmentLib.job import Components
 
-    return annotation_job(prepared, annotations, Components(generator, segmenter, source), config,
+    return annotation_job(prepared, annotations, Components(generator, segmenter, source, refiner=refiner), config,
                           modality_defaults).run()
 
 
@@ -315,12 +317,13 @@ def _range_of(mask: np.ndarray, axis: int) -> list[int] | None:
 
 @dataclass
 class Runtime:
-    """What the methods need besides the data: segmenter, generator (None: FoB methods skipped) and
-    the pipeline config."""
+    """What the methods need besides the data: segmenter, generator (None: FoB methods skipped), the
+    outline refiner (`--refine`, None: none) and the pipeline config."""
 
     segmenter: Any = None
     generator: Any = None
     config_factory: Callable[[], Any] | None = None
+    refiner: Any = None
 
 
 @dataclass
@@ -405,17 +408,18 @@ def _atlas_labels(sitk: Any, query: Any, other: OtherPatient) -> dict[str, np.nd
 
 
 def predict_cross(query: Any, other: OtherPatient, organ: int, whole: bool, segmenter: Any,
-                  generator: Any = None, config: Any = None, slices: str | tuple[int, int] = "auto") -> Any:
+                  generator: Any = None, config: Any = None, slices: str | tuple[int, int] = "auto",
+                  refiner: Any = None) -> Any:
     """`fob segment QUERY --support-image OTHER --support-mask OTHER_MASK [--slices A:B]` through the
     one job builder: the support is the other patient's organ on its middle slice (whole=False) or its
     whole labelled organ (whole=True). Only the query's image is read, never its reference; `slices`
     is the job's slice range (the caller's to give)."""
-    return cross_job(query, other, organ, whole, segmenter, generator, config, slices=slices).run()
+    return cross_job(query, other, organ, whole, segmenter, generator, config, slices=slices, refiner=refiner).run()
 
 
 def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmenter: Any,
               generator: Any = None, config: Any = None, registered: bool = True,
-              slices: str | tuple[int, int] = "auto") -> Any:
+              slices: str | tuple[int, int] = "auto", refiner: Any = None) -> Any:
     """The `job.Job` that `predict_cross` runs; registered=False: the job registers the two volumes
     itself when it runs, as `fob segment` does (the evaluation registers each pair once)."""
     from FoBSegmentLib.job import Components, JobSettings, build_job
@@ -432,7 +436,7 @@ def cross_job(query: Any, other: OtherPatient, organ: int, whole: bool, segmente
     source = "neighbour"
     settings = JobSettings(prompts_from=source, config=config, slices=slices)
     job = build_job(query, sup, settings, support=other.prepared,
-                    components=Components(generator, segmenter, source),
+                    components=Components(generator, segmenter, source, refiner=refiner),
                     support_name=f"label {organ} of case {other.case.case_id}")
     if registered and job.support is other.prepared:  # (a support the job moved to the query's grid registers itself)
         job.support_transform = other_affine(query, other)
@@ -493,7 +497,7 @@ def _run_pipeline(task: OrganTask, method: str, runtime: Runtime, rec: dict[str,
         rec["annotated"] = picks
     try:
         res = predict(task.prepared, annotations, runtime.segmenter, PIPELINE_SOURCES[method], runtime.generator,
-                      cfg, modality_defaults=method != "plain")
+                      cfg, modality_defaults=method != "plain", refiner=runtime.refiner)
     except ValueError as exc:
         # `fob segment` would stop with this error: the user is left with what they drew,
         # which is how the case is scored (and counted in the report's failures).
@@ -527,7 +531,7 @@ def _run_method(task: OrganTask, method: str, runtime: Runtime, rec: dict[str, A
         given = (task.first, task.last) if method.endswith("_range") else "auto"
         try:
             res = predict_cross(task.prepared, task.other, task.organ, method.startswith("crossvol"), runtime.segmenter,
-                                config=cfg, slices=given)
+                                config=cfg, slices=given, refiner=runtime.refiner)
         except ValueError as exc:
             rec["error"] = " ".join(str(exc).split())
             return np.zeros(ref.shape, bool)
@@ -670,14 +674,17 @@ def support_patient(case: Case, data: str | None = None) -> Case:
 def make_runtime(args: argparse.Namespace, methods: list[str]) -> tuple[Runtime, str, list[str]]:
     """Segmenter and generator for `methods`; returns (runtime, model line, notes)."""
     from FoBSegmentLib.job import JobSettings, load_components, load_generator
+    from FoBSegmentLib.propagation.refine import parse_refine
 
     notes: list[str] = []
     rt = Runtime()
     settings = JobSettings(prompts_from="neighbour", segmenter=args.segmenter,
                            sam_checkpoint=getattr(args, "checkpoint", None),
-                           device=getattr(args, "device", "cpu") or "cpu")
+                           device=getattr(args, "device", "cpu") or "cpu",
+                           refine=parse_refine(getattr(args, "refine", None)))
     if any(m in PIPELINE_SOURCES or m == "ceiling" or m in CROSS_PIPELINE for m in methods):
-        rt.segmenter = load_components(settings).segmenter
+        comps = load_components(settings)
+        rt.segmenter, rt.refiner = comps.segmenter, comps.refiner
     model_line = "not used"
     if any(m in MODEL_METHODS for m in methods):
         model = getattr(args, "model", None)
@@ -745,6 +752,8 @@ def run(args: argparse.Namespace) -> int:
         close()
     seconds = time.perf_counter() - t0
     segmenter = getattr(runtime.segmenter, "name", args.segmenter) if runtime.segmenter else args.segmenter
+    if runtime.refiner is not None:
+        segmenter = f"{segmenter}, outlines refined by {runtime.refiner.name}"
     report = report_mod.build_report(records, cases, organs, methods, command=_command_line(), segmenter=segmenter,
                                      model_line=model_line, notes=notes, seconds=seconds)
     print(f"\n({seconds:.0f} s)")

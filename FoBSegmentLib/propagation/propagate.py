@@ -32,6 +32,7 @@ from FoBSegmentLib.propagation.fob import hybrid_range, run_fob
 from FoBSegmentLib.propagation.locate import flag_cross_patient
 from FoBSegmentLib.propagation.motion import agreements
 from FoBSegmentLib.propagation.neighbour import run_neighbour
+from FoBSegmentLib.propagation.refine import refine_outlines
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.supports import inside_absent, resize_support
 from FoBSegmentLib.propagation.types import (
@@ -123,6 +124,7 @@ def propagate(
     cancel: CancelCheck | None = None,
     on_slice: SliceCallback | None = None,
     spacing: tuple[float, float, float] | None = None,
+    refiner: Any = None,
 ) -> PropagationResult:
     """Segment the organ of `supports` in every slice of `image` along `axis`.
 
@@ -149,6 +151,8 @@ def propagate(
         on the calling (worker) thread: it must be quick and must not touch MRML or Qt.
     spacing: mm between slices and between the rows and columns of a slice (`io.coords.slice_spacing`);
         None: 1 mm each.
+    refiner: a box-prompted segmenter that redraws the outline of every segmented slice that is not
+        annotated once the chains are done (`propagation.refine`); None: the chain's masks stand.
     Returns the result with its `record`. Raises ValueError for unusable supports or an explicit
     slice range out of bounds.
     """
@@ -201,7 +205,10 @@ def propagate(
             for z in range(n):
                 if not lo <= z <= hi and run.reports[z].source == "neighbour":
                     run.drop(z, "outside the requested slice range")
-    result = run.finish(source, annotations)
+    outlines = None
+    if refiner is not None:
+        outlines = refine_outlines(run, refiner, {s.index for s in annotations}, previous)
+    result = run.finish(source, annotations, outlines)
     if image.ndim == 3:
         for z, value in agreements(result.mask, image, axis, run.report_range).items():
             result.slices[z].agreement = value

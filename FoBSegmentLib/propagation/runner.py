@@ -221,10 +221,13 @@ class Runner:
         for s in supports:
             self.accept(s.index, s.mask, SliceReport(s.index, "annotation", support_index=s.index), None)
 
-    def finish(self, prompts_from: str, annotations: list[SupportSlice]) -> PropagationResult:
-        """3D clean-up (the annotated slices stay exactly as drawn) and the result."""
+    def finish(self, prompts_from: str, annotations: list[SupportSlice],
+               outlines: np.ndarray | None = None) -> PropagationResult:
+        """3D clean-up (the annotated slices stay exactly as drawn) and the result; `outlines`
+        ([k, j, i] bool, `propagation.refine`) replace the accepted masks in the final mask."""
         cfg = self.config
-        final = cleanup_3d(self.mask, self.axis, cfg.largest_component, cfg.fill_holes)
+        final = cleanup_3d(self.mask if outlines is None else outlines, self.axis, cfg.largest_component,
+                           cfg.fill_holes)
         for s in annotations:
             put_slice(final, self.axis, s.index, s.mask)
         for z, rep in self.reports.items():
@@ -241,5 +244,6 @@ class Runner:
             seconds=time.perf_counter() - self.t0,
             order=[z for z in self.order if self.reports[z].source != "skipped" or z in self.prompts],
             accepted=self.mask.copy(),
+            refined=outlines,
             segmented_count=self.segmented_count,
         )

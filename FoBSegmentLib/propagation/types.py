@@ -114,6 +114,8 @@ class PropagationResult:
         this result.
     accepted: [k, j, i] bool, each slice's mask as accepted, before the 3D clean-up (what the next
         slice of a chain was made from); a later run reuses it (`propagate(previous=...)`).
+    refined: [k, j, i] bool, the outlines refined from `accepted` before the clean-up
+        (`propagation.refine`), None without a refiner; a later run with the same refiner reuses them.
     segmented_count: how many times the segmenter ran (a reused slice costs nothing).
     notes: human-readable lines (which prompt source, where the chain stopped, ...).
     warnings: the one-line warnings a front end must show (another patient's organ not found, or
@@ -130,6 +132,7 @@ class PropagationResult:
     order: list[int] = field(default_factory=list)
     record: dict | None = None
     accepted: np.ndarray | None = field(default=None, repr=False)
+    refined: np.ndarray | None = field(default=None, repr=False)
     segmented_count: int = 0
     warnings: list[str] = field(default_factory=list)
 

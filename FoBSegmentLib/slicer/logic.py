@@ -36,6 +36,7 @@ from FoBSegmentLib.job import JobSettings, PreparedImage, build_job, load_compon
 from FoBSegmentLib.labelmap import nonempty_slices, write_binary_slices
 from FoBSegmentLib.prompts import PromptSet
 from FoBSegmentLib.propagation import PropagationConfig
+from FoBSegmentLib.propagation.refine import parse_refine, refine_slice
 from FoBSegmentLib.slicer import point_lists, worker
 from FoBSegmentLib.slicer.mrml import (
     engine_volume_source,
@@ -261,8 +262,8 @@ class FoBSegmentLogic:
         return self.apply_segment(task, task.compute())
 
     def begin_mark_absent(self, volume, segmentation, segment_id: str, z: int, segmenter: str = "auto",
-                          device: str = "auto", axis: int | None = None, checkpoint: str | None = None
-                          ) -> worker.SegmentTask:
+                          device: str = "auto", axis: int | None = None, checkpoint: str | None = None,
+                          refine: str | None = None) -> worker.SegmentTask:
         """Main thread: the task that marks slice z (along `axis`) as not showing the organ. Applied, it
         clears slice z and every slice chained from it (the propagation record replayed without z's
         points, as `fob segment --prompts-in` clears a slice whose points were all removed), removes
@@ -290,7 +291,7 @@ class FoBSegmentLogic:
 
         if record is not None and z in {int(e["index"]) for e in record["slices"]}:
             task = self.begin_segment(volume, segmentation, segment_id, [z], segmenter, device, ax, checkpoint,
-                                      without=(z,))
+                                      without=(z,), refine=refine)
         else:
             cleared = np.zeros_like(take_slice(current, ax, z))
             task = worker.SegmentTask(volume.GetID(), segmentation.GetID(), segment_id, ax, [z],
@@ -522,6 +523,7 @@ class FoBSegmentLogic:
         device: str = "auto",
         axis: int | None = None,
         checkpoint: str | None = None,
+        refine: str | None = None,
     ) -> dict[int, np.ndarray]:
         """Segment slices with the prompts in the point lists and write them into the segment.
 
@@ -529,14 +531,16 @@ class FoBSegmentLogic:
         imported from `fob segment --prompts-out`), the record is replayed as `fob segment --prompts-in`
         does: `slices` get the masks the replay gives them, and the slices the segment already holds that
         were chained from an edited slice are propagated again; nothing else changes. Without a record
-        each slice is segmented from its points alone.
+        each slice is segmented from its points alone. refine: `fob segment --refine` (None or "none":
+        the segmenter's outlines stand).
         slices: None = all reviewed slices (all slices with prompts when none is reviewed). Returns
         {slice: (H, W) bool mask} of the slices written. One undo state; other segments are untouched.
 
         begin_segment (main thread) + task.compute (any thread; the widget's worker) + apply_segment
         (main thread), on the calling thread.
         """
-        task = self.begin_segment(volume, segmentation, segment_id, slices, segmenter, device, axis, checkpoint)
+        task = self.begin_segment(volume, segmentation, segment_id, slices, segmenter, device, axis, checkpoint,
+                                  refine=refine)
         return self.apply_segment(task, task.compute())
 
     def begin_segment(
@@ -550,6 +554,7 @@ class FoBSegmentLogic:
         axis: int | None = None,
         checkpoint: str | None = None,
         without: tuple[int, ...] = (),
+        refine: str | None = None,
     ) -> worker.SegmentTask:
         """Main thread: read the prompts, the record and the segment out of MRML (see `segment_slices`);
         the returned task's `compute(progress=None, cancel=None)` normalises the volume, loads the
@@ -569,7 +574,7 @@ class FoBSegmentLogic:
         missing = [s for s in slices if s not in prompts and s not in recorded]
         if missing:
             raise ValueError(f"no prompts on slice(s) {', '.join(map(str, missing))}; predict or place points first")
-        settings = self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint)
+        settings = self.job_settings(axis=ax, segmenter=segmenter, device=device, checkpoint=checkpoint, refine=refine)
         image = self.image_source(volume, settings)
         current = segment_mask(segmentation, segment_id, volume) if record is not None else None
         absent = ([a for a in self.absent_slices(volume, segmentation, segment_id, ax, current) if a not in without]
@@ -580,12 +585,15 @@ class FoBSegmentLogic:
                 return self._replay(image(), current, prompts, record, settings, absent, slices, progress, cancel)
             normalised = image().normalised
             seg = self.get_segmenter(segmenter, device, checkpoint)
+            refiner = self.get_segmenter(settings.refine, device) if settings.refine else None
             masks = {}
             for n, s in enumerate(slices):
                 if cancel is not None and cancel():
                     raise PropagationCancelled("cancelled")
                 try:
                     masks[s] = np.asarray(seg.segment(take_slice(normalised, ax, s), prompts[s]).mask, bool)
+                    if refiner is not None:
+                        masks[s] = refine_slice(refiner, take_slice(normalised, ax, s), masks[s])[0]
                 except ValueError as exc:
                     raise ValueError(f"slice {s}: {exc}") from None
                 if progress is not None:
@@ -634,7 +642,8 @@ class FoBSegmentLogic:
         for z in record["annotated"]:
             put_slice(support, query.axis, int(z), take_slice(current, query.axis, int(z)))
         comps = load_components(settings, replaying=True,
-                                segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint))
+                                segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint),
+                                refiner=self._refiner(settings))
         job = build_job(query, support, settings, components=comps, support_name="the annotated slices",
                         absent_slices=absent)
         result = job.with_prompts(prompts, record).run(progress=progress, cancel=cancel)
@@ -663,6 +672,7 @@ class FoBSegmentLogic:
             checkpoint=p.checkpoint or None,
             n_background=p.numBackgroundPoints,
             n_foreground=p.numForegroundPoints,
+            refine=p.refine,
         )
 
     def job_settings(
@@ -677,8 +687,10 @@ class FoBSegmentLogic:
         checkpoint: str | None = None,
         n_background: int | None = None,
         n_foreground: int | None = None,
+        refine: str | None = None,
     ) -> JobSettings:
-        """The module's settings as the engine's `JobSettings` (-1 / "" mean automatic / default)."""
+        """The module's settings as the engine's `JobSettings` (-1 / "" mean automatic / default;
+        refine "none" or None: no refiner)."""
         cfg = dataclasses.replace(config) if config is not None else PropagationConfig()
         if n_background is not None:
             cfg.n_background = int(n_background)
@@ -687,7 +699,11 @@ class FoBSegmentLogic:
         slices = (int(slice_range[0]), int(slice_range[1])) if slice_range is not None and min(slice_range) >= 0 else "auto"
         return JobSettings(prompts_from=prompts_from, model=model or None, device=device, segmenter=segmenter,
                            sam_checkpoint=checkpoint or None, axis=axis if axis is not None and axis >= 0 else None,
-                           slices=slices, config=cfg)
+                           slices=slices, config=cfg, refine=parse_refine(refine))
+
+    def _refiner(self, settings: JobSettings):
+        """The settings' outline refiner, cached as the segmenters are (None without one)."""
+        return self.get_segmenter(settings.refine, settings.device) if settings.refine else None
 
     def _components(self, settings: JobSettings, generator=None):
         """Generator and segmenter for `settings`, cached (SAM embeddings and the FoB model stay loaded)."""
@@ -695,7 +711,8 @@ class FoBSegmentLogic:
         if generator is None and settings.prompts_from != "neighbour":
             generator = self._generators.get(key)
         comps = load_components(settings, generator=generator,
-                                segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint))
+                                segmenter=self.get_segmenter(settings.segmenter, settings.device, settings.sam_checkpoint),
+                                refiner=self._refiner(settings))
         if comps.generator is not None:
             self._generators[key] = comps.generator
         return comps

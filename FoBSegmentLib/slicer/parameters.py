@@ -53,6 +53,7 @@ class FoBParameters:
     checkpoint: str = _str("", "local segmenter checkpoint; empty = the registry's cached download")
     promptSource: str = _str("auto", "auto | fob | neighbour | hybrid")
     segmenter: str = _str("auto", "a FoBSegmentLib.segmenters name (graphcut, grabcut, sam-vit-b, ..., auto)")
+    refine: str = _str("none", "none | litemedsam: the model that redraws each chained slice's outline")
     device: str = _str("auto", "auto | cpu | cuda")
     numBackgroundPoints: int = _int(16, 3, 64, "background (ring) points per slice")
     numForegroundPoints: int = _int(4, 0, 16, "foreground points per slice")
