@@ -472,10 +472,10 @@ def test_litemedsam_is_offered_and_needs_its_package_not_a_download(h, monkeypat
 
 def test_widget_refines_outlines_as_fob_segment_does(h, monkeypatch) -> None:
     """Refine outlines = litemedsam: the propagation's outlines are redrawn (the notes say so), the
-    drawn slice is kept, each slice scores as well as the unrefined chain's or better, and the module
-    asks for LiteMedSAM's package, not for a download."""
+    drawn slice is kept, the slices score as well as the unrefined chain's or better on average, the
+    console's Logic gives the same mask, and the module asks for LiteMedSAM's package."""
     harness, engine, vol, seg, sid, other, axis, z0, liver, support = h
-    ui, widget = harness.ui, harness.widget
+    widget = harness.widget
     widget.onPropagate()
     harness.run_worker()
     plain = fob_mrml.segment_mask(seg, sid, vol)

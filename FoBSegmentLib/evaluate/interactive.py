@@ -45,6 +45,7 @@ from FoBSegmentLib.evaluate.interpolation import (
 )
 from FoBSegmentLib.evaluate.metrics import dice
 from FoBSegmentLib.io.coords import put_slice, take_slice
+from FoBSegmentLib.propagation.refine import segmenter_label
 
 STRATEGIES = ("ranked", "blind", "prompts", "even", "fill")
 # Analysis rows, run only when named (`--strategies oracle`): they read the reference to choose.
@@ -284,8 +285,8 @@ def _evaluate(args: Any, report: Any) -> dict[str, Any]:
             curve = f"{row} " + " ".join(f"{100 * d:.1f}" for d in r[row]) if row else "done"
             print(f"[{i + 1}/{len(all_loops)}] {loop.dataset} {loop.case_id} {ORGANS[loop.organ]}: {curve} "
                   f"({r['seconds']} s)", file=sys.stderr)
-    segmenter = args.segmenter if runtime.refiner is None else f"{args.segmenter}, outlines refined by {runtime.refiner.name}"
-    return report.build(records, rounds, source, segmenter, model_line, notes, time.perf_counter() - t0)
+    return report.build(records, rounds, source, segmenter_label(args.segmenter, runtime.refiner), model_line, notes,
+                        time.perf_counter() - t0)
 
 
 __all__ = ["ANALYSIS_STRATEGIES", "DATASET_TITLES", "STRATEGIES", "run", "run_loop"]

@@ -185,6 +185,7 @@ def markdown(doc: dict[str, Any], plot_path: str | None, section: str = SECTION)
              f"Command: `{doc['command']}`", "",
              f"Pipeline: `fob segment`'s job (prompts {doc['prompts_from']}, segmenter {doc['segmenter']}, "
              f"model {doc['model']}). {doc['rounds']} rounds; {timing} on {doc['host']['cpus']} CPUs, {doc['date']}.", ""]
+    lines += [f"Note: {n}" for n in doc.get("notes") or []] + ([""] if doc.get("notes") else [])
     if plot_path:
         lines += [f"![Dice against annotated slices]({os.path.relpath(plot_path, 'docs')})", ""]
     for ds, s in doc["summary"].items():

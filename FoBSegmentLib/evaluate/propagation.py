@@ -62,6 +62,7 @@ from FoBSegmentLib.evaluate.interpolation import (
 )
 from FoBSegmentLib.evaluate.metrics import best_stop_dice, dice, error_breakdown
 from FoBSegmentLib.io.coords import point_pixels, put_slice, take_slice
+from FoBSegmentLib.propagation.refine import parse_refine, segmenter_label
 
 # Method -> (short label, what it is). Pipeline methods map to a `--prompts-from` source.
 METHODS: dict[str, tuple[str, str]] = {
@@ -674,7 +675,6 @@ def support_patient(case: Case, data: str | None = None) -> Case:
 def make_runtime(args: argparse.Namespace, methods: list[str]) -> tuple[Runtime, str, list[str]]:
     """Segmenter and generator for `methods`; returns (runtime, model line, notes)."""
     from FoBSegmentLib.job import JobSettings, load_components, load_generator
-    from FoBSegmentLib.propagation.refine import parse_refine
 
     notes: list[str] = []
     rt = Runtime()
@@ -752,9 +752,8 @@ def run(args: argparse.Namespace) -> int:
         close()
     seconds = time.perf_counter() - t0
     segmenter = getattr(runtime.segmenter, "name", args.segmenter) if runtime.segmenter else args.segmenter
-    if runtime.refiner is not None:
-        segmenter = f"{segmenter}, outlines refined by {runtime.refiner.name}"
-    report = report_mod.build_report(records, cases, organs, methods, command=_command_line(), segmenter=segmenter,
+    report = report_mod.build_report(records, cases, organs, methods, command=_command_line(),
+                                     segmenter=segmenter_label(segmenter, runtime.refiner),
                                      model_line=model_line, notes=notes, seconds=seconds)
     print(f"\n({seconds:.0f} s)")
     report_mod.write_outputs(report, args.json, args.markdown)

@@ -42,6 +42,11 @@ def parse_refine(value: str | None) -> str | None:
     return value
 
 
+def segmenter_label(segmenter: str, refiner: Any) -> str:
+    """How a report names its segmenter: "graphcut", or "graphcut, outlines refined by litemedsam"."""
+    return segmenter if refiner is None else f"{segmenter}, outlines refined by {getattr(refiner, 'name', refiner)}"
+
+
 def box_prompts(mask: np.ndarray, margin: int = BOX_MARGIN) -> PromptSet:
     """The box around `mask` ((H, W) bool, not empty) widened by `margin` px and clipped to the slice,
     as the two corner points a box-prompted segmenter reads from `background`."""
