@@ -71,6 +71,13 @@ def missing_packages(include_sam: bool = False, segmenter: str | None = None, re
     return [req for mod, req in wanted.items() if importlib.util.find_spec(mod) is None]
 
 
+def needs(segmenter: str, prompt_source: str, refine: str | None) -> tuple[bool, bool]:
+    """(SAM's packages, PyTorch) the chosen settings need: a segmenter with weights needs both, FoB's
+    prompts and a LiteMedSAM refiner need PyTorch."""
+    include_sam = segmenter not in WEIGHT_FREE_SEGMENTERS
+    return include_sam, include_sam or prompt_source == "fob" or refine in PACKAGED_WEIGHTS_SEGMENTERS
+
+
 def torch_version_problem(installed: str | None, requirement: str = TORCH_REQUIREMENT) -> str | None:
     """Why an installed torch cannot be used (None when it can): missing, or older than `requirement`
     (">=X.Y"). Local build tags such as "2.4.1+cu121" are ignored."""
@@ -440,10 +447,8 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """True when the packages of the chosen settings import; otherwise offer to install them (torch and
         segment-anything too when the segmenter is SAM or the prompts come from a FoB model)."""
         p = self._parameterNode
-        needSam = p is not None and p.segmenter not in WEIGHT_FREE_SEGMENTERS
-        refine = p.refine if p is not None else None
-        needTorch = needSam or (p is not None and (p.promptSource == "fob" or refine in PACKAGED_WEIGHTS_SEGMENTERS))
-        chosen = p.segmenter if p is not None else None
+        needSam, needTorch = needs(p.segmenter, p.promptSource, p.refine) if p is not None else (False, False)
+        chosen, refine = (p.segmenter, p.refine) if p is not None else (None, None)
         missing = missing_packages(include_sam=needSam, segmenter=chosen, refine=refine)
         if needTorch and importlib.util.find_spec("torch") is None:
             missing.append("torch")
@@ -917,10 +922,9 @@ class FoBSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInstallDependencies(self) -> None:
         # The weight-free path (neighbour prompts + GrabCut/random walker) needs no PyTorch at all.
-        include_sam = self.ui.segmenterComboBox.currentText not in WEIGHT_FREE_SEGMENTERS
         refine = self.ui.refineComboBox.currentText
-        need_torch = (include_sam or self.ui.promptSourceComboBox.currentText == "fob"
-                      or refine in PACKAGED_WEIGHTS_SEGMENTERS)
+        include_sam, need_torch = needs(self.ui.segmenterComboBox.currentText,
+                                        self.ui.promptSourceComboBox.currentText, refine)
         with slicer.util.tryWithErrorDisplay("FoBSegment: installing packages failed.", waitCursor=False):
             self.logic.installDependencies(include_sam=include_sam, need_torch=need_torch, confirm=True,
                                            segmenter=self.ui.segmenterComboBox.currentText, refine=refine)
