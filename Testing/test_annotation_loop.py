@@ -357,26 +357,32 @@ def test_the_chain_again_from_where_the_tips_agree_shrinks_into_each_end(data_di
     chain run again from where the two tip chains agree fails an end rule at every step towards the
     upper end, and between two annotations no rule ends it, so without a bound it keeps the spleen's
     full size up to the 25 px annotation. Held to `tip_reach` px per slice of the annotation ahead
-    (`gap_reach`), it shrinks into it."""
+    (`gap_reach`), it shrinks into it. With the wider cap of a smooth organ's end (`gap_reach_cap`,
+    the default) the steps that fail an end rule are held to the cone: it shrinks into it too, and
+    the record, which marks those steps, gives the mask back."""
     prepared, ref, zs, support = _drawn_on_its_ends("5", 4, dataset="synapse")
-    got = {}
+    got, runs = {}, {}
     for name, cfg in (("unbounded", P.PropagationConfig(gap_reach=False, body_seed=False)),
-                      ("reach", P.PropagationConfig(body_seed=False))):
+                      ("cap", P.PropagationConfig(body_seed=False)),
+                      ("reach", P.PropagationConfig(body_seed=False, gap_reach_cap=False))):
         job = _neighbour_job(prepared, support, cfg)
-        result = job.run()
-        got[name] = dice(result.mask, ref)
-    print("\nSynapse CT 5 spleen from its two end slices: Dice " + " -> ".join(f"{v:.3f}" for v in got.values()))
-    from scipy import ndimage
-
-    reach = P.PropagationConfig().tip_reach  # the last run's, the default
+        runs[name] = job, job.run()
+        got[name] = dice(runs[name][1].mask, ref)
+    print("\nSynapse CT 5 spleen from its two end slices: Dice unbounded, cap, cone "
+          + " / ".join(f"{v:.3f}" for v in got.values()))
+    reach = P.PropagationConfig().tip_reach
+    job, result = runs["reach"]
     parent = [(z, rep) for z, rep in result.slices.items() if rep.look == "parent"]
     assert parent and all(rep.ahead in (zs[0], zs[-1]) for _, rep in parent)
     for z, rep in parent:  # every step lies in the cone of the annotation ahead
         far = ndimage.distance_transform_edt(~support[rep.ahead]) > reach * abs(z - rep.ahead)
         assert not (result.mask[z] & far).any()
     assert got["reach"] >= got["unbounded"] + 0.05  # measured 0.677 -> 0.784
-    # The record carries each step's annotation ahead: the prompts give the mask back.
-    assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
+    assert got["cap"] >= got["unbounded"] + 0.05  # measured 0.679 -> 0.786
+    # The record carries each step's annotation ahead and reach: the prompts give the mask back.
+    for job, result in (runs["reach"], runs["cap"]):
+        assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
+    assert any(rep.cone for rep in runs["cap"][1].slices.values())
 
 
 def test_a_chain_past_the_outermost_annotation_learns_the_look_from_it_alone(data_dir: Path) -> None:
@@ -479,6 +485,28 @@ def test_a_tip_chain_that_vanishes_in_its_gap_is_chained_again_from_its_largest_
     assert got["again"] >= got["tip"] + 0.3  # measured 0.156 -> 0.569
 
 
+def test_the_reach_of_a_domed_organs_end_is_a_cap_not_a_cone(data_dir: Path) -> None:
+    """Synapse CT 15's liver drawn on its first and last slice only: the chains from the body seed
+    towards the end annotations are held to their reach. A cone of `tip_reach` px a slice from the
+    small annotation at the liver's top cuts the dome's last slices well inside the organ; the cap of
+    a smooth organ's end, from the parent slice's extent (`gap_reach_cap`), keeps them, and some
+    steps reach beyond the cone. The record gives the mask back."""
+    prepared, ref, zs, support = _drawn_on_its_ends("15", 1, dataset="synapse")
+    got = {}
+    for on in (False, True):
+        job = _neighbour_job(prepared, support, P.PropagationConfig(gap_reach_cap=on))
+        result = job.run()
+        got[on] = dice(result.mask, ref)
+    print(f"\nSynapse CT 15 liver from its two end slices: Dice cone {got[False]:.3f} -> cap {got[True]:.3f}")
+    assert got[True] >= got[False] + 0.015  # measured 0.864 -> 0.888
+    cone = P.PropagationConfig().tip_reach
+    beyond = [z for z, rep in result.slices.items() if rep.look == "parent" and rep.ahead is not None
+              and (result.accepted[z] & (ndimage.distance_transform_edt(~support[rep.ahead])
+                                         > cone * abs(z - rep.ahead))).any()]
+    assert beyond
+    assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)
+
+
 def test_a_body_seed_between_two_tips_brings_the_organs_look(data_dir: Path) -> None:
     """CHAOS MR 2's spleen drawn on its first and last slice only: both are tips, and the look learnt
     from them is partial volume. The slice midway between them, as the first pass chained it, joins
@@ -562,10 +590,11 @@ def test_config_round_trip() -> None:
     assert P.PropagationConfig.from_json(cfg.to_json()) == cfg
     # A record written before a field existed replays the way it ran then.
     newer = ("relearn_gap_look", "gap_reach", "outward_own_look", "body_seed", "cross_seed_one_piece", "moved_prior",
+             "gap_reach_cap", "body_seed_redraw",
              "tip_ratio", "tip_end", "tip_consensus", "cross_min_extent", "cross_chunk_agreement")
     old = P.PropagationConfig.from_json({k: v for k, v in cfg.to_json().items() if k not in newer})
-    assert all(getattr(cfg, k) is True and getattr(old, k) is False for k in newer[:6])
-    assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[6:])
+    assert all(getattr(cfg, k) is True and getattr(old, k) is False for k in newer[:8])
+    assert all(getattr(cfg, k) is not None and getattr(old, k) is None for k in newer[8:])
     assert cfg.body_seed_refine > 0 and P.PropagationConfig.from_json(
         {k: v for k, v in cfg.to_json().items() if k != "body_seed_refine"}).body_seed_refine == 0
     assert cfg.body_seed_one_piece and not P.PropagationConfig.from_json(

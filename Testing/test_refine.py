@@ -13,14 +13,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import dice
+from test_annotation_loop import _drawn_on_its_ends, _neighbour_job
 from test_cli_segment import one_slice_support
 
 from FoBSegmentLib import cli
 from FoBSegmentLib.evaluate.propagation import annotated_slice, predict, prepare_volume, read_reference
 from FoBSegmentLib.io.coords import take_slice
+from FoBSegmentLib.job import Components, JobSettings, build_job
+from FoBSegmentLib.propagation.config import config_for_modality
+from FoBSegmentLib.propagation.neighbour import redraw_body_seed
 from FoBSegmentLib.propagation.refine import box_prompts, parse_refine, refine_slice
+from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.segmenters import get_segmenter
 from FoBSegmentLib.segmenters.base import SegmentationResult
+from FoBSegmentLib.segmenters.graphcut import GraphCutSegmenter
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +140,35 @@ def test_refine_choices_and_bad_values(tmp_path: Path, data_dir: Path, capsys) -
         cli.main(["segment", str(image), "-o", str(out), "--support-mask", str(support), "--refine", "medsam"])
     assert info.value.code != 0 and not out.exists()
     assert "invalid choice: 'medsam'" in capsys.readouterr().err
+
+
+def test_a_body_seed_is_redrawn_by_the_refiner_before_it_seeds_the_chains(lite, data_dir: Path) -> None:
+    """CHAOS MR 1's liver drawn on its first and last slice only: the body seed between them, as the
+    chain grew it from the two tips, is redrawn by LiteMedSAM in its box (`body_seed_redraw`) before it
+    seeds the chains, with prompts from the redrawn outline; without a refiner, with the field off, or
+    with a refiner that draws something else, it stays. Through the job with a refiner (CHAOS MR 2's
+    spleen), the body seed's report says so and the prompts with their record give the mask back."""
+    prepared, ref, zs, support = _drawn_on_its_ends("1", 1)
+    chained = _neighbour_job(prepared, support).run()
+    z = next(z for z, rep in chained.slices.items() if rep.look == "body")
+    seed, prompts = chained.accepted[z], chained.prompts[z]
+    run = Runner(prepared.normalised, prepared.axis, GraphCutSegmenter(), config_for_modality(None, "mr"),
+                 None, None, total=1)
+    run.refiner = lite
+    drawn, made, redrawn = redraw_body_seed(run, z, seed, prompts)
+    print(f"\nCHAOS MR 1 liver's body seed (slice {z}) from its two end slices: Dice {dice(seed, ref[z]):.3f} "
+          f"chained -> {dice(drawn, ref[z]):.3f} drawn by LiteMedSAM")
+    assert redrawn and dice(drawn, ref[z]) >= dice(seed, ref[z]) + 0.05
+    assert np.array_equal(made.prior_mask, drawn) and len(made.background) >= 3
+    for refiner, on in ((None, True), (lite, False), (Elsewhere(empty=False), True)):
+        run.refiner, run.config.body_seed_redraw = refiner, on
+        kept = redraw_body_seed(run, z, seed, prompts)
+        assert kept[0] is seed and kept[1] is prompts and not kept[2]
+
+    prepared, ref, zs, support = _drawn_on_its_ends("2", 4)
+    job = build_job(prepared, support, JobSettings(prompts_from="neighbour", refine="litemedsam"),
+                    components=Components(None, GraphCutSegmenter(), "neighbour", refiner=lite))
+    result = job.run()
+    body = [z for z, rep in result.slices.items() if rep.look == "body"]
+    assert body and any("outline drawn by litemedsam" in f for f in result.slices[body[0]].flags)
+    assert np.array_equal(job.with_prompts(result.prompts, result.record).run().mask, result.mask)

@@ -81,6 +81,12 @@ class PropagationConfig:
         Not after `tip_consensus` found no agreement (`neighbour.tip_consensus`), nor from a step
         whose mask the reach would empty on (the annotation ahead a sliver off the organ's body:
         the chain goes on without it, `neighbour._chain`).
+    gap_reach_cap: such a "parent" step's reach is the larger of that cone and the parent's extent
+        around the annotation ahead shrunk as a smooth organ's cap shrinks into its end (by the square
+        root of the ratio of their distances to it, `neighbour.reach_of`): the cone alone cuts a domed
+        organ's last slices before its end annotation (a liver's top). A step that fails an end rule
+        with the cap (a chain holding its size into a neighbour or off the organ) is held to the cone
+        (`SliceReport.cone`, kept in the record).
     outward_own_look: a chain running outward from the outermost annotated slice (towards the
         organ's end, no annotation ahead) learns the organ's look, and its end rules' intensity
         ranges, from that slice alone instead of from every annotated slice pooled: slices drawn
@@ -110,6 +116,9 @@ class PropagationConfig:
         off (the default; the CT preset 2.5): on CT the organs are homogeneous and a leak into a
         neighbour of other intensities shrinks away; on MR a kidney's medulla or a spleen's own range
         is cut too.
+    body_seed_redraw: with an outline refiner (`fob segment --refine`), a body seed is redrawn by it
+        in its box (`refine.refine_slice`'s rule) before it seeds the chains: a seed chained from
+        two tips takes in neighbours of the organ's look, and every chain from it inherits them.
     fob_mask_prompt: the "fob" source with a segmenter that takes a shape prior (graphcut): each
         slice's prompts carry FoB's coarse map as the mask prompt (`fob.with_mask_prompt`), the
         segmenter cuts from it with the organ's look learnt from the annotated slices, and outward
@@ -198,6 +207,7 @@ class PropagationConfig:
     tip_grow_weight: float = 0.1
     tip_reach: float = 10.0
     gap_reach: bool = True
+    gap_reach_cap: bool = True
     outward_own_look: bool = True
     tip_end: int | None = 1
     tip_consensus: float | None = 0.8
@@ -205,6 +215,7 @@ class PropagationConfig:
     body_seed_refine: int = 5
     body_seed_one_piece: bool = True
     body_seed_trim: float | None = None
+    body_seed_redraw: bool = True
     fob_mask_prompt: bool = True
     fob_bg_confidence: float = 0.0
     fob_data_term: bool = False
@@ -240,7 +251,8 @@ _BEFORE_THE_FIELD: dict[str, Any] = {"relearn_gap_look": False, "tip_ratio": Non
                                      "outward_own_look": False, "body_seed": False,
                                      "body_seed_refine": 0, "body_seed_one_piece": False,
                                      "fob_mask_prompt": False, "cross_seed_one_piece": False,
-                                     "cross_chunk_agreement": None, "moved_prior": False}
+                                     "cross_chunk_agreement": None, "moved_prior": False,
+                                     "gap_reach_cap": False, "body_seed_redraw": False}
 
 # Per-modality presets of `PropagationConfig` (measurements in docs/RESULTS.md, "Tuning notes").
 MODALITY_CONFIG: dict[str, dict[str, Any]] = {

@@ -123,6 +123,8 @@ def build_record(
             entry["look"] = rep.look
             if rep.ahead is not None:
                 entry["ahead"] = int(rep.ahead)
+            if rep.cone:
+                entry["cone"] = True
         if ps.fg_probability is not None:
             entry["fgProbability"] = _pack(quantize_probability(ps.fg_probability))
         entries.append(entry)
@@ -286,7 +288,7 @@ class _Replay:
         else:
             look = e.get("look", "annotations") if parent is not None else "annotations"
             with gap_step(run, look, z, parent, run.accepted(int(parent)) if parent is not None else None,
-                          e.get("ahead")):
+                          e.get("ahead"), cone=bool(e.get("cone", False))):
                 try:
                     m, score = run.segment(z, ps)
                 except ValueError:
@@ -299,7 +301,7 @@ class _Replay:
         source = "edited" if edited else e.get("source", "neighbour")
         rep = SliceReport(z, source, support_index=e.get("support"), parent=parent, prior=e.get("prior", "none"),
                           score=score, flags=[] if edited else list(e.get("flags", [])),
-                          look=e.get("look", "annotations"), ahead=e.get("ahead"))
+                          look=e.get("look", "annotations"), ahead=e.get("ahead"), cone=bool(e.get("cone", False)))
         run.accept(z, m, rep, ps)
         run.tick(f"slice {z}")
         self.done.add(z)

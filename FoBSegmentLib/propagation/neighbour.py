@@ -24,6 +24,7 @@ from FoBSegmentLib.prompts.sampling import interior_points
 from FoBSegmentLib.propagation.config import PropagationConfig
 from FoBSegmentLib.propagation.fob import FoBStep, chained_prompts, fob_step
 from FoBSegmentLib.propagation.motion import move_mask, moves_prior
+from FoBSegmentLib.propagation.refine import refine_slice
 from FoBSegmentLib.propagation.runner import Kept, Runner, cleanup_3d
 from FoBSegmentLib.propagation.stopping import intensity_match, intensity_range, median_inside
 from FoBSegmentLib.propagation.supports import locate_mask
@@ -322,7 +323,7 @@ def _beyond(run: Runner, z0: int, nxt: int) -> int:
 
 @contextmanager
 def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahead: int | None,
-             exclude: np.ndarray | None = None) -> Iterator[None]:
+             exclude: np.ndarray | None = None, cone: bool = False) -> Iterator[None]:
     """The segmenter, for one step onto slice z from `parent` (accepted mask `prev`) of a chain whose
     steps learn their look `look` (`gap_look`), towards annotated slice `ahead`; put back afterwards.
 
@@ -334,10 +335,11 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
     than its seed. The look is fitted to the annotated slices and slice z itself under `prev` (a
     growing organ covers its parent's footprint; the parent, at a tip, is mostly partial volume),
     growth beyond the prior costs `tip_grow_weight` per px instead of the segmenter's own weight.
-    Either way, given `ahead`, the organ stays within `tip_reach` px per slice of that annotated
-    slice: it has to shrink back into that annotation by the time it gets there (`_chain` gives a
+    Either way, given `ahead`, the organ stays within the reach of that annotated slice (`reach_of`):
+    it has to shrink back into that annotation by the time it gets there (`_chain` gives a
     "parent" step its `ahead` with `config.gap_reach`). exclude: (H, W) bool, pixels of `prev` the
-    look learns as surroundings (a trimmed body seed, `refine_body_seed`)."""
+    look learns as surroundings (a trimmed body seed, `refine_body_seed`). cone: the reach is the
+    annotation's cone alone (`reach_of`)."""
     seg = run.segmenter
     if look == "annotations":
         yield
@@ -360,8 +362,7 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
         if look == "tip":
             seg.grow_weight = cfg.tip_grow_weight
         if ahead is not None and run.accepted(ahead).any() and hasattr(seg, "reach"):
-            radius = cfg.tip_reach * abs(z - ahead)
-            seg.reach = distance_to(run.accepted(ahead), radius) <= radius
+            seg.reach = reach_of(run, look, z, parent, prev, ahead, cone)
         yield
     finally:
         seg.reference = kept[0]
@@ -369,6 +370,26 @@ def gap_step(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
             seg.grow_weight = kept[1]
         if hasattr(seg, "reach"):
             seg.reach = kept[2]
+
+
+def reach_of(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahead: int, cone: bool = False
+             ) -> np.ndarray:
+    """(H, W) bool: where the organ may lie on slice z, one step of a chain (look `look`) from slice
+    `parent` (accepted mask `prev`) towards annotated slice `ahead`: within `tip_reach` px a slice of
+    that annotation (a cone). On a "parent" step with `config.gap_reach_cap` (not `cone`), also within the
+    parent's extent around the annotation (its farthest pixel's distance, px) shrunk as a smooth
+    organ's cap shrinks towards its end: its cross-section's area falls about linearly with the
+    distance to the end there, its extent like the square root of it, so by sqrt(d / d_parent)
+    (slices to `ahead`). The larger of the two: a cone from a small end annotation cuts a domed
+    organ (a liver's top) well before its end, where the cap keeps it and still shrinks a chain that
+    holds its size into the end (docs/RESULTS.md, "Tuning notes", `gap_reach_cap`)."""
+    end = run.accepted(ahead)
+    d = abs(z - ahead)
+    radius = run.config.tip_reach * d
+    if look == "parent" and run.config.gap_reach_cap and not cone and prev.any():
+        extent = float(ndimage.distance_transform_edt(~end)[prev].max())
+        radius = max(radius, extent * float(np.sqrt(d / max(abs(parent - ahead), d))))
+    return distance_to(end, radius) <= radius
 
 
 def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: int | None,
@@ -409,6 +430,13 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
             z += step
             continue
         got = _step(run, z, step, prev, moved, step_look, ahead, key, support_index, peak, trough, look)
+        if got is not None and got[3] is not None and ahead is not None and step_look == "parent" \
+                and cfg.gap_reach_cap:
+            # The cap lets a chain run on towards a domed organ's end at the size the image shows; a
+            # step where it fails an end rule (it holds its size into a neighbour, or off the organ)
+            # is held to the cone, which shrinks it into the annotation ahead (`reach_of`).
+            got = _step(run, z, step, prev, moved, step_look, ahead, key, support_index, peak, trough, look,
+                        cone=True)
         if got is not None and ahead is not None and step_look == "parent" and got[0].sum() < cfg.min_area:
             # The reach of the annotation ahead guards against leaks; it must not lose the organ. An
             # annotation ahead that shows only a sliver of it (a tip drawn a few slices on) can place
@@ -440,18 +468,18 @@ def _chain(run: Runner, z0: int, mask0: np.ndarray, step: int, stop: int, nxt: i
 
 
 def _step(run: Runner, z: int, step: int, prev: np.ndarray, moved: bool, step_look: str, ahead: int | None,
-          key: list, support_index: int, peak: int, trough: int, look: Appearance
+          key: list, support_index: int, peak: int, trough: int, look: Appearance, cone: bool = False
           ) -> tuple[np.ndarray, PromptSet, SliceReport, str | None] | None:
     """One step of `_chain` onto slice z: (mask, prompts, report, why the chain ends there or None),
-    None when no ring fits around the previous mask."""
-    with gap_step(run, step_look, z, z - step, prev, ahead):
+    None when no ring fits around the previous mask; cone: held to the cone of `ahead` alone."""
+    with gap_step(run, step_look, z, z - step, prev, ahead, cone=cone):
         got = _segment_from(run, z, prev, z - step, moved)
         if got is None:
             return None
         m, score, ps, retried, fob = got
         prior = "none" if ps.prior_mask is None else "moved" if moved else "parent"
         rep = SliceReport(z, "neighbour", support_index=support_index, parent=z - step, prior=prior, chain=key,
-                          score=score, look=step_look, ahead=ahead)
+                          score=score, look=step_look, ahead=ahead, cone=cone)
         if retried:
             rep.flags.append("retried with other prompts")
         return m, ps, rep, end_reason(run, z, step, m, prev, peak, trough, look, rep, fob)
@@ -686,8 +714,8 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
     """After the chains from the annotated slices (same volume): when two neighbouring annotated
     slices are both tips of the organ (each starts a tip chain towards the other, `gap_look`), all
     they show of it is partial volume, and the look learnt from them is not its body's. The slice
-    midway between them, as the first pass chained it and `refine_body_seed` grew it, then joins
-    them as a body seed (`Runner.body_seeds`, look "body" and prior "self" in the record, which
+    midway between them, as the first pass chained it and `refine_body_seed` grew it (and an outline
+    refiner redrew it, `redraw_body_seed`), then joins them as a body seed (`Runner.body_seeds`, look "body" and prior "self" in the record, which
     stores its mask): the look is learnt from the annotations and it, and the propagation runs
     again, the gap filled from it out to both annotations. Nothing else changes: the body seed is a
     segmented slice like the others, listed for review (docs/RESULTS.md, "The annotation loop", measured this)."""
@@ -705,16 +733,18 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
         if not found(z):
             z = max(range(a.index + 1, b.index), key=lambda k: (int(run.accepted(k).sum()), -k))
         if found(z):
-            body.append((z, a.index, b.index,
-                         *refine_body_seed(run, z, run.accepted(z).copy(), run.prompts[z], (a.mask, b.mask))))
+            mask, made = refine_body_seed(run, z, run.accepted(z).copy(), run.prompts[z], (a.mask, b.mask))
+            body.append((z, a.index, b.index, *redraw_body_seed(run, z, mask, made)))
     if not body:
         return
     run.start_over(rng)
     run.copy_annotations(supports)
     seeds = list(supports)
-    for z, a, b, mask, made in body:
+    for z, a, b, mask, made, drawn in body:
         run.body_seeds.add(z)
         why = f"body seed: annotated slices {a} and {b} are both the organ's tips; chained again from here"
+        if drawn:
+            why += f" (outline drawn by {getattr(run.refiner, 'name', 'the refiner')})"
         run.accept(z, mask, SliceReport(z, "neighbour", prior="self", look="body", flags=[why]),
                    PromptSet(made.background, made.foreground, prior_mask=mask))
         run.tick(f"slice {z}")
@@ -747,6 +777,20 @@ def refine_body_seed(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet,
         if cfg.body_seed_one_piece:  # the trimmed rounds can split it again
             mask, prompts = one_body_piece(mask, prompts, *tips)
     return mask, prompts
+
+
+def redraw_body_seed(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet
+                     ) -> tuple[np.ndarray, PromptSet, bool]:
+    """The body seed on slice z (its mask (H, W) bool and prompts, from `refine_body_seed`) redrawn
+    by the run's outline refiner in its box (`config.body_seed_redraw`; `refine.refine_slice`'s rule:
+    kept as it is where the refiner drew mostly something else), with neighbour prompts from the
+    redrawn mask: (mask, prompts, redrawn?); unchanged without a refiner."""
+    if run.refiner is None or not run.config.body_seed_redraw:
+        return mask, prompts, False
+    run.check_cancel()
+    drawn, changed = refine_slice(run.refiner, run.slice(z), mask)
+    made = prompts_from_mask(drawn, run.config) if changed else None
+    return (mask, prompts, False) if made is None else (drawn, made, True)
 
 
 def _settle(run: Runner, z: int, mask: np.ndarray, prompts: PromptSet, trim: float | None = None

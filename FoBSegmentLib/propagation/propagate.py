@@ -170,6 +170,7 @@ def propagate(
     total = len(prompts_in) + len(annotations) if prompts_in is not None else hi - lo + 1
     run = Runner(image, axis, segmenter, cfg, progress, cancel, total=total, on_slice=on_slice)
     run.same_volume = same_volume
+    run.refiner = refiner
     if spacing is not None:
         run.spacing = tuple(float(v) for v in spacing)
     if cfg.slices != "auto":

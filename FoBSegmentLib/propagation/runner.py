@@ -105,6 +105,9 @@ class Runner:
         self.body_seeds: set[int] = set()
         # False when the supports come from another patient (`neighbour.cross_patient`).
         self.same_volume = True
+        # The outline refiner (`propagation.refine`): it redraws the outlines once the chains are done,
+        # and the body seeds before they seed chains (`neighbour.redraw_body_seed`).
+        self.refiner: Any = None
 
     def slice(self, z: int) -> np.ndarray:
         return np.asarray(take_slice(self.image, self.axis, z), dtype=np.float32)

@@ -80,7 +80,8 @@ class SliceReport:
         "body" on a body seed (`neighbour.body_seed_pass`: its mask, stored in the record, comes
         from the first pass, and the look is learnt from it and the annotated slices).
     ahead: for look "tip" or "parent", the annotated slice the chain runs towards (its reach,
-        `neighbour.gap_step`).
+        `neighbour.gap_step`). cone: the step was held to that annotation's cone alone, not to the
+        cap of a "parent" step (`neighbour.reach_of`): with the cap, it failed an end rule.
     score: the segmenter's confidence; fg_max: max of FoB's coarse probability (FoB/hybrid).
     agreement: how well this slice's final mask agrees with its two neighbours' final masks carried
         onto it by the motion between the slices (`motion.neighbour_agreement`, mean Dice; None when
@@ -97,6 +98,7 @@ class SliceReport:
     chain: list | None = None
     look: str = "annotations"
     ahead: int | None = None
+    cone: bool = False
     score: float | None = None
     fg_max: float | None = None
     agreement: float | None = None
