@@ -387,8 +387,10 @@ def reach_of(run: Runner, look: str, z: int, parent: int, prev: np.ndarray, ahea
     d = abs(z - ahead)
     radius = run.config.tip_reach * d
     if look == "parent" and run.config.gap_reach_cap and not cone and prev.any():
-        extent = float(ndimage.distance_transform_edt(~end)[prev].max())
-        radius = max(radius, extent * float(np.sqrt(d / max(abs(parent - ahead), d))))
+        # The whole slice's distances: the parent's extent needs them, and the reach is read off them too.
+        far = ndimage.distance_transform_edt(~end)
+        radius = max(radius, float(far[prev].max()) * float(np.sqrt(d / max(abs(parent - ahead), d))))
+        return far <= radius
     return distance_to(end, radius) <= radius
 
 
@@ -715,8 +717,9 @@ def body_seed_pass(run: Runner, supports: list[SupportSlice], rng: tuple[int, in
     slices are both tips of the organ (each starts a tip chain towards the other, `gap_look`), all
     they show of it is partial volume, and the look learnt from them is not its body's. The slice
     midway between them, as the first pass chained it and `refine_body_seed` grew it (and an outline
-    refiner redrew it, `redraw_body_seed`), then joins them as a body seed (`Runner.body_seeds`, look "body" and prior "self" in the record, which
-    stores its mask): the look is learnt from the annotations and it, and the propagation runs
+    refiner redrew it, `redraw_body_seed`), then joins them as a body seed (`Runner.body_seeds`, look
+    "body" and prior "self" in the record, which stores its mask): the look is learnt from the
+    annotations and it, and the propagation runs
     again, the gap filled from it out to both annotations. Nothing else changes: the body seed is a
     segmented slice like the others, listed for review (docs/RESULTS.md, "The annotation loop", measured this)."""
     def found(z: int) -> bool:
