@@ -74,8 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "propagation protocol writes its own `propagation` section")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="no evaluation: merge earlier --json reports of the same protocol (e.g. one per dataset, "
-                   "run in parallel; propagation: also rows of other methods run later) and print / write their tables (fob, "
-                   "propagation and interactive protocols)")
+                   "run in parallel; propagation: also rows of other methods run later; interactive: the strategies of a "
+                   "later report replace an earlier one's on the same case and organ) and print / write their tables "
+                   "(fob, propagation and interactive protocols)")
     p.add_argument("--section", default="fob-protocol", metavar="NAME",
                    help="the --markdown section to write, between <!-- NAME:start/end --> (default fob-protocol: "
                    "the shipped model; e.g. heldout-setting1, heldout-setting2 for per-fold models)")

@@ -238,7 +238,7 @@ def run(args: Any) -> int:
 
         records, head = read_reports(args.from_json, "interactive", "rounds",
                                      ("rounds", "prompts_from", "segmenter", "model"))
-        doc = report.build(records, int(head["rounds"]), head["prompts_from"], head["segmenter"], head["model"],
+        doc = report.build(merge_loops(records), int(head["rounds"]), head["prompts_from"], head["segmenter"], head["model"],
                            [*head.get("notes", []), *(getattr(args, "note", None) or [])], head["seconds_total"])
         doc["command"] = " ; ".join(c for c in dict.fromkeys(head["commands"]) if c)
     else:
@@ -256,6 +256,22 @@ def run(args: Any) -> int:
         report.write_markdown(doc, Path(args.markdown), args.plot, section)
         print(f"wrote {args.markdown}")
     return 0
+
+
+def merge_loops(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of the same loop (dataset, case, organ) from several reports made one, in the reports'
+    order: a later report's rows replace an earlier one's (a strategy run again after a change to
+    it, e.g. `--strategies ranked fill` after a change to the ranking, which the other rows do not
+    read), and their seconds add up."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for rec in records:
+        key = (rec["dataset"], str(rec["case"]), rec["organ"])
+        if key in merged:
+            seconds = merged[key].get("seconds", 0.0) + rec.get("seconds", 0.0)
+            merged[key] = {**merged[key], **rec, "seconds": round(seconds, 1)}
+        else:
+            merged[key] = dict(rec)
+    return list(merged.values())
 
 
 def _evaluate(args: Any, report: Any) -> dict[str, Any]:
