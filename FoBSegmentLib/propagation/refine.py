@@ -30,6 +30,17 @@ BOX_MARGIN = 3
 # it the model drew mostly something else in the box (a neighbour, or nothing of the organ), and the
 # chain's mask stays. Half overlap, set by reasoning; docs/RESULTS.md has 0.7 and no rule measured too.
 REFINE_AGREEMENT = 0.5
+# The refiner redraws a job's outlines only when, in the box of each annotated slice that shows the
+# organ's body (at least `BODY_SHARE` of the largest annotation), it draws inside what the person
+# drew: at least this share of its outlines there (pooled) must lie inside the annotations. An organ
+# unlike those it was trained on (a thin crescent of an atrophic kidney) it fills in as a blob that
+# spills over its box, and it spills the same way on the chain's slices, where the chain's masks stand
+# closer to the organ. An outline drawn short of the annotation is no such sign: its box comes from the
+# chain. Set by reasoning: a fifth of the outline outside the organ where the organ is known.
+REFINER_TRUST = 0.8
+# The organ's tips are left out of that judgement where the body is drawn too: the refiner draws a
+# small end slice worse than the body (and so does the chain), while most of the volume lies in the body.
+BODY_SHARE = 0.5
 
 
 def parse_refine(value: str | None) -> str | None:
@@ -67,6 +78,34 @@ def refine_slice(refiner: Any, image: np.ndarray, mask: np.ndarray) -> tuple[np.
     if out.any() and dice(out, mask) >= REFINE_AGREEMENT:
         return out, True
     return mask, False
+
+
+def refiner_trust(refiner: Any, supports: list[Any]) -> float | None:
+    """The share of the refiner's outlines (pooled) that lies inside the support's mask, each drawn in
+    the box of that mask, over the supports at least `BODY_SHARE` x the largest support's area.
+    supports: `SupportSlice`s, image (H, W) and mask (H, W) bool. None when no support shows the organ."""
+    areas = [int(np.count_nonzero(s.mask)) for s in supports]
+    body = [s for s, area in zip(supports, areas) if area and area >= BODY_SHARE * max(areas)]
+    if not body:
+        return None
+    outs = [np.asarray(refiner.segment(s.image, box_prompts(s.mask)).mask, bool) for s in body]
+    # (Nothing drawn at all: nothing inside.)
+    return sum(int(np.count_nonzero(o & s.mask)) for o, s in zip(outs, body)) / max(1, sum(int(o.sum()) for o in outs))
+
+
+def trusted_refiner(refiner: Any, supports: list[Any], notes: list[str]) -> Any:
+    """`refiner`, or None (a note says why) when it redraws the supports' own outlines below
+    `REFINER_TRUST` (`refiner_trust`): the job's outlines are then the chain's."""
+    if refiner is None:
+        return None
+    trust = refiner_trust(refiner, supports)
+    if trust is None or trust >= REFINER_TRUST:
+        return refiner
+    name = getattr(refiner, "name", "the refiner")
+    notes.append(f"outlines not refined: in the box of the annotated slices that show the organ's body, {name} "
+                 f"draws {trust:.0%} of its outline inside the annotation, under {REFINER_TRUST:.0%}; the chain's "
+                 f"masks stand")
+    return None
 
 
 def refine_outlines(run: Any, refiner: Any, annotated: set[int], previous: Any = None) -> np.ndarray:
