@@ -96,7 +96,8 @@ def test_a_correction_redraws_only_the_slices_whose_chain_changed(lite, data_dir
     second = annotation_job(prep, twice, Components(None, seg, "neighbour", refiner=again)).run(previous=first)
     changed = [z for z in range(organ.shape[ax]) if z not in twice and take_slice(second.accepted, ax, z).any()
                and not np.array_equal(take_slice(second.accepted, ax, z), take_slice(first.accepted, ax, z))]
-    areas = [int(m.sum()) for m in twice.values()]
+    shown = [z for z in range(organ.shape[ax]) if take_slice(second.accepted, ax, z).any()]
+    areas = [int(m.sum()) for z, m in twice.items() if shown[0] < z < shown[-1]]  # (`inner_supports`)
     judged = sum(a >= refine.BODY_SHARE * max(areas) for a in areas)
     assert again.calls == len(changed) + judged and len(changed) < len(segmented)
     fresh = predict(prep, twice, seg, "neighbour", refiner=lite)
@@ -172,7 +173,15 @@ def test_a_refiner_that_cannot_redraw_the_annotations_leaves_the_chain(lite, dat
     body = [SupportSlice(z1, take_slice(prep1.normalised, prep1.axis, z1), take_slice(kidney1, prep1.axis, z1))]
     assert refiner_trust(OnlyTheTip(), body + tips) == plain
     assert refiner_trust(Elsewhere(empty=False), supports) == 0.0
+    # Nor are the annotated end slices of the organ as segmented (nothing found beyond them).
+    from types import SimpleNamespace
+
+    first, last = organ_slice_range(kidney, ax)
+    ends = [SupportSlice(z, supports[0].image, take_slice(kidney, ax, z)) for z in (first, last)]
+    segmented = SimpleNamespace(n=kidney.shape[ax], axis=ax, mask=kidney)
+    assert [s.index for s in refine.inner_supports(segmented, ends + supports)] == sorted(drawn)
     assert refiner_trust(lite, [SupportSlice(0, supports[0].image, np.zeros_like(supports[0].mask))]) is None
+    assert refiner_trust(lite, []) is None
 
     seg = get_segmenter("graphcut")
     gated = predict(prep, drawn, seg, "neighbour", refiner=lite)

@@ -32,7 +32,7 @@ from FoBSegmentLib.propagation.fob import hybrid_range, run_fob
 from FoBSegmentLib.propagation.locate import flag_cross_patient
 from FoBSegmentLib.propagation.motion import agreements
 from FoBSegmentLib.propagation.neighbour import run_neighbour
-from FoBSegmentLib.propagation.refine import refine_outlines, trusted_refiner
+from FoBSegmentLib.propagation.refine import inner_supports, refine_outlines, trusted_refiner
 from FoBSegmentLib.propagation.runner import Runner
 from FoBSegmentLib.propagation.supports import inside_absent, resize_support
 from FoBSegmentLib.propagation.types import (
@@ -170,7 +170,6 @@ def propagate(
     total = len(prompts_in) + len(annotations) if prompts_in is not None else hi - lo + 1
     run = Runner(image, axis, segmenter, cfg, progress, cancel, total=total, on_slice=on_slice)
     run.same_volume = same_volume
-    refiner = trusted_refiner(refiner, sup, run.notes)  # (before the chains: a body seed is redrawn by it too)
     run.refiner = refiner
     if spacing is not None:
         run.spacing = tuple(float(v) for v in spacing)
@@ -208,6 +207,9 @@ def propagate(
                 if not lo <= z <= hi and run.reports[z].source == "neighbour":
                     run.drop(z, "outside the requested slice range")
     outlines = None
+    # After the chains, which tell the organ's ends: an annotated end slice is a tip, not judged (nor is a
+    # body seed between two drawn tips kept from the refiner, `neighbour.redraw_body_seed`).
+    refiner = trusted_refiner(refiner, inner_supports(run, sup) if same_volume else sup, run.notes)
     if refiner is not None:
         outlines = refine_outlines(run, refiner, {s.index for s in annotations}, previous)
     result = run.finish(source, annotations, outlines)

@@ -38,8 +38,9 @@ REFINE_AGREEMENT = 0.5
 # closer to the organ. An outline drawn short of the annotation is no such sign: its box comes from the
 # chain. Set by reasoning: a fifth of the outline outside the organ where the organ is known.
 REFINER_TRUST = 0.8
-# The organ's tips are left out of that judgement where the body is drawn too: the refiner draws a
-# small end slice worse than the body (and so does the chain), while most of the volume lies in the body.
+# The organ's tips are left out of that judgement (annotated end slices, `inner_supports`, and slices
+# under this share of the largest annotation): the refiner spills over a small end slice's box more
+# than over the body's, and most of the organ's volume lies in its body.
 BODY_SHARE = 0.5
 
 
@@ -85,7 +86,7 @@ def refiner_trust(refiner: Any, supports: list[Any]) -> float | None:
     the box of that mask, over the supports at least `BODY_SHARE` x the largest support's area.
     supports: `SupportSlice`s, image (H, W) and mask (H, W) bool. None when no support shows the organ."""
     areas = [int(np.count_nonzero(s.mask)) for s in supports]
-    body = [s for s, area in zip(supports, areas) if area and area >= BODY_SHARE * max(areas)]
+    body = [s for s, area in zip(supports, areas) if area and area >= BODY_SHARE * max(areas, default=0)]
     if not body:
         return None
     outs = [np.asarray(refiner.segment(s.image, box_prompts(s.mask)).mask, bool) for s in body]
@@ -93,9 +94,16 @@ def refiner_trust(refiner: Any, supports: list[Any]) -> float | None:
     return sum(int(np.count_nonzero(o & s.mask)) for o, s in zip(outs, body)) / max(1, sum(int(o.sum()) for o in outs))
 
 
+def inner_supports(run: Any, supports: list[Any]) -> list[Any]:
+    """The annotated slices of the run's own volume with segmented slices on both sides (the organ's
+    tips, where nothing was found beyond, left out)."""
+    shown = [z for z in range(run.n) if take_slice(run.mask, run.axis, z).any()]
+    return [s for s in supports if shown and shown[0] < s.index < shown[-1]]
+
+
 def trusted_refiner(refiner: Any, supports: list[Any], notes: list[str]) -> Any:
-    """`refiner`, or None (a note says why) when it redraws the supports' own outlines below
-    `REFINER_TRUST` (`refiner_trust`): the job's outlines are then the chain's."""
+    """`refiner`, or None (a note says why) when, in the boxes of the supports' masks, less than
+    `REFINER_TRUST` of its outlines lies inside them (`refiner_trust`): the job's outlines are then the chain's."""
     if refiner is None:
         return None
     trust = refiner_trust(refiner, supports)
