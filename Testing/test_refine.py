@@ -155,8 +155,8 @@ def test_a_refiner_that_cannot_redraw_the_annotations_leaves_the_chain(lite, dat
     prep1 = prepare_volume(data_dir / "chaos_mr_t2spir" / "image_1.nii.gz")
     kidney1 = read_reference(data_dir / "chaos_mr_t2spir" / "label_1.nii.gz", prep1) == 2
     z1 = annotated_slice(kidney1, prep1.axis)
-    plain = refiner_trust(lite, [SupportSlice(z1, take_slice(prep1.normalised, prep1.axis, z1),
-                                              take_slice(kidney1, prep1.axis, z1))])
+    body = [SupportSlice(z1, take_slice(prep1.normalised, prep1.axis, z1), take_slice(kidney1, prep1.axis, z1))]
+    plain = refiner_trust(lite, body)
     assert crescent < refine.REFINER_TRUST <= plain  # measured 0.61 and 0.95
     # The organ's tips are not judged beside its body: a refiner that draws elsewhere on the kidney's
     # first slice (under half the middle one's area) changes nothing.
@@ -170,7 +170,6 @@ def test_a_refiner_that_cannot_redraw_the_annotations_leaves_the_chain(lite, dat
         def segment(self, image, prompts):
             return (Elsewhere(empty=False) if image is tips[0].image else lite).segment(image, prompts)
 
-    body = [SupportSlice(z1, take_slice(prep1.normalised, prep1.axis, z1), take_slice(kidney1, prep1.axis, z1))]
     assert refiner_trust(OnlyTheTip(), body + tips) == plain
     assert refiner_trust(Elsewhere(empty=False), supports) == 0.0
     # Nor are the annotated end slices of the organ as segmented (nothing found beyond them).
@@ -178,7 +177,7 @@ def test_a_refiner_that_cannot_redraw_the_annotations_leaves_the_chain(lite, dat
 
     first, last = organ_slice_range(kidney, ax)
     ends = [SupportSlice(z, supports[0].image, take_slice(kidney, ax, z)) for z in (first, last)]
-    segmented = SimpleNamespace(n=kidney.shape[ax], axis=ax, mask=kidney)
+    segmented = SimpleNamespace(axis=ax, mask=kidney)
     assert [s.index for s in refine.inner_supports(segmented, ends + supports)] == sorted(drawn)
     assert refiner_trust(lite, [SupportSlice(0, supports[0].image, np.zeros_like(supports[0].mask))]) is None
     assert refiner_trust(lite, []) is None

@@ -207,8 +207,9 @@ def propagate(
                 if not lo <= z <= hi and run.reports[z].source == "neighbour":
                     run.drop(z, "outside the requested slice range")
     outlines = None
-    # After the chains, which tell the organ's ends: an annotated end slice is a tip, not judged (nor is a
-    # body seed between two drawn tips kept from the refiner, `neighbour.redraw_body_seed`).
+    # After the chains, which tell the organ's ends: an annotated end slice is a tip and is not judged. (A
+    # body seed between two drawn tips was redrawn by the refiner during the chains either way,
+    # `neighbour.redraw_body_seed`.)
     refiner = trusted_refiner(refiner, inner_supports(run, sup) if same_volume else sup, run.notes)
     if refiner is not None:
         outlines = refine_outlines(run, refiner, {s.index for s in annotations}, previous)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from FoBSegmentLib.io.coords import put_slice, take_slice
-from FoBSegmentLib.labelmap import dice
+from FoBSegmentLib.labelmap import dice, nonempty_slices
 from FoBSegmentLib.prompts import PromptSet
 
 # The refiners `--refine` offers (box-prompted segmenters of `segmenters.get_segmenter`).
@@ -97,7 +97,7 @@ def refiner_trust(refiner: Any, supports: list[Any]) -> float | None:
 def inner_supports(run: Any, supports: list[Any]) -> list[Any]:
     """The annotated slices of the run's own volume with segmented slices on both sides (the organ's
     tips, where nothing was found beyond, left out)."""
-    shown = [z for z in range(run.n) if take_slice(run.mask, run.axis, z).any()]
+    shown = nonempty_slices(run.mask, run.axis)
     return [s for s in supports if shown and shown[0] < s.index < shown[-1]]
 
 
